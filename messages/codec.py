@@ -1,0 +1,54 @@
+"""Decoding events on receipt: every rejection carries a short, countable reason."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from pydantic import ValidationError
+
+from messages.events import EVENT_TYPES, SCHEMA_VERSION, Event
+
+MAX_PAYLOAD_BYTES = 256 * 1024
+
+
+class InvalidEvent(ValueError):
+    """A payload that is not a valid event; `reason` is a low-cardinality label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_event(data: bytes, accept: Iterable[str] | None = None) -> Event:
+    """Parse and validate one event; raise InvalidEvent with a reason otherwise."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise InvalidEvent("too_large", f"{len(data)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidEvent("not_json", str(exc)[:200]) from None
+    if not isinstance(raw, dict):
+        raise InvalidEvent("not_object", f"top level is {type(raw).__name__}")
+    kind = raw.get("type")
+    if not isinstance(kind, str) or kind not in EVENT_TYPES:
+        raise InvalidEvent("unknown_type", f"type={str(kind)[:64]!r}")
+    accepted = set(accept) if accept is not None else None
+    if accepted is not None and kind not in accepted:
+        raise InvalidEvent("unexpected_type", f"{kind} is not consumed here")
+    version = raw.get("v")
+    if version != SCHEMA_VERSION:
+        raise InvalidEvent("unsupported_version", f"v={str(version)[:16]!r}, want {SCHEMA_VERSION}")
+    try:
+        return EVENT_TYPES[kind].model_validate(raw)
+    except ValidationError as exc:
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]
+        )
+        raise InvalidEvent("invalid_fields", fields[:1000]) from None
+
+
+def json_schemas() -> dict[str, dict]:
+    """JSON Schema of every event kind, keyed by kind."""
+    return {kind: cls.model_json_schema() for kind, cls in EVENT_TYPES.items()}

@@ -1,0 +1,282 @@
+"""Event models: one pydantic model per event kind, versioned and validated on receipt."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from messages.paths import RelPath
+from messages.subjects import ANY, subject
+
+SCHEMA_VERSION = 1
+MAX_LIST = 100_000
+
+AcqId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Text = Annotated[str, StringConstraints(max_length=8000)]
+Index = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock events use."""
+    return datetime.now(UTC)
+
+
+class TileCoord(BaseModel):
+    """Where a tile sits in the acquisition lattice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    slice: Index
+    mosaic: Index = 0
+    row: Index
+    col: Index
+    index: Index | None = Field(default=None, description="scan order index within the mosaic")
+
+    def token(self) -> str:
+        """Subject token of the tile, e.g. `m0-r3-c4`."""
+        return f"m{self.mosaic}-r{self.row}-c{self.col}"
+
+    def log_context(self) -> dict[str, int]:
+        return {"slice": self.slice, "mosaic": self.mosaic, "row": self.row, "col": self.col}
+
+
+class Event(BaseModel):
+    """Common header of every event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ClassVar[str]
+    v: Literal[1] = SCHEMA_VERSION
+    acq: AcqId
+    emitted_at: datetime = Field(default_factory=utcnow)
+    producer: Annotated[str, StringConstraints(max_length=200)] = ""
+
+    def slice_token(self) -> str:
+        return ANY
+
+    def tile_token(self) -> str:
+        return ANY
+
+    def subject(self) -> str:
+        """`tp.<event>.<acq>.<slice>.<tile>`."""
+        return subject(self.kind, self.acq, self.slice_token(), self.tile_token())
+
+    def msg_id(self) -> str:
+        """Identity used for `Nats-Msg-Id` de-duplication: same work, same id."""
+        return self.subject()
+
+    def log_context(self) -> dict[str, object]:
+        """Structured-log context: acquisition and lattice coordinates."""
+        return {"acq": self.acq, "event": self.kind}
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class TileEvent(Event):
+    """An event about one tile."""
+
+    tile: TileCoord
+
+    def slice_token(self) -> str:
+        return str(self.tile.slice)
+
+    def tile_token(self) -> str:
+        return self.tile.token()
+
+    def log_context(self) -> dict[str, object]:
+        return {**super().log_context(), **self.tile.log_context()}
+
+
+class SliceEvent(Event):
+    """An event about one mosaic of one slice."""
+
+    slice: Index
+    mosaic: Index = 0
+
+    def slice_token(self) -> str:
+        return str(self.slice)
+
+    def tile_token(self) -> str:
+        return f"m{self.mosaic}"
+
+    def log_context(self) -> dict[str, object]:
+        return {**super().log_context(), "slice": self.slice, "mosaic": self.mosaic}
+
+
+class AcquisitionStarted(Event):
+    """The watcher saw the first tile of an acquisition (or was told it started)."""
+
+    kind: ClassVar[str] = "acq_started"
+    type: Literal["acq_started"] = "acq_started"
+    manifest: RelPath
+    slices: Index
+    mosaics: Index
+    rows: Index
+    cols: Index
+    tiles_expected: Index
+
+
+class AcquisitionFinished(Event):
+    """The lattice is complete, or an operator declared the acquisition finished."""
+
+    kind: ClassVar[str] = "acq_finished"
+    type: Literal["acq_finished"] = "acq_finished"
+    complete: bool
+    tiles_arrived: Index
+    missing: list[TileCoord] = Field(default_factory=list, max_length=MAX_LIST)
+    reason: Text = ""
+
+
+class TileArrived(TileEvent):
+    """A raw tile is complete on disk (size reached and stable, or renamed into place)."""
+
+    kind: ClassVar[str] = "tile_arrived"
+    type: Literal["tile_arrived"] = "tile_arrived"
+    path: RelPath
+    size_bytes: Annotated[int, Field(ge=0)]
+    completed_at: datetime
+    raw_format: Name = "nifti-spectral"
+
+
+class TileConverted(TileEvent):
+    """A raw tile was validated and written as a chunked Zarr store under the work root."""
+
+    kind: ClassVar[str] = "tile_converted"
+    type: Literal["tile_converted"] = "tile_converted"
+    path: RelPath
+    raw_path: RelPath
+    shape: list[Index] = Field(max_length=8)
+    dtype: Name
+    completed_at: datetime | None = None
+
+
+class TileProcessed(TileEvent):
+    """PS-OCT products of a tile were written under the work root."""
+
+    kind: ClassVar[str] = "tile_processed"
+    type: Literal["tile_processed"] = "tile_processed"
+    products: dict[Name, RelPath] = Field(max_length=64)
+    device: Name
+    seconds: Annotated[float, Field(ge=0)]
+    completed_at: datetime | None = None
+
+
+class TilePairAligned(SliceEvent):
+    """Two neighbouring tiles were aligned (or rejected in favour of the stage model)."""
+
+    kind: ClassVar[str] = "pair_aligned"
+    type: Literal["pair_aligned"] = "pair_aligned"
+    a: TileCoord
+    b: TileCoord
+    shift_px: tuple[float, float]
+    confidence: float
+    accepted: bool
+    reason: Text = ""
+
+    def tile_token(self) -> str:
+        return f"{self.a.token()}-{self.b.token()}"
+
+
+class TilePosition(BaseModel):
+    """Solved global position of one tile in mosaic pixels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    row: Index
+    col: Index
+    y: float
+    x: float
+
+
+class SliceStitched(SliceEvent):
+    """A slice's mosaic was solved and fused into an OME-Zarr under the output root."""
+
+    kind: ClassVar[str] = "slice_stitched"
+    type: Literal["slice_stitched"] = "slice_stitched"
+    path: RelPath
+    positions: list[TilePosition] = Field(default_factory=list, max_length=MAX_LIST)
+    residual_rms_px: float = 0.0
+    missing: list[TileCoord] = Field(default_factory=list, max_length=MAX_LIST)
+
+
+class SliceRegistered(SliceEvent):
+    """A slice was registered to the previous one and appended to the volume."""
+
+    kind: ClassVar[str] = "slice_registered"
+    type: Literal["slice_registered"] = "slice_registered"
+    path: RelPath
+    transform: list[list[float]] = Field(min_length=3, max_length=3)
+    quality: float
+    accepted: bool
+
+
+class ArtifactUploaded(Event):
+    """One artifact reached object storage and was verified."""
+
+    kind: ClassVar[str] = "artifact_uploaded"
+    type: Literal["artifact_uploaded"] = "artifact_uploaded"
+    tile: TileCoord | None = None
+    slice: Index | None = None
+    product: Name
+    source: RelPath
+    key: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    bytes: Annotated[int, Field(ge=0)]
+    checksum: Name
+    seconds: Annotated[float, Field(ge=0)]
+
+    def slice_token(self) -> str:
+        if self.tile is not None:
+            return str(self.tile.slice)
+        return ANY if self.slice is None else str(self.slice)
+
+    def tile_token(self) -> str:
+        return self.tile.token() if self.tile is not None else ANY
+
+    def msg_id(self) -> str:
+        return f"{self.subject()}:{self.product}"
+
+
+class StageFailed(Event):
+    """A stage gave up on an input after its retries, or refused it."""
+
+    kind: ClassVar[str] = "stage_failed"
+    type: Literal["stage_failed"] = "stage_failed"
+    stage: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,64}$")]
+    input_type: Name
+    input_subject: Annotated[str, StringConstraints(max_length=512)]
+    error: Text
+    attempts: Index
+    tile: TileCoord | None = None
+    slice: Index | None = None
+
+    def slice_token(self) -> str:
+        if self.tile is not None:
+            return str(self.tile.slice)
+        return ANY if self.slice is None else str(self.slice)
+
+    def tile_token(self) -> str:
+        return self.tile.token() if self.tile is not None else ANY
+
+    def msg_id(self) -> str:
+        return f"{self.subject()}:{self.stage}:{self.input_type}"
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (
+        AcquisitionStarted,
+        AcquisitionFinished,
+        TileArrived,
+        TileConverted,
+        TileProcessed,
+        TilePairAligned,
+        SliceStitched,
+        SliceRegistered,
+        ArtifactUploaded,
+        StageFailed,
+    )
+}

@@ -1,0 +1,37 @@
+"""The subject scheme: `tp.<event>.<acq>.<slice>.<tile>`.
+
+Operators filter with wildcards, e.g. `tp.*.ACQ.>` (one acquisition), `tp.*.ACQ.3.>` (its
+slice 3), `tp.tile_processed.>` (one event kind). Tokens that do not apply are `_`.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "tp"
+STREAM = "TILEPIPE"
+ANY = "_"
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def subject(event_type: str, acq: str, slice_token: str = ANY, tile_token: str = ANY) -> str:
+    """Build the subject of one event; every token is checked so no wildcard can slip in."""
+    for token in (event_type, acq, slice_token, tile_token):
+        if not TOKEN_RE.match(token):
+            raise ValueError(f"invalid subject token {token!r}")
+    return f"{PREFIX}.{event_type}.{acq}.{slice_token}.{tile_token}"
+
+
+def event_filter(event_type: str, acq: str | None = None, slice_index: int | None = None) -> str:
+    """A filter subject for one event kind, optionally narrowed to an acquisition and slice."""
+    parts = [PREFIX, event_type, acq or "*"]
+    parts.append("*" if slice_index is None else str(slice_index))
+    parts.append("*")
+    if acq is None and slice_index is None:
+        return f"{PREFIX}.{event_type}.>"
+    return ".".join(parts)
+
+
+def stream_subjects() -> list[str]:
+    """Subjects bound to the event stream."""
+    return [f"{PREFIX}.>"]

@@ -1,0 +1,134 @@
+"""The `tilepipe` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from services.config import Config, ConfigError, dump_toml, load_config
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    if getattr(args, "nats_url", None):
+        config = config.model_copy(
+            update={"nats": config.nats.model_copy(update={"url": args.nats_url})}
+        )
+    return config
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from messages.codec import json_schemas
+
+    schemas = json_schemas()
+    if args.kind:
+        if args.kind not in schemas:
+            print(f"unknown event kind {args.kind!r}; known: {', '.join(schemas)}", file=sys.stderr)
+            return 2
+        schemas = schemas[args.kind]
+    print(json.dumps(schemas, indent=2))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(dump_toml(_config(args)))
+    return 0
+
+
+async def provision(config: Config, stages: list[str] | None = None) -> list[str]:
+    """Create or update the stream, KV buckets and consumers; returns a report."""
+    from services.bus import connect
+    from services.provision import ensure_consumer, ensure_kv, ensure_stream
+    from services.stages import configured_stages, stage_for
+
+    nc = await connect(config.nats, name="tilepipe-init", retry_for_s=10)
+    try:
+        js = nc.jetstream()
+        info = await ensure_stream(js, config.nats)
+        report = [f"stream {info.config.name}: subjects {', '.join(info.config.subjects or [])}"]
+        for bucket in await ensure_kv(js, config.nats.replicas):
+            report.append(f"kv {bucket}")
+        for name in stages if stages is not None else configured_stages(config):
+            settings = config.stage(name)
+            ci = await ensure_consumer(
+                js, config.nats.stream, name, stage_for(config, name), settings
+            )
+            filters = ci.config.filter_subjects or [ci.config.filter_subject]
+            report.append(
+                f"consumer {ci.name}: {', '.join(f for f in filters if f)} "
+                f"(max_ack_pending {ci.config.max_ack_pending}, ack_wait {ci.config.ack_wait}s, "
+                f"max_deliver {ci.config.max_deliver})"
+            )
+        return report
+    finally:
+        await nc.close()
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    for line in asyncio.run(provision(_config(args))):
+        print(line)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.serve import serve
+
+    serve(args.service, _config(args), worker=args.worker, metrics_port=args.metrics_port)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.up import up
+
+    return up(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tilepipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--config", type=Path, default=None, help="tilepipe TOML config")
+        p.add_argument("--nats-url", default=None, help="use this NATS server or cluster")
+        return p
+
+    p = add("schema", cmd_schema, "print the JSON Schemas of all events")
+    p.add_argument("--kind", default=None, help="only this event kind")
+    add("config", cmd_config, "print the effective configuration (file + environment)")
+    add("init", cmd_init, "create or update the stream, KV buckets and stage consumers")
+    p = add("run", cmd_run, "run one service (a stage, or the watcher) in the foreground")
+    p.add_argument("service")
+    p.add_argument("--worker", default="", help="worker id (e.g. process@gpu1)")
+    p.add_argument("--metrics-port", type=int, default=None)
+    p = add("up", cmd_up, "start NATS (embedded unless --nats-url) and every service")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("tilepipe-work"),
+        help="work directory for the embedded server, logs and generated config",
+    )
+    p.add_argument("--services", default=None, help="comma-separated services (default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The one runtime every stage runs in.
+
+A durable pull consumer per stage (explicit ack, `max_ack_pending` = concurrency x workers),
+validation on receipt (`term` with a logged, counted reason), handler in a worker thread with
+in-progress heartbeats, retries by negative ack with backoff up to `max_deliver`, then a
+stage-failed event; outputs published with `Nats-Msg-Id` de-duplication before the input is
+acknowledged; graceful drain on stop; reconnection after a server restart; backlog gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from messages.codec import InvalidEvent, decode_event
+from messages.events import Event, StageFailed, TileEvent
+from services.bus import REPLAY_HEADER, connect, publish_event
+from services.config import Config, StageSettings
+from services.logs import get_logger
+from services.metrics import (
+    BYTES_READ,
+    BYTES_WRITTEN,
+    CONSUMER_ACK_PENDING,
+    CONSUMER_PAUSED,
+    CONSUMER_PENDING,
+    CONSUMER_REDELIVERED,
+    EVENTS_DUPLICATE,
+    EVENTS_HANDLED,
+    EVENTS_INVALID,
+    EVENTS_PUBLISHED,
+    HANDLE_SECONDS,
+    IN_FLIGHT,
+    REDELIVERIES,
+)
+from services.provision import ensure_consumer
+from services.stage import Context, PermanentError, Result, Stage
+
+TRANSIENT_NATS_ERRORS = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.Error,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+def retry_delay(settings: StageSettings, attempt: int) -> float:
+    """Backoff before delivery `attempt + 1` (attempts count from 1)."""
+    steps = settings.backoff_s or [1.0]
+    return steps[min(attempt - 1, len(steps) - 1)]
+
+
+def failure_event(stage: str, event: Event, subject: str, error: str, attempts: int) -> StageFailed:
+    """The stage-failed event for an input a stage gave up on."""
+    tile = event.tile if isinstance(event, TileEvent) else None
+    slice_index = getattr(event, "slice", None) if tile is None else None
+    return StageFailed(
+        acq=event.acq,
+        stage=stage,
+        input_type=event.kind,
+        input_subject=subject,
+        error=error[:8000],
+        attempts=attempts,
+        tile=tile,
+        slice=slice_index if isinstance(slice_index, int) else None,
+        producer=stage,
+    )
+
+
+class StageRunner:
+    """Runs one stage against NATS until `stop` is set."""
+
+    def __init__(self, stage: Stage, config: Config, worker: str = "", fetch_timeout: float = 1.0):
+        self.stage = stage
+        self.config = config
+        self.settings = stage.settings
+        self.name = stage.name
+        self.worker = worker or stage.name
+        self.fetch_timeout = fetch_timeout
+        self.log = get_logger(stage=self.name, worker=self.worker)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.settings.concurrency, thread_name_prefix=f"tp-{self.name}"
+        )
+        self._accepts = {kind.kind for kind in stage.consumes}
+        self.ready = asyncio.Event()
+        self.nc: Client | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then drain in-flight work and close."""
+        nc = await connect(self.config.nats, name=f"tilepipe-{self.worker}")
+        self.nc = nc
+        js = nc.jetstream()
+        tasks: set[asyncio.Task] = set()
+        poller: asyncio.Task | None = None
+        try:
+            await self._bind_consumer(js, stop)
+            if stop.is_set():
+                return
+            await self.stage.setup(js)
+            sub = await js.pull_subscribe_bind(consumer=self.name, stream=self.config.nats.stream)
+            poller = asyncio.create_task(self._poll_backlog(js, stop))
+            self.ready.set()
+            self.log.info("stage_started", concurrency=self.settings.concurrency)
+            await self._consume(js, sub, stop, tasks)
+        finally:
+            await self._drain(tasks)
+            if poller is not None:
+                poller.cancel()
+            # In-flight work is finished (acks and publishes sent): flush and close. A full
+            # `drain()` would wait on the idle pull request until its own timeout.
+            with contextlib.suppress(Exception):
+                await nc.flush(timeout=5)
+            with contextlib.suppress(Exception):
+                await nc.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self.log.info("stage_stopped")
+
+    async def _bind_consumer(self, js: JetStreamContext, stop: asyncio.Event) -> None:
+        """Create or update this stage's durable consumer, waiting for the stream to exist."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await ensure_consumer(
+                    js, self.config.nats.stream, self.name, type(self.stage), self.settings
+                )
+                return
+            except NotFoundError:
+                self.log.warning(
+                    "stream_missing", stream=self.config.nats.stream, hint="run `tilepipe init`"
+                )
+            except TRANSIENT_NATS_ERRORS as exc:
+                self.log.warning("consumer_setup_retry", error=str(exc) or type(exc).__name__)
+            await _sleep_or_stop(stop, delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _consume(
+        self, js: JetStreamContext, sub, stop: asyncio.Event, tasks: set[asyncio.Task]
+    ) -> None:
+        stop_wait = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                free = self.settings.concurrency - len(tasks)
+                if free <= 0:
+                    await asyncio.wait({*tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    msgs = await sub.fetch(batch=free, timeout=self.fetch_timeout)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except TRANSIENT_NATS_ERRORS as exc:
+                    self.log.warning("fetch_failed", error=str(exc) or type(exc).__name__)
+                    await _sleep_or_stop(stop, 0.5)
+                    continue
+                for msg in msgs:
+                    task = asyncio.create_task(self._deliver(js, msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        finally:
+            stop_wait.cancel()
+
+    async def _drain(self, tasks: set[asyncio.Task]) -> None:
+        """Let in-flight work finish (bounded); what is cut off is redelivered later."""
+        if not tasks:
+            return
+        self.log.info("draining", in_flight=len(tasks))
+        _done, pending = await asyncio.wait(set(tasks), timeout=self.settings.drain_timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.log.warning("drain_timeout", abandoned=len(pending))
+
+    async def _deliver(self, js: JetStreamContext, msg: Msg) -> None:
+        """Handle one delivery end to end; never raises."""
+        structlog.contextvars.clear_contextvars()
+        attempt = msg.metadata.num_delivered
+        if attempt > 1:
+            REDELIVERIES.labels(self.name).inc()
+        try:
+            event = decode_event(msg.data, accept=self._accepts)
+        except InvalidEvent as exc:
+            EVENTS_INVALID.labels(self.name, exc.reason).inc()
+            EVENTS_HANDLED.labels(self.name, "invalid").inc()
+            self.log.warning(
+                "event_rejected",
+                reason=exc.reason,
+                detail=exc.detail,
+                subject=msg.subject,
+                stream_seq=msg.metadata.sequence.stream,
+            )
+            await _quietly(msg.term())
+            return
+        structlog.contextvars.bind_contextvars(**event.log_context(), attempt=attempt)
+        replay = (msg.headers or {}).get(REPLAY_HEADER)
+        if attempt > self.settings.max_deliver:
+            error = f"no acknowledgement after {self.settings.max_deliver} deliveries (worker lost)"
+            await self._fail(js, msg, event, error, attempt - 1, replay)
+            return
+        IN_FLIGHT.labels(self.name).inc()
+        started = time.perf_counter()
+        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        try:
+            result = await self._call_handler(event, attempt, js)
+            for out in result.events:
+                await self._publish(js, out, replay=replay)
+            await msg.ack()
+        except PermanentError as exc:
+            await self._fail(js, msg, event, f"{type(exc).__name__}: {exc}", attempt, replay)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if attempt >= self.settings.max_deliver:
+                self.log.exception("handler_failed_final", error=error)
+                await self._fail(js, msg, event, error, attempt, replay)
+            else:
+                delay = retry_delay(self.settings, attempt)
+                EVENTS_HANDLED.labels(self.name, "retry").inc()
+                self.log.warning("handler_failed_retry", error=error, retry_in_s=delay)
+                await _quietly(msg.nak(delay=delay))
+        else:
+            EVENTS_HANDLED.labels(self.name, "ok").inc()
+            BYTES_READ.labels(self.name).inc(result.bytes_read)
+            BYTES_WRITTEN.labels(self.name).inc(result.bytes_written)
+            self.log.info(
+                "event_handled",
+                seconds=round(time.perf_counter() - started, 4),
+                published=[e.kind for e in result.events],
+            )
+        finally:
+            heartbeat.cancel()
+            HANDLE_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+            IN_FLIGHT.labels(self.name).dec()
+
+    async def _call_handler(self, event: Event, attempt: int, js: JetStreamContext) -> Result:
+        ctx = Context(
+            config=self.config,
+            settings=self.settings,
+            attempt=attempt,
+            worker=self.worker,
+            js=js,
+            log=self.log,
+        )
+        if inspect.iscoroutinefunction(self.stage.handle):
+            result = await self.stage.handle(event, ctx)
+        else:
+            loop = asyncio.get_running_loop()
+            run = contextvars.copy_context().run
+            result = await loop.run_in_executor(self._executor, run, self.stage.handle, event, ctx)
+        if not isinstance(result, Result):
+            raise TypeError(f"{self.name}.handle returned {type(result).__name__}, not Result")
+        return result
+
+    async def _publish(
+        self,
+        js: JetStreamContext,
+        event: Event,
+        replay: str | None = None,
+        msg_id: str | None = None,
+    ) -> None:
+        ack = await publish_event(js, event, msg_id=msg_id, replay=replay)
+        EVENTS_PUBLISHED.labels(self.name, event.kind).inc()
+        if ack.duplicate:
+            EVENTS_DUPLICATE.labels(self.name).inc()
+
+    async def _fail(
+        self,
+        js: JetStreamContext,
+        msg: Msg,
+        event: Event,
+        error: str,
+        attempts: int,
+        replay: str | None,
+    ) -> None:
+        """Record the failure as an event, then stop redelivery of the input."""
+        failed = failure_event(self.name, event, msg.subject, error, attempts)
+        try:
+            await self._publish(
+                js,
+                failed,
+                replay=replay,
+                msg_id=f"{failed.msg_id()}:{msg.metadata.sequence.stream}",
+            )
+        except TRANSIENT_NATS_ERRORS as exc:
+            self.log.warning("stage_failed_publish_failed", error=str(exc))
+            return  # not acknowledged: redelivered, recorded on the next try
+        EVENTS_HANDLED.labels(self.name, "failed").inc()
+        self.log.error("stage_failed", error=error, attempts=attempts)
+        await _quietly(msg.term())
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        """Tell the server the message is still being worked on (resets `ack_wait`)."""
+        interval = max(self.settings.ack_wait_s / 3.0, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            await _quietly(msg.in_progress())
+
+    async def _poll_backlog(
+        self, js: JetStreamContext, stop: asyncio.Event, interval: float = 5.0
+    ) -> None:
+        """Export the consumer's backlog gauges."""
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                info = await js.consumer_info(self.config.nats.stream, self.name, timeout=2.0)
+                CONSUMER_PENDING.labels(self.name).set(info.num_pending or 0)
+                CONSUMER_ACK_PENDING.labels(self.name).set(info.num_ack_pending or 0)
+                CONSUMER_REDELIVERED.labels(self.name).set(info.num_redelivered or 0)
+                CONSUMER_PAUSED.labels(self.name).set(1 if getattr(info, "paused", False) else 0)
+            await _sleep_or_stop(stop, interval)
+
+
+async def _quietly(awaitable) -> None:
+    """Acks and naks are best effort: a lost one means a redelivery, which stages tolerate."""
+    try:
+        await awaitable
+    except Exception as exc:
+        get_logger().debug("ack_failed", error=str(exc) or type(exc).__name__)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

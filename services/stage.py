@@ -1,0 +1,63 @@
+"""What a stage author writes: `handle(event, ctx) -> Result`. The runtime does the rest."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from nats.js import JetStreamContext
+
+from messages.events import Event
+from services.config import Config, StageSettings
+
+
+class PermanentError(Exception):
+    """An input that can never succeed: fail now instead of retrying."""
+
+
+@dataclass
+class Result:
+    """What handling one event produced: the events to publish next and I/O figures."""
+
+    events: list[Event] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+@dataclass
+class Context:
+    """Per-delivery facts a handler may use."""
+
+    config: Config
+    settings: StageSettings
+    attempt: int
+    host: str = field(default_factory=socket.gethostname)
+    worker: str = ""
+    js: JetStreamContext | None = None
+    log: Any = None
+
+
+class Stage:
+    """Base of every stage: declare `name`, `consumes`, and implement `handle`.
+
+    `handle` may be a plain function (run in a worker thread, so NumPy/CuPy work does not block
+    the event loop) or a coroutine. It must be idempotent: a redelivered event must not
+    duplicate or corrupt outputs.
+    """
+
+    name: ClassVar[str]
+    consumes: ClassVar[tuple[type[Event], ...]]
+    produces: ClassVar[tuple[type[Event], ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: Config, settings: StageSettings, name: str | None = None) -> None:
+        self.config = config
+        self.settings = settings
+        self.name = name or type(self).name
+
+    async def setup(self, js: JetStreamContext) -> None:
+        """Called once after connecting (open KV buckets, warm caches)."""
+
+    def handle(self, event: Event, ctx: Context) -> Result:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,60 @@
+"""The registry of stages: name -> implementation, imported lazily.
+
+Built-in stages are listed here; a stage that is not built in is configured with
+`[stages.NAME] impl = "module:Class"` and needs no change to this file.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from services.config import StageSettings
+
+if TYPE_CHECKING:
+    from services.config import Config
+    from services.stage import Stage
+
+# name -> "module:Class". Order is the pipeline order.
+BUILTIN: dict[str, str] = {}
+
+
+def stage_names() -> list[str]:
+    """Names of the built-in stages, in pipeline order."""
+    return list(BUILTIN)
+
+
+def configured_stages(config: Config) -> list[str]:
+    """Enabled stages of a config: built-ins in pipeline order, then plugin stages."""
+    names = stage_names() + [n for n, s in config.stages.items() if s.impl and n not in BUILTIN]
+    return [n for n in names if config.stage(n).enabled]
+
+
+def _import(target: str) -> type[Stage]:
+    module, _, cls = target.partition(":")
+    if not module or not cls:
+        raise ValueError(f"stage impl {target!r} must look like 'module:Class'")
+    return getattr(importlib.import_module(module), cls)
+
+
+def stage_class(name: str, impl: str | None = None) -> type[Stage]:
+    """The class implementing a stage; a clear error for an unknown name."""
+    if impl:
+        return _import(impl)
+    if name not in BUILTIN:
+        known = ", ".join(BUILTIN) or "(none)"
+        raise KeyError(f"unknown stage {name!r}; known stages: {known}")
+    return _import(BUILTIN[name])
+
+
+def stage_for(config: Config, name: str) -> type[Stage]:
+    """The class of a stage as configured (plugin `impl` or built-in)."""
+    given = config.stages.get(name)
+    return stage_class(name, given.impl if given else None)
+
+
+def stage_defaults(name: str, impl: str | None = None) -> StageSettings:
+    """Default settings of a stage: its class's `defaults` over the global defaults."""
+    known = impl or name in BUILTIN
+    defaults = stage_class(name, impl).defaults if known else {}
+    return StageSettings.model_validate({**defaults, "impl": impl})

@@ -1,0 +1,138 @@
+"""`tilepipe up`: one embedded nats-server (or an existing one) and every service, one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.config import Config, dump_toml
+from services.natsserver import EmbeddedServer, port_open
+
+RESTART_LIMIT = 5
+
+
+@dataclass
+class Child:
+    """One service process under supervision."""
+
+    name: str
+    cmd: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self, env: dict[str, str]) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+
+
+class Supervisor:
+    """Starts services as child processes, restarts a crashed one, stops all on request."""
+
+    def __init__(
+        self, config_path: Path, services: list[str], log_dir: Path, metrics_ports: dict[str, int]
+    ) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.children = [
+            Child(
+                name,
+                [
+                    sys.executable,
+                    "-m",
+                    "services.cli",
+                    "run",
+                    name,
+                    "--config",
+                    str(config_path),
+                    "--metrics-port",
+                    str(metrics_ports[name]),
+                ],
+                log_dir / f"{name}.log",
+            )
+            for name in services
+        ]
+
+    def start(self) -> None:
+        for child in self.children:
+            child.start(self.env)
+
+    def check(self, notify=print) -> None:
+        """Restart children that died (at most RESTART_LIMIT times a minute each)."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is None or child.proc.poll() is None:
+                continue
+            child.restarts = [t for t in child.restarts if now - t < 60]
+            code = child.proc.returncode
+            if len(child.restarts) >= RESTART_LIMIT:
+                notify(f"{child.name} keeps failing (exit {code}); see {child.log_path}")
+                child.proc = None
+                continue
+            notify(f"{child.name} exited with {code}; restarting")
+            child.restarts.append(now)
+            child.start(self.env)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM every child (they drain), then SIGKILL what is left after `timeout`."""
+        live = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in live:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def pick_port(preferred: int, taken: set[int]) -> int:
+    """`preferred` if free on loopback, else the next free one."""
+    port = preferred
+    while port in taken or port_open("127.0.0.1", port):
+        port += 1
+    taken.add(port)
+    return port
+
+
+def prepare(
+    config: Config, work: Path, services: list[str], nats_url: str | None
+) -> tuple[EmbeddedServer | None, Config, dict[str, int]]:
+    """Start the embedded server unless `nats_url` is given; fix ports; return the config."""
+    server = None
+    if nats_url is None:
+        taken: set[int] = set()
+        server = EmbeddedServer(work / "nats", port=pick_port(4222, taken))
+        server.start()
+        nats_url = server.url
+    config = config.model_copy(update={"nats": config.nats.model_copy(update={"url": nats_url})})
+    taken = set()
+    ports = {}
+    for offset, name in enumerate(services):
+        ports[name] = pick_port(config.metrics.base_port + offset, taken)
+    return server, config, ports
+
+
+def write_config(config: Config, path: Path) -> Path:
+    """Write the effective config the children read (atomically)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(dump_toml(config))
+    tmp.replace(path)
+    return path
+
+
+async def wait_forever(stop: asyncio.Event, supervisor: Supervisor, notify=print) -> None:
+    while not stop.is_set():
+        supervisor.check(notify)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)

@@ -1,0 +1,62 @@
+"""`tilepipe up`: start NATS and every service on this machine; Ctrl-C stops all cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from services.cli import _config, provision
+from services.config import Config, Roots
+from services.stages import configured_stages
+from services.supervisor import Supervisor, prepare, wait_forever, write_config
+
+
+def all_services(config: Config) -> list[str]:
+    from services.serve import has_watcher
+
+    return (["watcher"] if has_watcher() else []) + configured_stages(config)
+
+
+def up(args: argparse.Namespace) -> int:
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    config = _config(args)
+    if args.config is None:
+        config = config.model_copy(
+            update={"roots": Roots(raw=work / "raw", work=work / "work", output=work / "output")}
+        )
+    for root in (config.roots.raw, config.roots.work, config.roots.output):
+        root.mkdir(parents=True, exist_ok=True)
+    services = args.services.split(",") if args.services else all_services(config)
+    server, config, ports = prepare(config, work, services, args.nats_url)
+    supervisor = None
+    try:
+        for line in asyncio.run(provision(config)):
+            print(f"  {line}")
+        config_path = write_config(config, work / "tilepipe.toml")
+        supervisor = Supervisor(config_path, services, work / "logs", ports)
+        supervisor.start()
+        print(f"NATS: {config.nats.url}" + (" (embedded)" if server else ""))
+        for name in services:
+            print(
+                f"  {name:<10} metrics http://127.0.0.1:{ports[name]}/metrics"
+                f"  log {work / 'logs' / (name + '.log')}"
+            )
+        print("Ctrl-C stops everything.")
+        asyncio.run(_wait(supervisor))
+    finally:
+        if supervisor is not None:
+            print("stopping services (draining in-flight work)...")
+            supervisor.stop()
+        if server is not None:
+            server.stop()
+    return 0
+
+
+async def _wait(supervisor: Supervisor) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await wait_forever(stop, supervisor)

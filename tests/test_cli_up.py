@@ -1,0 +1,121 @@
+"""`tilepipe init` and `tilepipe up` as an operator runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import nats
+
+from messages import TileArrived, TileCoord, utcnow
+from services.bus import publish_event
+from services.natsserver import port_open
+from tests.conftest import stream_messages, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+PLUGINS = """
+[stages.convert_like]
+impl = "tests.stages_for_tests:ConvertLike"
+concurrency = 3
+[stages.process_like]
+impl = "tests.stages_for_tests:ProcessLike"
+"""
+
+
+def tilepipe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_init_is_idempotent_and_names_are_stable(nats_server, tmp_path):
+    cfg = tmp_path / "tp.toml"
+    cfg.write_text(PLUGINS)
+    first = tilepipe("init", "--config", str(cfg), "--nats-url", nats_server.url)
+    second = tilepipe("init", "--config", str(cfg), "--nats-url", nats_server.url)
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0 and second.stdout == first.stdout
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    info = await js.consumer_info("TILEPIPE", "convert_like")
+    assert info.config.filter_subject == "tp.tile_arrived.>"
+    assert info.config.max_ack_pending == 3 and info.config.durable_name == "convert_like"
+    stream = await js.stream_info("TILEPIPE")
+    assert stream.config.subjects == ["tp.>"] and stream.config.storage == "file"
+    assert {"KV_tp-acquisitions", "KV_tp-lattice"} <= {
+        s.config.name for s in await js.streams_info()
+    }
+    await nc.close()
+
+
+async def test_init_without_server_fails_clearly(tmp_path):
+    proc = tilepipe("init", "--nats-url", "nats://127.0.0.1:1")
+    assert proc.returncode == 3 and "cannot reach NATS" in proc.stderr
+
+
+async def test_up_runs_embedded_server_and_services_until_ctrl_c(tmp_path):
+    cfg = tmp_path / "tp.toml"
+    cfg.write_text(PLUGINS + "[metrics]\nbase_port = 19500\n")
+    work = tmp_path / "work"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--config",
+            str(cfg),
+            "--work",
+            str(work),
+            "--services",
+            "convert_like,process_like",
+        ],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=30)
+        url = tomllib.loads((work / "tilepipe.toml").read_text())["nats"]["url"]
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        for i in range(5):
+            await publish_event(
+                js,
+                TileArrived(
+                    acq="up1",
+                    tile=TileCoord(slice=0, row=0, col=i),
+                    path=f"t{i}",
+                    size_bytes=1,
+                    completed_at=utcnow(),
+                ),
+            )
+
+        async def processed():
+            return len(await stream_messages(js, "tp.tile_processed.>")) == 5
+
+        await wait_for(processed, timeout=60)
+        await nc.close()
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "(embedded)" in out and "convert_like" in out
+    host, port = url.removeprefix("nats://").split(":")
+    assert not port_open(host, int(port))
+    assert (work / "logs" / "convert_like.log").read_text().count("event_handled") == 5

@@ -1,0 +1,130 @@
+"""Event models, subjects, safe paths and decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from messages import (
+    EVENT_TYPES,
+    InvalidEvent,
+    PathEscapeError,
+    SliceStitched,
+    StageFailed,
+    TileArrived,
+    TileCoord,
+    decode_event,
+    event_filter,
+    json_schemas,
+    resolve_in_root,
+    subject,
+    utcnow,
+)
+
+
+def tile_event(**over) -> TileArrived:
+    fields = {
+        "acq": "A1",
+        "tile": TileCoord(slice=3, mosaic=1, row=2, col=4),
+        "path": "s3/tile.nii",
+        "size_bytes": 10,
+        "completed_at": utcnow(),
+    }
+    return TileArrived(**{**fields, **over})
+
+
+def test_subject_scheme_filters_by_acquisition_and_slice():
+    event = tile_event()
+    assert event.subject() == "tp.tile_arrived.A1.3.m1-r2-c4"
+    assert event_filter("tile_arrived") == "tp.tile_arrived.>"
+    assert event_filter("tile_arrived", "A1", 3) == "tp.tile_arrived.A1.3.*"
+    stitched = SliceStitched(acq="A1", slice=3, mosaic=1, path="m/s3.ome.zarr")
+    assert stitched.subject() == "tp.slice_stitched.A1.3.m1"
+
+
+@pytest.mark.parametrize("token", ["a.b", "*", ">", "", "x y", "a" * 65])
+def test_subject_tokens_cannot_smuggle_wildcards(token):
+    with pytest.raises(ValueError, match="invalid subject token"):
+        subject("tile_arrived", token)
+
+
+def test_msg_id_is_stable_per_work_item():
+    a, b = tile_event(), tile_event(size_bytes=99)
+    assert a.msg_id() == b.msg_id()
+    assert a.msg_id() != tile_event(tile=TileCoord(slice=3, row=2, col=5)).msg_id()
+
+
+def test_round_trip_every_kind_has_a_schema():
+    schemas = json_schemas()
+    assert set(schemas) == set(EVENT_TYPES)
+    assert len(EVENT_TYPES) == 10
+    event = tile_event()
+    assert decode_event(event.to_json()) == event
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: {**d, "v": 2}, "unsupported_version"),
+        (lambda d: {**d, "type": "nope"}, "unknown_type"),
+        (lambda d: {**d, "acq": "a.b"}, "invalid_fields"),
+        (lambda d: {**d, "path": "/etc/passwd"}, "invalid_fields"),
+        (lambda d: {**d, "path": "a/../../b"}, "invalid_fields"),
+        (lambda d: {**d, "extra": 1}, "invalid_fields"),
+        (lambda d: {**d, "tile": {"slice": -1, "row": 0, "col": 0}}, "invalid_fields"),
+    ],
+)
+def test_decode_rejects_with_reason(mutate, reason):
+    data = json.dumps(mutate(json.loads(tile_event().to_json()))).encode()
+    with pytest.raises(InvalidEvent) as info:
+        decode_event(data)
+    assert info.value.reason == reason
+
+
+def test_decode_rejects_huge_and_unexpected():
+    with pytest.raises(InvalidEvent, match="too_large"):
+        decode_event(b" " * (300 * 1024))
+    with pytest.raises(InvalidEvent, match="unexpected_type"):
+        decode_event(tile_event().to_json(), accept={"tile_converted"})
+
+
+def test_resolve_in_root_refuses_escapes(tmp_path):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    assert resolve_in_root(root, "a/x.nii") == (root / "a" / "x.nii").resolve()
+    os.symlink(tmp_path, root / "link")
+    with pytest.raises(PathEscapeError):
+        resolve_in_root(root, "link/secret")
+    with pytest.raises(ValueError):
+        resolve_in_root(root, "../x")
+
+
+def test_stage_failed_ids_distinguish_stages():
+    common = {
+        "acq": "A",
+        "input_type": "tile_arrived",
+        "input_subject": "s",
+        "error": "e",
+        "attempts": 1,
+    }
+    assert (
+        StageFailed(stage="convert", **common).msg_id()
+        != StageFailed(stage="process", **common).msg_id()
+    )
+
+
+def test_cli_schema_prints_json_schemas():
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli", "schema"], check=True, capture_output=True, text=True
+    ).stdout
+    assert set(json.loads(out)) == set(EVENT_TYPES)
+    bad = subprocess.run(
+        [sys.executable, "-m", "services.cli", "schema", "--kind", "x"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "unknown event kind" in bad.stderr
