@@ -137,6 +137,7 @@ class TileArrived(TileEvent):
     kind: ClassVar[str] = "tile_arrived"
     type: Literal["tile_arrived"] = "tile_arrived"
     path: RelPath
+    manifest: RelPath
     size_bytes: Annotated[int, Field(ge=0)]
     completed_at: datetime
     raw_format: Name = "nifti-spectral"

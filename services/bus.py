@@ -32,7 +32,11 @@ async def connect(settings: NatsSettings, name: str, retry_for_s: float = 60.0) 
     """Connect (retrying the first connection for `retry_for_s`), reconnecting forever after."""
     log = get_logger(service=name)
 
+    holder: list[Client] = []
+
     async def on_disconnect() -> None:
+        if holder and (holder[0].is_closed or holder[0].is_draining):
+            return  # our own close
         log.warning("nats_disconnected")
 
     async def on_reconnect() -> None:
@@ -62,12 +66,14 @@ async def connect(settings: NatsSettings, name: str, retry_for_s: float = 60.0) 
     }
     # With unlimited reconnects nats-py would also retry the first connection forever: bound it.
     try:
-        return await asyncio.wait_for(nats.connect(**kwargs), timeout=retry_for_s)
+        nc = await asyncio.wait_for(nats.connect(**kwargs), timeout=retry_for_s)
     except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
         raise ConnectionError(
             f"cannot reach NATS at {settings.url} within {retry_for_s:g}s: "
             f"{exc or type(exc).__name__}"
         ) from exc
+    holder.append(nc)
+    return nc
 
 
 async def publish_event(

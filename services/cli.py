@@ -80,6 +80,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from services.preflight import run_checks
+
+    checks = run_checks(args.manifest, _config(args))
+    for check in checks:
+        print(f"[{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from services.simulate import simulate_command
+
+    return simulate_command(args)
+
+
+def cmd_finish(args: argparse.Namespace) -> int:
+    from services.finish import finish
+
+    event = asyncio.run(finish(_config(args), args.acq))
+    print(f"{event.acq}: finished with {event.tiles_arrived} tiles, {len(event.missing)} missing")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from services.status_cli import status_command
+
+    return asyncio.run(status_command(_config(args), args))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from services.up import up
 
@@ -105,6 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("service")
     p.add_argument("--worker", default="", help="worker id (e.g. process@gpu1)")
     p.add_argument("--metrics-port", type=int, default=None)
+    p = add("check", cmd_check, "pre-flight check of an acquisition manifest")
+    p.add_argument("manifest", type=Path)
+    p = add("simulate", cmd_simulate, "write a simulated acquisition into the raw root")
+    p.add_argument("manifest", type=Path, help="manifest.toml inside the acquisition directory")
+    p.add_argument(
+        "--new", action="store_true", help="write a small demo manifest at MANIFEST first"
+    )
+    p.add_argument("--rate", type=float, default=1.0, help="tiles per second (0: no pacing)")
+    p.add_argument("--chunk-mb", type=float, default=8.0, help="write size")
+    p.add_argument("--chunk-delay-s", type=float, default=0.0, help="pause between chunks")
+    p.add_argument("--rename", action="store_true", help="write to a temp name, then rename")
+    p.add_argument("--slices", type=int, default=None, help="only the first N slices")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--jitter-px", type=float, default=3.0)
+    p.add_argument("--scatterers", type=int, default=20, help="reflectors per A-line")
+    p = add("status", cmd_status, "progress of an acquisition: stages and tile lattice")
+    p.add_argument("acq", nargs="?", default=None, help="acquisition id (default: the latest)")
+    p.add_argument("--watch", action="store_true", help="refresh live")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("finish", cmd_finish, "declare an acquisition finished (tiles may be missing)")
+    p.add_argument("acq")
     p = add("up", cmd_up, "start NATS (embedded unless --nats-url) and every service")
     p.add_argument(
         "--work",
@@ -113,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="work directory for the embedded server, logs and generated config",
     )
     p.add_argument("--services", default=None, help="comma-separated services (default: all)")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="simulate a small acquisition, show live progress, stop when done",
+    )
+    p.add_argument("--rate", type=float, default=3.0, help="demo tiles per second")
     return parser
 
 

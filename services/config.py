@@ -84,6 +84,17 @@ class StageSettings(Strict):
         return self
 
 
+class WatcherSettings(Strict):
+    """The watcher service (the source of tile events)."""
+
+    settle_s: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="override the manifests' settle interval"
+    )
+    rescan_s: Annotated[float, Field(gt=0)] = 60.0
+    force_polling: bool = Field(default=False, description="poll (network filesystems)")
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+
+
 class MetricsSettings(Strict):
     host: str = "127.0.0.1"
     base_port: Annotated[int, Field(ge=0, le=65535)] = 9400
@@ -101,6 +112,7 @@ class Config(Strict):
     roots: Roots = Field(default_factory=Roots)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    watcher: WatcherSettings = Field(default_factory=WatcherSettings)
     stages: dict[str, StageSettings] = Field(default_factory=dict)
 
     def stage(self, name: str) -> StageSettings:
@@ -177,23 +189,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
 
 
 def dump_toml(config: Config) -> str:
-    """A TOML rendering of a config (used by `tilepipe up` and the demo)."""
-    out = []
+    """A TOML rendering of a config (used by `tilepipe up` and `tilepipe config`)."""
+    from services.tomlio import to_toml
 
-    def emit(prefix: str, model: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in model.items() if not isinstance(v, dict) and v is not None}
-        if scalars:
-            out.append(f"[{prefix}]")
-            out.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
-            out.append("")
-        for key, value in model.items():
-            if isinstance(value, dict):
-                emit(f"{prefix}.{key}", value)
-
-    for section, value in config.model_dump(mode="json", by_alias=True).items():
-        emit(section, value)
-    return "\n".join(out)
-
-
-def _toml_value(value: Any) -> str:
-    return json.dumps(value)
+    return to_toml(config.model_dump(mode="json", by_alias=True))

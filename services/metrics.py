@@ -60,6 +60,29 @@ CONSUMER_PAUSED = Gauge(
     "tilepipe_consumer_paused", "1 while the stage's consumer is paused.", ["stage"]
 )
 
+WATCHER_FILES = Counter(
+    "tilepipe_watcher_files_total",
+    "Files the watcher looked at, by outcome (emitted, duplicate, unmatched, outside_lattice, "
+    "temporary).",
+    ["outcome"],
+)
+WATCHER_LATENCY = Histogram(
+    "tilepipe_watcher_latency_seconds",
+    "From a tile file's last write to its tile_arrived event.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
+WATCHER_PENDING = Gauge("tilepipe_watcher_pending_files", "Files seen but not yet complete.")
+ACQ_TILES_EXPECTED = Gauge(
+    "tilepipe_acquisition_tiles_expected", "Tiles in the lattice of an acquisition.", ["acq"]
+)
+ACQ_TILES_ARRIVED = Gauge(
+    "tilepipe_acquisition_tiles_arrived", "Tiles of an acquisition complete on disk.", ["acq"]
+)
+
+TILES_BY_DEVICE = Counter(
+    "tilepipe_process_tiles_total", "Tiles processed, by device (cpu, gpu:NAME).", ["device"]
+)
+
 
 def serve_metrics(host: str, port: int) -> int:
     """Expose /metrics on host:port (0 picks a free port); returns the bound port."""

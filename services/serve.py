@@ -21,6 +21,8 @@ def has_watcher() -> bool:
 
 def metrics_port_for(config: Config, name: str) -> int:
     """The configured metrics port of a service, else base_port + its position."""
+    if name == "watcher" and config.watcher.metrics_port is not None:
+        return config.watcher.metrics_port
     if name in config.stages and config.stages[name].metrics_port is not None:
         return config.stages[name].metrics_port
     names = ["watcher", *stage_names()]

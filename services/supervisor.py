@@ -14,6 +14,7 @@ from pathlib import Path
 
 from services.config import Config, dump_toml
 from services.natsserver import EmbeddedServer, port_open
+from services.tomlio import write_atomically
 
 RESTART_LIMIT = 5
 
@@ -125,10 +126,7 @@ def prepare(
 
 def write_config(config: Config, path: Path) -> Path:
     """Write the effective config the children read (atomically)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(dump_toml(config))
-    tmp.replace(path)
-    return path
+    return write_atomically(path, dump_toml(config))
 
 
 async def wait_forever(stop: asyncio.Event, supervisor: Supervisor, notify=print) -> None:

@@ -44,7 +44,10 @@ def up(args: argparse.Namespace) -> int:
                 f"  log {work / 'logs' / (name + '.log')}"
             )
         print("Ctrl-C stops everything.")
-        asyncio.run(_wait(supervisor))
+        if args.demo:
+            _demo(config, supervisor, services, args.rate, work)
+        else:
+            asyncio.run(_wait(supervisor))
     finally:
         if supervisor is not None:
             print("stopping services (draining in-flight work)...")
@@ -54,9 +57,35 @@ def up(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _wait(supervisor: Supervisor) -> None:
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await wait_forever(stop, supervisor)
+    return stop
+
+
+async def _wait(supervisor: Supervisor) -> None:
+    await wait_forever(_stop_on_signals(), supervisor)
+
+
+def _demo(config: Config, supervisor: Supervisor, services: list[str], rate: float, work) -> None:
+    from services.demo import run_demo
+
+    async def main() -> dict:
+        return await run_demo(config, supervisor, services, rate, _stop_on_signals())
+
+    figures = asyncio.run(main())
+    print(
+        f"\ndemo {figures['acq']}: {figures['tiles_done']} tiles reached "
+        f"{figures['last_stage']} in {figures['wall_s']:.1f} s"
+    )
+    if "latency_p50_s" in figures:
+        print(
+            f"  file complete -> {figures['last_stage']}: p50 {figures['latency_p50_s']:.2f} s,"
+            f" max {figures['latency_max_s']:.2f} s"
+        )
+    print(f"  raw tiles:      {config.roots.raw / figures['acq']}")
+    print(f"  tile products:  {config.roots.work / figures['acq']}")
+    print(f"  event log:      stream {config.nats.stream} (store {work / 'nats'})")
+    print(f"  service logs:   {work / 'logs'}")

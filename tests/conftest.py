@@ -60,20 +60,6 @@ async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
 
 async def stream_messages(js, subject: str) -> list:
     """Every message of the event stream on `subject` (wildcards allowed), oldest first."""
-    info = await js.stream_info("TILEPIPE", subjects_filter=subject)
-    if not info.state.messages:
-        return []
-    sub = await js.pull_subscribe(subject, stream="TILEPIPE")
-    out = []
-    try:
-        while True:
-            try:
-                batch = await sub.fetch(256, timeout=0.5)
-            except (TimeoutError, nats.errors.TimeoutError):
-                break
-            out.extend(batch)
-            for msg in batch:
-                await msg.ack()
-    finally:
-        await sub.unsubscribe()
-    return out
+    from services.status import read_events
+
+    return await read_events(js, "TILEPIPE", subject)

@@ -99,6 +99,7 @@ async def test_up_runs_embedded_server_and_services_until_ctrl_c(tmp_path):
                     acq="up1",
                     tile=TileCoord(slice=0, row=0, col=i),
                     path=f"t{i}",
+                    manifest="m.toml",
                     size_bytes=1,
                     completed_at=utcnow(),
                 ),

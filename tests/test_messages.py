@@ -31,6 +31,7 @@ def tile_event(**over) -> TileArrived:
         "acq": "A1",
         "tile": TileCoord(slice=3, mosaic=1, row=2, col=4),
         "path": "s3/tile.nii",
+        "manifest": "manifest.toml",
         "size_bytes": 10,
         "completed_at": utcnow(),
     }

@@ -31,6 +31,7 @@ def arrived(i: int, acq: str = "acq1", cols: int = 10) -> TileArrived:
         acq=acq,
         tile=TileCoord(slice=0, row=i // cols, col=i % cols),
         path=f"raw/t{i}.nii",
+        manifest="acq1/manifest.toml",
         size_bytes=100,
         completed_at=utcnow(),
     )

@@ -16,7 +16,10 @@ if TYPE_CHECKING:
     from services.stage import Stage
 
 # name -> "module:Class". Order is the pipeline order.
-BUILTIN: dict[str, str] = {}
+BUILTIN: dict[str, str] = {
+    "convert": "services.stages.convert:Convert",
+    "process": "services.stages.process:Process",
+}
 
 
 def stage_names() -> list[str]:

@@ -1,0 +1,64 @@
+"""Numerical core of tilepipe: PS-OCT spectra -> complex -> PS products -> en-face.
+
+Every kernel runs on NumPy or CuPy from the same code (``xp`` array-module dispatch).
+"""
+
+from .backend import array_module, device_name, get_xp, gpu_available, to_host
+from .calibration import SpectrometerCalibration
+from .enface import (
+    EnfaceImages,
+    detect_surface,
+    enface_products,
+    median_filter_2d,
+    retardance_slope,
+    slope_to_delta_n,
+    surface_candidates,
+)
+from .forward import (
+    SourceSpectrum,
+    dc_background,
+    depth_bin_of,
+    depth_um_of,
+    ps_amplitudes,
+    simulate_spectra,
+)
+from .pipeline import ProcessingParams, TileProducts, process_tile
+from .psoct import PSVolumes, orientation_deg, ps_products, reflectivity_db, retardance_deg
+from .resampling import ResamplingTable, resampling_table
+from .spectral import bscans_to_complex, estimate_background, spectra_to_complex, validate_raw
+
+__all__ = [
+    "EnfaceImages",
+    "PSVolumes",
+    "ProcessingParams",
+    "ResamplingTable",
+    "SourceSpectrum",
+    "SpectrometerCalibration",
+    "TileProducts",
+    "array_module",
+    "bscans_to_complex",
+    "dc_background",
+    "depth_bin_of",
+    "depth_um_of",
+    "detect_surface",
+    "device_name",
+    "enface_products",
+    "estimate_background",
+    "get_xp",
+    "gpu_available",
+    "median_filter_2d",
+    "orientation_deg",
+    "process_tile",
+    "ps_amplitudes",
+    "ps_products",
+    "reflectivity_db",
+    "resampling_table",
+    "retardance_deg",
+    "retardance_slope",
+    "simulate_spectra",
+    "slope_to_delta_n",
+    "spectra_to_complex",
+    "surface_candidates",
+    "to_host",
+    "validate_raw",
+]

@@ -1,0 +1,24 @@
+"""Where stages put their outputs, relative to the work and output roots (one place)."""
+
+from __future__ import annotations
+
+from messages.events import TileCoord
+
+
+def _tile_dir(acq: str, kind: str, tile: TileCoord) -> str:
+    return f"{acq}/{kind}/slice{tile.slice:04d}/{tile.token()}.zarr"
+
+
+def converted_path(acq: str, tile: TileCoord) -> str:
+    """Work-root-relative Zarr store of a converted raw tile."""
+    return _tile_dir(acq, "converted", tile)
+
+
+def products_path(acq: str, tile: TileCoord) -> str:
+    """Work-root-relative Zarr group of a processed tile's products."""
+    return _tile_dir(acq, "products", tile)
+
+
+def mosaic_path(acq: str, slice_index: int, mosaic: int) -> str:
+    """Output-root-relative OME-Zarr mosaic of one slice."""
+    return f"{acq}/mosaics/slice{slice_index:04d}-m{mosaic}.ome.zarr"

@@ -1,0 +1,383 @@
+"""Write and read multiscale OME-Zarr images (NGFF 0.5: Zarr v3, ``ome`` attributes, shards).
+
+Layout: one image per store with axes ``(c, y, x)``: a leading channel axis ``c`` holds the
+products (e.g. AIP, MIP, retardance, orientation; a single 2-D image gets ``c`` of length 1),
+``y``/``x`` are space axes in micrometer. Arrays ``"0"``, ``"1"``, ... are the levels, each 2x
+smaller in y and x than the previous (NaN-aware mean of 2x2 blocks; axial channels such as
+orientation in degrees use the circular mean of doubled angles), until the smallest side is
+<= ``min_size``. float32, NaN fill, chunks ``(1, chunk, chunk)`` inside shards
+``(1, shard, shard)``. Per level ``coordinateTransformations`` = scale ``(1, 2^k py, 2^k px)``
+and translation ``(0, oy + (2^k - 1) py / 2, ox + (2^k - 1) px / 2)``: the physical position of
+pixel centres, so levels overlay exactly (``origin_um`` is the centre of pixel ``[0, 0]``).
+
+Atomicity: the store is written under ``.<name>.tmp-<uuid>`` beside the target, fsynced, then
+renamed into place, so the target name only ever holds a complete store; a crash leaves at
+most a ``.tmp-`` directory (safe to delete). An existing store at the target is left untouched
+if its recorded content digest (``attributes["tilepipe"]["content_sha256"]``: data + metadata)
+equals the new one; otherwise it is replaced: atomically on Linux (``renameat2`` exchange),
+elsewhere by two renames (a brief window where the name is absent). A target that is not a
+Zarr store is never replaced (``FileExistsError``). Concurrent writers to one target are not
+supported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+__all__ = [
+    "NGFF_VERSION",
+    "WriteResult",
+    "downsample2",
+    "open_level",
+    "pyramid",
+    "read_multiscale",
+    "write_omezarr",
+]
+
+NGFF_VERSION = "0.5"
+DEFAULT_AXIAL = ("orientation",)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What :func:`write_omezarr` did."""
+
+    path: Path
+    shapes: tuple[tuple[int, int, int], ...]  # (c, y, x) per level
+    content_sha256: str
+    written: bool  # False: an identical store was already there and was left alone
+
+
+# ----------------------------------------------------------------------------- pyramid
+def downsample2(image: np.ndarray, axial: Sequence[bool] | bool = False) -> np.ndarray:
+    """2x2 block average of a (c, y, x) array, ignoring NaN (odd sizes: last block partial).
+
+    Channels flagged ``axial`` hold angles in degrees (period 180) and are averaged as
+    doubled-angle unit vectors; result in ``[-90, 90)``. All-NaN blocks give NaN.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    c, ny, nx = img.shape
+    flags = [bool(axial)] * c if isinstance(axial, bool) else [bool(a) for a in axial]
+    py, px = ny % 2, nx % 2
+    if py or px:
+        img = np.pad(img, ((0, 0), (0, py), (0, px)), constant_values=np.nan)
+    blocks = img.reshape(c, (ny + py) // 2, 2, (nx + px) // 2, 2)
+    ok = np.isfinite(blocks)
+    count = ok.sum(axis=(2, 4))
+    out = np.full(count.shape, np.nan)
+    has = count > 0
+    for k, is_axial in enumerate(flags):
+        b, o = blocks[k], ok[k]
+        if is_axial:
+            two = np.deg2rad(2.0 * np.where(o, b, 0.0))
+            cs = np.where(o, np.cos(two), 0.0).sum(axis=(1, 3))
+            sn = np.where(o, np.sin(two), 0.0).sum(axis=(1, 3))
+            val = np.mod(0.5 * np.rad2deg(np.arctan2(sn, cs)) + 90.0, 180.0) - 90.0
+        else:
+            val = np.where(o, b, 0.0).sum(axis=(1, 3)) / np.maximum(count[k], 1)
+        out[k] = np.where(has[k], val, np.nan)
+    return out.astype(np.float32)
+
+
+def pyramid(
+    image: np.ndarray,
+    axial: Sequence[bool] | bool = False,
+    min_size: int = 256,
+    max_levels: int = 16,
+) -> list[np.ndarray]:
+    """Level 0 plus 2x downsamplings until the smallest spatial side is <= ``min_size``."""
+    levels = [np.asarray(image, dtype=np.float32)]
+    while min(levels[-1].shape[1:]) > min_size and len(levels) < max_levels:
+        levels.append(downsample2(levels[-1], axial))
+    return levels
+
+
+# ----------------------------------------------------------------------------- write
+def write_omezarr(
+    path: str | os.PathLike[str],
+    image: np.ndarray | Mapping[str, np.ndarray],
+    *,
+    pixel_size_um: tuple[float, float] = (1.0, 1.0),
+    origin_um: tuple[float, float] = (0.0, 0.0),
+    channel_names: Sequence[str] | None = None,
+    axial_channels: Sequence[str] = DEFAULT_AXIAL,
+    chunk: int = 256,
+    shard: int = 2048,
+    min_size: int = 256,
+    max_levels: int = 16,
+    name: str | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    fsync: bool = True,
+) -> WriteResult:
+    """Write ``image`` as a multiscale NGFF 0.5 OME-Zarr at ``path`` (see module doc).
+
+    ``image``: a (c, y, x) or (y, x) array with ``channel_names``, or a mapping name -> (y, x)
+    array (all the same shape). Channels named in ``axial_channels`` are downsampled as axial
+    angles in degrees. ``attributes`` (JSON) are stored under ``attributes["tilepipe"]``.
+    """
+    data, names = _as_stack(image, channel_names)
+    if shard % chunk:
+        raise ValueError(f"shard ({shard}) must be a multiple of chunk ({chunk})")
+    target = Path(path)
+    axial = [n in axial_channels for n in names]
+    levels = pyramid(data, axial, min_size, max_levels)
+    ome = _ome_metadata(levels, names, axial, pixel_size_um, origin_um, name or _stem(target))
+    extra = dict(attributes or {})
+    digest = _digest(levels[0], {"ome": ome, "tilepipe": extra})
+    shapes = tuple((int(lv.shape[0]), int(lv.shape[1]), int(lv.shape[2])) for lv in levels)
+
+    if target.exists() or target.is_symlink():
+        if not (target.is_dir() and (target / "zarr.json").is_file()):
+            raise FileExistsError(f"{target} exists and is not a Zarr store; not replacing it")
+        if _stored_digest(target) == digest:
+            return WriteResult(target, shapes, digest, written=False)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        group = zarr.create_group(
+            store=str(tmp),
+            zarr_format=3,
+            attributes={"ome": ome, "tilepipe": {**extra, "content_sha256": digest}},
+        )
+        for k, lv in enumerate(levels):
+            _, ny, nx = lv.shape
+            cy, cx = min(chunk, ny), min(chunk, nx)
+            sy = min(shard, math.ceil(ny / cy) * cy) // cy * cy
+            sx = min(shard, math.ceil(nx / cx) * cx) // cx * cx
+            arr = group.create_array(
+                name=str(k),
+                shape=lv.shape,
+                dtype="float32",
+                chunks=(1, cy, cx),
+                shards=(1, sy, sx),
+                fill_value=float("nan"),
+                dimension_names=("c", "y", "x"),
+            )
+            arr[...] = lv
+        if fsync:
+            _fsync_tree(tmp)
+        _move_into_place(tmp, target)
+        if fsync:
+            _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return WriteResult(target, shapes, digest, written=True)
+
+
+def _stem(path: Path) -> str:
+    """``slice_003`` for ``slice_003.ome.zarr``."""
+    name = path.name
+    for suffix in (".zarr", ".ome"):
+        name = name.removesuffix(suffix)
+    return name or path.name
+
+
+def _as_stack(
+    image: np.ndarray | Mapping[str, np.ndarray], channel_names: Sequence[str] | None
+) -> tuple[np.ndarray, list[str]]:
+    if isinstance(image, Mapping):
+        if channel_names is not None:
+            raise ValueError("channel_names comes from the mapping's keys")
+        names = [str(k) for k in image]
+        arrays = [np.asarray(v) for v in image.values()]
+        if not arrays or any(a.ndim != 2 or a.shape != arrays[0].shape for a in arrays):
+            raise ValueError("a mapping needs one or more 2-D arrays of one shape")
+        data = np.stack(arrays).astype(np.float32)
+    else:
+        data = np.asarray(image, dtype=np.float32)
+        if data.ndim == 2:
+            data = data[None]
+        if data.ndim != 3:
+            raise ValueError(f"image must be (y, x) or (c, y, x), got shape {data.shape}")
+        names = (
+            list(channel_names)
+            if channel_names is not None
+            else [f"c{k}" for k in range(data.shape[0])]
+        )
+    if len(names) != data.shape[0] or len(set(names)) != len(names):
+        raise ValueError(f"need {data.shape[0]} distinct channel names, got {names}")
+    if min(data.shape[1:]) < 1:
+        raise ValueError("empty image")
+    return data, names
+
+
+def _ome_metadata(
+    levels: list[np.ndarray],
+    names: list[str],
+    axial: list[bool],
+    pixel_size_um: tuple[float, float],
+    origin_um: tuple[float, float],
+    name: str,
+) -> dict[str, Any]:
+    py, px = (float(pixel_size_um[0]), float(pixel_size_um[1]))
+    oy, ox = (float(origin_um[0]), float(origin_um[1]))
+    datasets = []
+    for k in range(len(levels)):
+        f = float(2**k)
+        datasets.append(
+            {
+                "path": str(k),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0, f * py, f * px]},
+                    {
+                        "type": "translation",
+                        "translation": [0.0, oy + (f - 1) * py / 2, ox + (f - 1) * px / 2],
+                    },
+                ],
+            }
+        )
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [
+            {
+                "name": name,
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space", "unit": "micrometer"},
+                    {"name": "x", "type": "space", "unit": "micrometer"},
+                ],
+                "datasets": datasets,
+                "type": "mean",
+                "metadata": {
+                    "description": "2x2 NaN-aware mean; axial channels: circular mean of "
+                    "doubled angles",
+                    "axial_channels": [n for n, a in zip(names, axial, strict=True) if a],
+                },
+            }
+        ],
+        "omero": {
+            "channels": [
+                _omero_channel(levels[-1][k], n, a)
+                for k, (n, a) in enumerate(zip(names, axial, strict=True))
+            ]
+        },
+    }
+
+
+def _omero_channel(plane: np.ndarray, label: str, axial: bool) -> dict[str, Any]:
+    """Display hints (from the smallest level): label, colour, window (min/max, 1-99 %)."""
+    vals = plane[np.isfinite(plane)]
+    if axial:
+        lo, hi, start, end = -90.0, 90.0, -90.0, 90.0
+    elif vals.size:
+        lo, hi = float(vals.min()), float(vals.max())
+        start, end = (float(v) for v in np.percentile(vals, [1.0, 99.0]))
+    else:
+        lo = hi = start = end = 0.0
+    return {
+        "label": label,
+        "color": "FFFFFF",
+        "active": True,
+        "window": {"min": lo, "max": hi, "start": start, "end": end},
+    }
+
+
+def _digest(level0: np.ndarray, meta: Mapping[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    h.update(repr((level0.shape, str(level0.dtype))).encode())
+    h.update(np.ascontiguousarray(level0).tobytes())
+    return h.hexdigest()
+
+
+def _stored_digest(store: Path) -> str | None:
+    try:
+        attrs = json.loads((store / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+    value = attrs.get("tilepipe", {}).get("content_sha256")
+    return value if isinstance(value, str) else None
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing ``target`` is swapped out then deleted."""
+    try:
+        os.rename(tmp, target)  # atomic when target is absent (or an empty directory)
+        return
+    except OSError:
+        if not target.exists():
+            raise
+    if _exchange(tmp, target):  # atomic swap; tmp now holds the old store
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- read
+def read_multiscale(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The store's ``ome`` attributes plus ``channel_names`` (from ``omero``, else c0, c1...)."""
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    ome = dict(group.attrs["ome"])
+    if ome.get("version") != NGFF_VERSION or not ome.get("multiscales"):
+        raise ValueError(f"{path} is not an NGFF {NGFF_VERSION} multiscale image")
+    chans = ome.get("omero", {}).get("channels", [])
+    n = group[ome["multiscales"][0]["datasets"][0]["path"]].shape[0]
+    labels = [c.get("label") for c in chans]
+    ome["channel_names"] = labels if len(labels) == n else [f"c{k}" for k in range(n)]
+    return ome
+
+
+def open_level(path: str | os.PathLike[str], level: int = 0) -> zarr.Array:
+    """Open one level (default 0, full resolution) read-only: a lazy (c, y, x) zarr array."""
+    ome = read_multiscale(path)
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    arr = group[ome["multiscales"][0]["datasets"][level]["path"]]
+    assert isinstance(arr, zarr.Array)
+    return arr

@@ -1,0 +1,451 @@
+"""A realistic simulated acquisition with known ground truth (`tilepipe simulate`).
+
+The sample is a smooth, deterministic 3-D phantom evaluated at any lateral position: a surface,
+two tissue layers with different birefringence, a band-limited reflectivity texture that
+changes from section to section, and an optic-axis orientation field. Each slice is the
+section at its depth, shifted and rotated by a small known amount (what registration must
+recover). Tiles are cut at jittered stage positions (what stitching must recover) and turned
+into raw spectral interferograms by `kernels.forward` (true non-linear k, Gaussian source,
+2nd/3rd-order dispersion, DC and fixed pattern, noise, uint16), then written to the raw root
+the way the microscope writes them: chunk by chunk, optionally slowly, at a given tile rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from messages.events import TileCoord
+from services.manifest import Calibration, Lattice, Manifest, RawLayout, dump_manifest
+from services.tomlio import write_atomically
+
+TRUTH_NAME = "ground_truth.json"
+
+
+@dataclass(frozen=True)
+class PhantomParams:
+    """Ground-truth sample parameters (lengths in um, angles in degrees)."""
+
+    seed: int = 7
+    surface_um: float = 180.0
+    surface_relief_um: float = 40.0
+    layer_um: float = 160.0
+    layer_relief_um: float = 40.0
+    # round-trip retardance per um of depth, upper and lower layer (rad/um)
+    birefringence: tuple[float, float] = (0.0040, 0.0012)
+    scatterers: int = 20
+    scatterer_spacing_um: float = 18.0
+    amplitude_counts: float = 20.0  # about 40 dB above the noise floor at the surface
+    attenuation_um: float = 400.0
+    max_shift_um: float = 30.0
+    max_rotation_deg: float = 1.5
+
+
+class Phantom:
+    """Smooth random fields evaluated at lateral positions (x, y in um) and section index."""
+
+    def __init__(self, params: PhantomParams, extent_um: float) -> None:
+        self.p = params
+        rng = np.random.default_rng(params.seed)
+
+        def field(n: int, fmin: float, fmax: float) -> tuple[np.ndarray, ...]:
+            freq = rng.uniform(fmin, fmax, n)
+            angle = rng.uniform(0, 2 * math.pi, n)
+            return (
+                freq * np.cos(angle),
+                freq * np.sin(angle),
+                rng.uniform(0, 2 * math.pi, n),
+                rng.uniform(0.5, 1.0, n),
+                rng.uniform(-1, 1, n),
+            )
+
+        big = max(extent_um, 1.0)
+        self.texture = field(96, 1 / 150.0, 1 / 25.0)
+        self.smooth = field(6, 0.5 / big, 2.0 / big)
+        self.layer = field(6, 0.5 / big, 2.0 / big)
+        self.axis = field(5, 0.3 / big, 1.5 / big)
+        self.bire = field(5, 0.3 / big, 1.5 / big)
+
+    @staticmethod
+    def _eval(
+        comp: tuple[np.ndarray, ...], x: np.ndarray, y: np.ndarray, section: float = 0.0
+    ) -> np.ndarray:
+        fx, fy, phase, amp, drift = comp
+        out = np.zeros(np.broadcast_shapes(x.shape, y.shape))
+        for k in range(fx.size):
+            out += amp[k] * np.cos(
+                2 * math.pi * (fx[k] * x + fy[k] * y) + phase[k] + 0.6 * drift[k] * section
+            )
+        return out / math.sqrt(0.5 * float(np.sum(amp**2)))
+
+    def surface_um(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.p.surface_um + self.p.surface_relief_um * np.tanh(
+            0.5 * self._eval(self.smooth, x, y)
+        )
+
+    def layer_um(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.p.layer_um + self.p.layer_relief_um * np.tanh(
+            0.5 * self._eval(self.layer, x, y)
+        )
+
+    def reflectivity(self, x: np.ndarray, y: np.ndarray, section: int) -> np.ndarray:
+        """Positive texture (about 0.2..3), different but correlated from section to section."""
+        return np.exp(0.55 * self._eval(self.texture, x, y, section))
+
+    def orientation_deg(self, x: np.ndarray, y: np.ndarray, section: int) -> np.ndarray:
+        """Optic axis in [-90, 90)."""
+        theta = 70.0 * np.tanh(self._eval(self.axis, x, y, section)) + 25.0 * section
+        return (theta + 90.0) % 180.0 - 90.0
+
+    def birefringence(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Round-trip retardance slope (rad/um) of the upper and lower layer."""
+        mod = 1.0 + 0.25 * np.tanh(self._eval(self.bire, x, y))
+        return self.p.birefringence[0] * mod, self.p.birefringence[1] * mod
+
+    def slice_transform(self, section: int) -> tuple[float, float, float]:
+        """Known (dy_um, dx_um, rotation_deg) of section `section` relative to section 0."""
+        if section == 0:
+            return 0.0, 0.0, 0.0
+        rng = np.random.default_rng(self.p.seed * 1000 + section)
+        dy, dx = rng.uniform(-1, 1, 2) * self.p.max_shift_um
+        return float(dy), float(dx), float(rng.uniform(-1, 1) * self.p.max_rotation_deg)
+
+
+@dataclass
+class TileTruth:
+    slice: int
+    mosaic: int
+    row: int
+    col: int
+    index: int
+    y_px: float
+    x_px: float
+    nominal_y_px: float
+    nominal_x_px: float
+
+
+@dataclass
+class Truth:
+    """The ground-truth sidecar: everything tests and benchmarks check against."""
+
+    acq: str
+    pixel_size_um: float
+    dispersion: tuple[float, float]
+    phantom: dict
+    slices: list[dict] = field(default_factory=list)
+    tiles: list[TileTruth] = field(default_factory=list)
+
+    def tile(self, coord: TileCoord) -> TileTruth:
+        for t in self.tiles:
+            if (t.slice, t.mosaic, t.row, t.col) == (
+                coord.slice,
+                coord.mosaic,
+                coord.row,
+                coord.col,
+            ):
+                return t
+        raise KeyError(coord)
+
+    @staticmethod
+    def load(path: Path) -> Truth:
+        data = json.loads(Path(path).read_text())
+        data["tiles"] = [TileTruth(**t) for t in data["tiles"]]
+        return Truth(**data)
+
+
+class Simulator:
+    """Generates the raw tiles of one manifest's acquisition."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        params: PhantomParams | None = None,
+        jitter_px: float = 3.0,
+        noise_std: float = 2.0,
+    ) -> None:
+        self.manifest = manifest
+        self.params = params or PhantomParams()
+        self.cal = manifest.spectrometer()
+        lat, raw = manifest.lattice, manifest.raw
+        extent = max(lat.rows * raw.bscans, lat.cols * raw.alines) * lat.pixel_size_um
+        self.phantom = Phantom(self.params, extent)
+        self.jitter_px = jitter_px
+        self.noise_std = noise_std
+        self.truth = self._truth()
+
+    def _truth(self) -> Truth:
+        m = self.manifest
+        rng = np.random.default_rng(self.params.seed + 17)
+        tiles = []
+        for coord in m.lattice.coords():
+            ny, nx = m.nominal_position_px(coord.row, coord.col)
+            jy, jx = rng.uniform(-1, 1, 2) * self.jitter_px
+            tiles.append(
+                TileTruth(
+                    coord.slice,
+                    coord.mosaic,
+                    coord.row,
+                    coord.col,
+                    coord.index or 0,
+                    ny + jy,
+                    nx + jx,
+                    ny,
+                    nx,
+                )
+            )
+        slices = []
+        for s in range(m.lattice.slices):
+            dy, dx, rot = self.phantom.slice_transform(s)
+            slices.append(
+                {
+                    "slice": s,
+                    "dy_um": dy,
+                    "dx_um": dx,
+                    "rotation_deg": rot,
+                    "dy_px": dy / m.lattice.pixel_size_um,
+                    "dx_px": dx / m.lattice.pixel_size_um,
+                }
+            )
+        return Truth(
+            m.id,
+            m.lattice.pixel_size_um,
+            tuple(m.calibration.dispersion),
+            asdict(self.params),
+            slices,
+            tiles,
+        )
+
+    def sample_coords(self, t: TileTruth) -> tuple[np.ndarray, np.ndarray]:
+        """Sample-frame (x, y) in um of every A-line of a tile, shape [B, A]."""
+        m = self.manifest
+        px = m.lattice.pixel_size_um
+        b = np.arange(m.raw.bscans)[:, None]
+        a = np.arange(m.raw.alines)[None, :]
+        y = (t.y_px + b) * px + m.lattice.stage_origin_um[0]
+        x = (t.x_px + a) * px + m.lattice.stage_origin_um[1]
+        s = self.truth.slices[t.slice]
+        rot = math.radians(s["rotation_deg"])
+        xs = math.cos(rot) * x - math.sin(rot) * y + s["dx_um"]
+        ys = math.sin(rot) * x + math.cos(rot) * y + s["dy_um"]
+        return xs, ys
+
+    def tile_fields(self, t: TileTruth) -> dict[str, np.ndarray]:
+        """Ground-truth maps of a tile ([B, A]): surface, layer, reflectivity, axis, slopes."""
+        x, y = self.sample_coords(t)
+        upper, lower = self.phantom.birefringence(x, y)
+        return {
+            "surface_um": self.phantom.surface_um(x, y),
+            "layer_um": self.phantom.layer_um(x, y),
+            "reflectivity": self.phantom.reflectivity(x, y, t.slice),
+            "orientation_deg": self.phantom.orientation_deg(x, y, t.slice),
+            "birefringence_upper": upper,
+            "birefringence_lower": lower,
+        }
+
+    def tile_raw(self, t: TileTruth) -> np.ndarray:
+        """Raw spectra `uint16[B, 2, A, S]` of a tile."""
+        from kernels.forward import ps_amplitudes, simulate_spectra
+
+        p = self.params
+        f = self.tile_fields(t)
+        j = np.arange(p.scatterers)
+        rng = np.random.default_rng(hash((p.seed, t.slice, t.mosaic, t.row, t.col)) % 2**32)
+        rel = j * p.scatterer_spacing_um + rng.uniform(
+            0, 0.5 * p.scatterer_spacing_um, (*f["surface_um"].shape, p.scatterers)
+        )
+        rel[..., 0] = 0.0  # the first reflector is the tissue surface itself
+        depth = f["surface_um"][..., None] + rel
+        layer = f["layer_um"][..., None]
+        upper, lower = f["birefringence_upper"][..., None], f["birefringence_lower"][..., None]
+        retardance = np.where(rel < layer, upper * rel, upper * layer + lower * (rel - layer))
+        speckle = rng.uniform(0.6, 1.4, depth.shape)
+        refl = (
+            p.amplitude_counts
+            * f["reflectivity"][..., None]
+            * speckle
+            * np.exp(-rel / p.attenuation_um)
+        )
+        amps = ps_amplitudes(
+            refl,
+            retardance,
+            np.radians(f["orientation_deg"])[..., None],
+            self.cal,
+            common_phase_rad=rng.uniform(0, 2 * math.pi, depth.shape),
+        )
+        # a 12-bit camera sees the same light on a 16x smaller scale
+        scale = 4095 / 65535 if self.manifest.raw.format == "raw12" else 1.0
+        return simulate_spectra(
+            depth,
+            amps * scale,
+            self.cal,
+            reference_counts=20000.0 * scale,
+            fixed_pattern_counts=300.0 * scale,
+            noise_std=self.noise_std * scale,
+            rng=rng.integers(2**31),
+        )
+
+    def write_truth(self, acq_dir: Path) -> Path:
+        data = asdict(self.truth)
+        return write_atomically(acq_dir / TRUTH_NAME, json.dumps(data, indent=1))
+
+
+def write_tile_file(
+    path: Path,
+    payload: bytes,
+    chunk_bytes: int = 8 << 20,
+    chunk_delay_s: float = 0.0,
+    rename: bool = False,
+) -> None:
+    """Write a tile as the microscope does: chunk by chunk (optionally slowly), either in place
+    under its final name or under a temporary name renamed into place at the end."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = path.with_name(f".{path.name}.part") if rename else path
+    with open(target, "wb") as fh:
+        for start in range(0, len(payload), chunk_bytes):
+            fh.write(payload[start : start + chunk_bytes])
+            fh.flush()
+            if chunk_delay_s:
+                time.sleep(chunk_delay_s)
+        os.fsync(fh.fileno())
+    if rename:
+        target.replace(path)
+
+
+def simulate(
+    manifest_path: Path,
+    manifest: Manifest,
+    rate: float,
+    *,
+    chunk_bytes: int = 8 << 20,
+    chunk_delay_s: float = 0.0,
+    rename: bool = False,
+    params: PhantomParams | None = None,
+    jitter_px: float = 3.0,
+    only: Callable[[TileCoord], bool] | None = None,
+    progress: Callable[[int, int, TileCoord], None] | None = None,
+) -> Truth:
+    """Write every tile of the acquisition at `rate` tiles/s (0: as fast as possible)."""
+    from services.rawio import encode_tile, write_tiff
+
+    sim = Simulator(manifest, params, jitter_px=jitter_px)
+    acq_dir = Path(manifest_path).parent
+    sim.write_truth(acq_dir)
+    coords = [c for c in manifest.lattice.coords() if only is None or only(c)]
+    start = time.monotonic()
+    for i, coord in enumerate(coords):
+        if rate > 0:
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        data = sim.tile_raw(sim.truth.tile(coord))
+        path = acq_dir / manifest.path_of(coord)
+        payload = encode_tile(data, manifest.raw)
+        if payload is None:
+            tmp = path.with_name(f".{path.name}.part")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_tiff(tmp, data)
+            tmp.replace(path)
+        else:
+            write_tile_file(path, payload, chunk_bytes, chunk_delay_s, rename)
+        if progress is not None:
+            progress(i + 1, len(coords), coord)
+    return sim.truth
+
+
+def small_manifest(
+    acq: str,
+    slices: int = 2,
+    rows: int = 3,
+    cols: int = 3,
+    alines: int = 64,
+    bscans: int = 64,
+    samples: int = 512,
+    overlap: float = 0.2,
+    raw_format: str = "nifti-spectral",
+    settle_s: float = 0.5,
+    mosaics: int = 1,
+) -> Manifest:
+    """A manifest with small tiles (tests, the demo); the spectrometer band is the real one."""
+    from kernels.calibration import SpectrometerCalibration
+
+    band = SpectrometerCalibration.from_band(samples)
+    pattern = (
+        "slice{slice:03d}/tile_{index:04d}.nii"
+        if mosaics == 1
+        else ("slice{slice:03d}/mosaic{mosaic}/tile_{index:04d}.nii")
+    )
+    if raw_format == "tiff":
+        pattern = pattern.replace(".nii", ".tif")
+    elif raw_format == "raw12":
+        pattern = pattern.replace(".nii", ".raw")
+    return Manifest(
+        id=acq,
+        lattice=Lattice(
+            slices=slices,
+            mosaics=mosaics,
+            rows=rows,
+            cols=cols,
+            overlap=overlap,
+            pixel_size_um=10.0,
+        ),
+        pattern=pattern,
+        raw=RawLayout(format=raw_format, samples=samples, alines=alines, bscans=bscans),
+        calibration=Calibration(
+            wavelength_poly_nm=band.wavelength_poly_nm, dispersion=(-40.0, 15.0), autocorr_bins=8
+        ),
+        settle_s=settle_s,
+    )
+
+
+def write_manifest(manifest: Manifest, acq_dir: Path) -> Path:
+    """Write `manifest.toml` into an acquisition directory."""
+    acq_dir.mkdir(parents=True, exist_ok=True)
+    return write_atomically(acq_dir / "manifest.toml", dump_manifest(manifest))
+
+
+def simulate_command(args) -> int:
+    """`tilepipe simulate`: write (optionally a new small manifest and) the acquisition."""
+    import sys
+
+    from services.manifest import ManifestError, load_manifest
+
+    path = Path(args.manifest)
+    if args.new:
+        acq = path.parent.name or "demo"
+        write_manifest(small_manifest(acq), path.parent)
+    try:
+        manifest = load_manifest(path)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    params = PhantomParams(seed=args.seed, scatterers=args.scatterers)
+    limit = args.slices
+
+    def progress(done: int, total: int, coord: TileCoord) -> None:
+        print(
+            f"\r{manifest.id}: {done}/{total} tiles (slice {coord.slice} r{coord.row} "
+            f"c{coord.col})",
+            end="" if done < total else "\n",
+            flush=True,
+        )
+
+    simulate(
+        path,
+        manifest,
+        args.rate,
+        chunk_bytes=int(args.chunk_mb * (1 << 20)),
+        chunk_delay_s=args.chunk_delay_s,
+        rename=args.rename,
+        params=params,
+        jitter_px=args.jitter_px,
+        progress=progress,
+        only=(lambda c: c.slice < limit) if limit is not None else None,
+    )
+    return 0

@@ -1,0 +1,95 @@
+"""convert: a raw tile (read-only) -> a validated, chunked Zarr v3 store under the work root."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, ClassVar
+
+import zarr
+from zarr.codecs import BloscCodec
+
+from messages.events import TileArrived, TileConverted, utcnow
+from services.acquisitions import manifest_at
+from services.atomic import COMPLETE_ATTR, atomic_directory, is_complete
+from services.layout import converted_path
+from services.rawio import read_tile
+from services.stage import Context, Result, Stage
+
+COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
+
+
+class Convert(Stage):
+    """Validate a raw tile against its manifest and store it chunked by B-line."""
+
+    name = "convert"
+    consumes = (TileArrived,)
+    produces = (TileConverted,)
+    defaults: ClassVar[dict[str, Any]] = {"concurrency": 2, "ack_wait_s": 60}
+
+    def handle(self, event: TileArrived, ctx: Context) -> Result:
+        roots = self.config.roots
+        manifest = manifest_at(roots.raw, event.manifest)
+        raw_file = roots.resolve("raw", event.path)
+        stat = raw_file.stat()
+        rel = converted_path(event.acq, event.tile)
+        target = roots.resolve("work", rel)
+        source = {
+            "raw_path": event.path,
+            "raw_size": stat.st_size,
+            "raw_mtime_ns": stat.st_mtime_ns,
+        }
+        written = 0
+        if not is_complete(target, **source):
+            started = time.perf_counter()
+            data = read_tile(raw_file, manifest.raw)  # raises on truncated / corrupt input
+            cal = manifest.spectrometer()
+            with atomic_directory(target) as tmp:
+                array = zarr.create_array(
+                    store=str(tmp),
+                    shape=data.shape,
+                    dtype=data.dtype,
+                    chunks=(1, *data.shape[1:]),
+                    compressors=COMPRESSOR,
+                    dimension_names=("bline", "channel", "aline", "sample"),
+                    attributes={
+                        "acq": event.acq,
+                        "tile": event.tile.model_dump(),
+                        "layout": "uint16[B, 2, A, S]",
+                        "raw_format": manifest.raw.format,
+                        "calibration": _jsonable(dataclasses.asdict(cal)),
+                        **source,
+                    },
+                )
+                array[:] = data
+                array.attrs[COMPLETE_ATTR] = True
+            written = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+            ctx.log.info(
+                "tile_converted",
+                seconds=round(time.perf_counter() - started, 3),
+                bytes_written=written,
+            )
+        return Result(
+            events=[
+                TileConverted(
+                    acq=event.acq,
+                    tile=event.tile,
+                    path=rel,
+                    raw_path=event.path,
+                    shape=[manifest.raw.bscans, 2, manifest.raw.alines, manifest.raw.samples],
+                    dtype="uint16",
+                    completed_at=utcnow(),
+                    producer=self.name,
+                )
+            ],
+            bytes_read=stat.st_size if written else 0,
+            bytes_written=written,
+        )
+
+
+def _jsonable(value):
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,134 @@
+"""Acquisition status from the event log and consumer info: per-stage counts, tile lattice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from messages.codec import decode_event
+from messages.subjects import PREFIX
+from services.eventlog import subjects_seen
+
+# tile-level events in pipeline order: the furthest one reached colours a tile
+TILE_PROGRESS = ("tile_arrived", "tile_converted", "tile_processed")
+STAGE_OF = {"tile_converted": "convert", "tile_processed": "process"}
+STYLE = {
+    None: "grey50",
+    "tile_arrived": "blue",
+    "tile_converted": "cyan",
+    "tile_processed": "green",
+    "failed": "bold red",
+}
+GLYPH = {
+    None: "·",
+    "tile_arrived": "a",
+    "tile_converted": "c",
+    "tile_processed": "P",
+    "failed": "X",
+}
+
+
+@dataclass
+class StageCounts:
+    done: int = 0
+    failed: int = 0
+    waiting: int | None = None
+    in_progress: int | None = None
+    paused: bool = False
+
+
+@dataclass
+class Status:
+    acq: str
+    tiles: dict[str, str | None] = field(default_factory=dict)  # tile key -> furthest kind
+    stages: dict[str, StageCounts] = field(default_factory=dict)
+    expected: int | None = None
+    finished: bool = False
+    failed_tiles: set[str] = field(default_factory=set)
+
+    def count(self, kind: str) -> int:
+        order = TILE_PROGRESS.index(kind)
+        return sum(
+            1
+            for k in self.tiles.values()
+            if k is not None and k != "failed" and TILE_PROGRESS.index(k) >= order
+        )
+
+
+def _key(subject: str) -> tuple[str, str]:
+    """(kind, '<slice>.<tile>') of an event subject."""
+    _prefix, kind, _acq, slice_token, tile_token = subject.split(".", 4)
+    return kind, f"{slice_token}.{tile_token}"
+
+
+async def snapshot(
+    js: JetStreamContext, stream: str, acq: str, stages: list[str] | None = None
+) -> Status:
+    """The state of one acquisition from subject counts of the log plus consumer info."""
+    seen = await subjects_seen(js, stream, f"{PREFIX}.*.{acq}.>")
+    status = Status(acq)
+    rank = {kind: i for i, kind in enumerate(TILE_PROGRESS)}
+    for subject in seen:
+        kind, key = _key(subject)
+        if kind in rank:
+            current = status.tiles.get(key)
+            if current is None or rank[kind] > rank.get(current, -1):
+                status.tiles[key] = kind
+        elif kind == "acq_finished":
+            status.finished = True
+        elif kind == "stage_failed":
+            status.failed_tiles.add(key)
+    for key in status.failed_tiles:
+        status.tiles[key] = "failed"
+    for kind, stage in STAGE_OF.items():
+        status.stages[stage] = StageCounts(done=status.count(kind))
+    if status.failed_tiles:
+        for event in await _failed_events(js, stream, acq):
+            counts = status.stages.setdefault(event.stage, StageCounts())
+            counts.failed += 1
+    for stage in stages or list(status.stages):
+        counts = status.stages.setdefault(stage, StageCounts())
+        try:
+            info = await js.consumer_info(stream, stage, timeout=2)
+        except (TimeoutError, NotFoundError):
+            continue
+        counts.waiting = info.num_pending
+        counts.in_progress = info.num_ack_pending
+        counts.paused = bool(getattr(info, "paused", False))
+    started = await subjects_seen(js, stream, f"{PREFIX}.acq_started.{acq}.>")
+    if started:
+        status.expected = await _expected(js, stream, acq)
+    return status
+
+
+async def _failed_events(js: JetStreamContext, stream: str, acq: str) -> list:
+    return [
+        decode_event(m.data)
+        for m in await read_events(js, stream, f"{PREFIX}.stage_failed.{acq}.>")
+    ]
+
+
+async def _expected(js: JetStreamContext, stream: str, acq: str) -> int | None:
+    msgs = await read_events(js, stream, f"{PREFIX}.acq_started.{acq}.>", limit=1)
+    return decode_event(msgs[0].data).tiles_expected if msgs else None
+
+
+async def read_events(
+    js: JetStreamContext, stream: str, subject: str, limit: int | None = None
+) -> list:
+    """Messages of the log on `subject`, oldest first, without disturbing any consumer."""
+    info = await js.stream_info(stream, subjects_filter=subject)
+    total = sum((info.state.subjects or {}).values())
+    if not total:
+        return []
+    want = min(total, limit) if limit else total
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+    out = []
+    try:
+        while len(out) < want:
+            out.append(await sub.next_msg(timeout=5))
+    finally:
+        await sub.unsubscribe()
+    return out

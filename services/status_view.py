@@ -1,0 +1,80 @@
+"""Rendering a Status for people (rich) and for scripts (JSON)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from services.status import GLYPH, STYLE, TILE_PROGRESS, Status
+
+
+def status_json(status: Status) -> dict:
+    counts = {kind: status.count(kind) for kind in TILE_PROGRESS}
+    return {
+        "acq": status.acq,
+        "expected": status.expected,
+        "finished": status.finished,
+        "tiles": counts,
+        "failed_tiles": sorted(status.failed_tiles),
+        "stages": {name: asdict(c) for name, c in status.stages.items()},
+    }
+
+
+def lattice_text(status: Status, rows: int, cols: int, slices: int, mosaics: int = 1) -> Text:
+    """One grid per slice and mosaic, each tile coloured by the furthest stage it reached."""
+    text = Text()
+    for s in range(slices):
+        for m in range(mosaics):
+            text.append(f"slice {s} mosaic {m}\n", style="bold")
+            for r in range(rows):
+                for c in range(cols):
+                    kind = status.tiles.get(f"{s}.m{m}-r{r}-c{c}")
+                    text.append(f"{GLYPH[kind]} ", style=STYLE[kind])
+                text.append("\n")
+    legend = "  ".join(
+        f"{GLYPH[k]}={n}"
+        for k, n in (
+            (None, "missing"),
+            ("tile_arrived", "arrived"),
+            ("tile_converted", "converted"),
+            ("tile_processed", "processed"),
+            ("failed", "failed"),
+        )
+    )
+    text.append(legend + "\n", style="dim")
+    return text
+
+
+def stage_table(status: Status) -> Table:
+    table = Table(title=f"acquisition {status.acq}", title_justify="left")
+    for column in ("stage", "done", "failed", "waiting", "in progress", "paused"):
+        table.add_column(column, justify="right" if column != "stage" else "left")
+    expected = status.expected
+    table.add_row(
+        "arrived",
+        f"{status.count('tile_arrived')}" + (f"/{expected}" if expected else ""),
+        "",
+        "",
+        "",
+        "",
+    )
+    for name, c in status.stages.items():
+        table.add_row(
+            name,
+            str(c.done),
+            str(c.failed) if c.failed else "",
+            "" if c.waiting is None else str(c.waiting),
+            "" if c.in_progress is None else str(c.in_progress),
+            "yes" if c.paused else "",
+        )
+    return table
+
+
+def render(status: Status, lattice: tuple[int, int, int, int] | None = None):
+    parts = [stage_table(status)]
+    if lattice is not None:
+        parts.append(lattice_text(status, *lattice))
+    return Group(*parts)

@@ -1,0 +1,139 @@
+"""convert and process stages on a simulated acquisition, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+
+import numpy as np
+import zarr
+
+from kernels.forward import depth_bin_of
+from messages import TileArrived, decode_event, utcnow
+from services.bus import publish_event
+from services.config import StageSettings
+from services.runtime import StageRunner
+from services.simulate import PhantomParams, Simulator, simulate, small_manifest, write_manifest
+from services.stages.convert import Convert
+from services.stages.process import Process
+from services.watcher import Watcher
+from tests.conftest import stream_messages, wait_for
+
+PARAMS = PhantomParams(scatterers=8, scatterer_spacing_um=30.0)
+
+
+@contextlib.asynccontextmanager
+async def pipeline(config, js, **stage_settings):
+    stop = asyncio.Event()
+    runners = [
+        StageRunner(
+            cls(config, StageSettings(**{**cls.defaults, **stage_settings})),
+            config,
+            fetch_timeout=0.5,
+        )
+        for cls in (Convert, Process)
+    ]
+    watcher = Watcher(config, js)
+    tasks = [asyncio.create_task(r.run(stop)) for r in runners]
+    tasks.append(asyncio.create_task(watcher.run(stop)))
+    await wait_for(lambda: all(r.ready.is_set() for r in runners) and watcher.ready.is_set())
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def events(js, kind: str) -> list:
+    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.>")]
+
+
+async def test_simulated_tiles_converted_and_processed(config, js):
+    manifest = small_manifest("sim", slices=1, rows=2, cols=2, alines=48, bscans=48, settle_s=0.2)
+    path = write_manifest(manifest, config.roots.raw / "sim")
+    truth = await asyncio.to_thread(simulate, path, manifest, 0, params=PARAMS)
+    raw_files = sorted((config.roots.raw / "sim").rglob("*.nii"))
+    before = {p: sha(p) for p in raw_files}
+    async with pipeline(config, js):
+
+        async def all_done():
+            return len(await events(js, "tile_processed")) == 4
+
+        await wait_for(all_done, timeout=120)
+    assert {p: sha(p) for p in raw_files} == before  # raw data untouched
+    processed = await events(js, "tile_processed")
+    sim = Simulator(manifest, PARAMS)
+    cal = manifest.spectrometer()
+    for event in processed:
+        assert event.device == "cpu"
+        group = zarr.open_group(
+            str(config.roots.work / event.products["db"].rsplit("/", 1)[0]), mode="r"
+        )
+        assert group["db"].shape == (48, 48, cal.n_depth)
+        fields = sim.tile_fields(truth.tile(event.tile))
+        surface = np.asarray(group["surface"][:], dtype=float)
+        expected = depth_bin_of(fields["surface_um"], cal)
+        err = surface - expected
+        # the detector marks where the surface's PSF rises (a fixed offset of about half the
+        # axial resolution before the reflector's peak) and must follow the surface relief
+        assert abs(np.median(err)) <= 3.0 and np.std(err) <= 1.0, (np.median(err), np.std(err))
+        assert np.corrcoef(surface.ravel(), expected.ravel())[0, 1] > 0.9
+        aip = np.asarray(group["aip"][:])
+        corr = np.corrcoef(aip.ravel(), np.log(fields["reflectivity"]).ravel())[0, 1]
+        assert corr > 0.6, corr
+    converted = await events(js, "tile_converted")
+    assert len(converted) == 4 and await events(js, "stage_failed") == []
+    assert not list(config.roots.work.rglob(".*tmp-*"))
+
+
+async def test_corrupt_and_truncated_tiles_fail_cleanly(config, js):
+    manifest = small_manifest("bad", slices=1, rows=1, cols=2, alines=8, bscans=8, samples=128)
+    manifest = manifest.model_copy(
+        update={"calibration": manifest.calibration.model_copy(update={"autocorr_bins": 4})}
+    )
+    acq_dir = config.roots.raw / "bad"
+    write_manifest(manifest, acq_dir)
+    coords = list(manifest.lattice.coords())
+    corrupt = acq_dir / manifest.path_of(coords[0])
+    truncated = acq_dir / manifest.path_of(coords[1])
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"\x00" * manifest.raw.expected_bytes)  # right size, no NIfTI header
+    truncated.write_bytes(b"\x00" * (manifest.raw.expected_bytes // 2))
+    before = {p: sha(p) for p in (corrupt, truncated)}
+    stop = asyncio.Event()
+    stage = Convert(config, StageSettings(max_deliver=2, backoff_s=[0.1]))
+    runner = StageRunner(stage, config, fetch_timeout=0.5)
+    task = asyncio.create_task(runner.run(stop))
+    await wait_for(lambda: runner.ready.is_set())
+    for coord, path in zip(coords, (corrupt, truncated), strict=True):
+        await publish_event(
+            js,
+            TileArrived(
+                acq="bad",
+                tile=coord,
+                path=str(path.relative_to(config.roots.raw)),
+                manifest="bad/manifest.toml",
+                size_bytes=path.stat().st_size,
+                completed_at=utcnow(),
+            ),
+        )
+
+    async def two_failed():
+        return len(await events(js, "stage_failed")) == 2
+
+    await wait_for(two_failed, timeout=30)
+    stop.set()
+    await task
+    failed = {e.tile.col: e for e in await events(js, "stage_failed")}
+    assert "not a NIfTI-1" in failed[coords[0].col].error
+    assert "truncated" in failed[coords[1].col].error and failed[coords[1].col].attempts == 2
+    assert {p: sha(p) for p in (corrupt, truncated)} == before
+    assert not (config.roots.work / "bad").exists() or not list(
+        (config.roots.work / "bad").rglob("*.zarr")
+    )
+    assert await events(js, "tile_converted") == []
