@@ -1,20 +1,21 @@
 """Overhead of the stage runtime versus bare nats-py, measured side by side in one run.
 
-One embedded nats-server (from the wheel, store in a temp dir) serves both variants in turn,
+One embedded nats-server (from the wheel, store in a temp dir) serves every variant in turn,
 each on a freshly created TILEPIPE stream (same config: file storage, `tp.>`, de-duplication):
 
 * ``runtime``: a chain of no-op stages (``Stage`` subclasses defined here) driven by the real
   ``StageRunner`` with validation, Prometheus metrics and JSON logging (to a file) on. Stage k
   consumes event kind E_k and publishes E_{k+1}: tile_arrived -> tile_converted ->
   tile_processed -> pair_aligned -> slice_stitched -> slice_registered -> artifact_uploaded.
-  Handlers are plain functions (run in the runtime's worker threads, as NumPy stages are) unless
-  ``--handler async``.
+  Handlers are plain functions, so the runtime runs them in its worker threads (the path every
+  NumPy/CuPy stage takes).
+* ``runtime-async``: the same with ``async def handle`` (no thread hand-off per event).
 * ``bare``: the same chain with plain nats-py: one durable pull consumer per hop, ``fetch`` in
   batches up to the free slots, ``json.loads``, ``js.publish`` of the next event's JSON with a
   ``Nats-Msg-Id`` header (awaiting the PubAck), ``ack``; the same bounded number of in-flight
   handlers per hop. No validation, no metrics, no logging.
 
-Both variants publish byte-for-byte equivalent events (checked at start-up: every bare payload
+All variants publish equivalent events (checked at start-up: every bare payload
 validates as the tilepipe model of its kind, with the same keys, subject and msg id). All hops
 of a variant run in this one process as asyncio tasks, each hop on its own NATS connection.
 
@@ -32,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -74,6 +76,11 @@ CHAIN: tuple[type[Event], ...] = (
     ArtifactUploaded,
 )
 MAX_STAGES = len(CHAIN) - 1
+VARIANTS = {
+    "bare": "bare nats-py",
+    "runtime": "tilepipe runtime (thread handlers)",
+    "runtime-async": "tilepipe runtime (async handlers)",
+}
 TILES_PER_SLICE = 1000  # tile i -> slice i // 1000, mosaic i % 1000: every subject is unique
 IDENTITY = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 
@@ -363,7 +370,6 @@ class Measure:
         self.cpu_s = 0.0
         self.server_cpu_s = 0.0
         self.failed = 0
-        self.note = ""
 
     @property
     def hops_per_s(self) -> float:
@@ -377,7 +383,7 @@ async def run_variant(variant: str, server: EmbeddedServer, args, launch) -> Mea
     """Fresh stream, inputs published, hops launched by `launch`, clock until N finals."""
     await fresh_stream(server.url)
     stream = NatsSettings().stream
-    acq = f"bench{variant}"
+    acq = "bench" + variant.replace("-", "")
     final = CHAIN[args.stages].kind
     nc = await nats.connect(server.url)
     js = nc.jetstream()
@@ -452,11 +458,11 @@ def noop_stage_classes(stages: int, mode: str) -> list[type[NoopStage]]:
     ]
 
 
-def runtime_launcher(args):
+def runtime_launcher(args, mode: str):
     async def launch(url: str, stop: asyncio.Event, result: Measure):
         config = Config(nats=NatsSettings(url=url))
         tasks, ready = [], []
-        for cls in noop_stage_classes(args.stages, args.handler):
+        for cls in noop_stage_classes(args.stages, mode):
             stage = cls(config, StageSettings(concurrency=args.concurrency))
             stage.latencies = result.latencies
             runner = StageRunner(stage, config)
@@ -563,15 +569,15 @@ def table(results: dict[str, list[Measure]]) -> str:
         "| server CPU µs/hop | overhead |"
     )
     lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for variant in ("bare", "runtime"):
+    for variant in VARIANTS:
         if variant not in best:
             continue
         m = best[variant]
         hops = m.tiles * m.stages
         overhead = "-"
-        if variant == "runtime" and base is not None:
+        if variant != "bare" and base is not None:
             overhead = f"{(base.hops_per_s / m.hops_per_s - 1) * 100:+.0f}%"
-        label = "bare nats-py" if variant == "bare" else f"tilepipe runtime{m.note}"
+        label = VARIANTS[variant]
         lines.append(
             f"| {label} | {m.hops_per_s:,.0f} | {m.lat_ms(50):.1f} | {m.lat_ms(99):.1f} "
             f"| {m.elapsed:.1f} | {m.cpu_s / hops * 1e6:,.0f} | {m.server_cpu_s / hops * 1e6:,.0f} "
@@ -587,12 +593,15 @@ async def main_async(args) -> int:
     log_stream = open(log_path, "w")  # noqa: SIM115 - lives for the whole run
     configure_logging("info", json_format=True, stream=log_stream)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
     results: dict[str, list[Measure]] = {v: [] for v in variants}
     state: dict = {}
     server = EmbeddedServer(work / "nats").start()
     print(
         f"tiles={args.tiles} stages={args.stages} concurrency={args.concurrency} "
-        f"handler={args.handler} repeat={args.repeat}; nats-server at {server.url}, "
+        f"repeat={args.repeat}; nats-server at {server.url}, "
         f"store {work}; payload bytes per kind {sizes}",
         flush=True,
     )
@@ -600,25 +609,27 @@ async def main_async(args) -> int:
         for rep in range(args.repeat):
             order = variants if rep % 2 == 0 else variants[::-1]
             for variant in order:
-                if variant == "runtime":
-                    m = await run_variant(variant, server, args, runtime_launcher(args))
-                    if args.handler == "async":
-                        m.note = " (async handlers)"
-                elif variant == "bare":
+                if variant == "bare":
                     m = await run_variant(variant, server, args, bare_launcher(args, state))
                     m.latencies = bare_latencies(state["raw_latencies"])
                     m.failed += state["errors"]
                 else:
-                    raise SystemExit(f"unknown variant {variant!r}")
+                    mode = "async" if variant == "runtime-async" else "thread"
+                    launch = runtime_launcher(args, mode)
+                    m = await run_variant(variant, server, args, launch)
                 results[variant].append(m)
                 print(
-                    f"  run {rep + 1} {variant:7s}: {m.elapsed:6.2f} s, {m.hops_per_s:8,.0f} hops/s"
-                    f" (start-up {m.startup * 1000:.0f} ms, failures {m.failed})",
+                    f"  run {rep + 1} {variant:13s}: {m.elapsed:6.2f} s, "
+                    f"{m.hops_per_s:8,.0f} hops/s (start-up {m.startup * 1000:.0f} ms, "
+                    f"failures {m.failed})",
                     flush=True,
                 )
     finally:
         server.stop()
         log_stream.close()
+        log_bytes = log_path.stat().st_size
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     print()
     print(table(results))
     print()
@@ -631,7 +642,8 @@ async def main_async(args) -> int:
         "  queueing between hops is included); hop 1 is left out, its input is the backlog.\n"
         "client CPU: this process (all hops, both asyncio and handler threads); server CPU:\n"
         "  nats-server. Best of the repeats per variant; overhead = bare hops/s / runtime\n"
-        f"  hops/s - 1. Runtime log: {log_path} ({log_path.stat().st_size:,} bytes)."
+        f"  hops/s - 1. Runtime JSON log: {log_bytes:,} bytes"
+        f"{'' if args.keep or args.log_file else ' (temp dir removed; --keep keeps it)'}."
     )
     print(f"machine: {machine()}; Python {platform.python_version()}")
     bad = sum(m.failed for runs in results.values() for m in runs)
@@ -648,14 +660,13 @@ def parse_args(argv=None):
         "--concurrency", type=int, default=16, help="in-flight handlers per hop (default 16)"
     )
     parser.add_argument(
-        "--handler",
-        choices=("thread", "async"),
-        default="thread",
-        help="runtime no-op handler: plain function in worker threads (default) or coroutine",
+        "--repeat", type=int, default=2, help="runs per variant, order alternating (default 2)"
     )
-    parser.add_argument("--repeat", type=int, default=1, help="runs per variant, alternating")
-    parser.add_argument("--variants", default="bare,runtime", help="comma-separated: bare, runtime")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--log-file", default="", help="runtime JSON log (default: temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (store, log)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per run, seconds")
     args = parser.parse_args(argv)
     if not 1 <= args.stages <= MAX_STAGES:

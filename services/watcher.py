@@ -47,6 +47,7 @@ from services.metrics import (
     WATCHER_PENDING,
 )
 
+PUBLISH_BATCH = 256
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", "~")
 
 
@@ -136,6 +137,12 @@ class Watcher:
         await record_acquisition(
             self.js, manifest, manifest_rel, "finished" if acq.finished else "acquiring"
         )
+        acq_root = self.root / base
+        self.pending.update(  # files that arrived before their manifest
+            relative_to_root(self.root, p)
+            for p in acq_root.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME
+        )
         self.log.info(
             "acquisition_found",
             acq=manifest.id,
@@ -221,6 +228,7 @@ class Watcher:
 
     async def finish(self, acq: Acquisition, reason: str) -> AcquisitionFinished:
         """Publish acquisition finished (complete, or declared with tiles missing)."""
+        acq.finished = True
         missing = missing_tiles(acq.manifest, acq.emitted)
         event = AcquisitionFinished(
             acq=acq.manifest.id,
@@ -249,21 +257,33 @@ class Watcher:
                 self.pending.add(rel)
         await self.check_pending()
 
-    async def check_pending(self) -> None:
-        for rel in sorted(self.pending):
-            try:
-                outcome = await self.consider(rel)
-            except Exception as exc:  # e.g. NATS restarting: keep the file, try next tick
-                self.log.warning("emit_failed", path=rel, error=str(exc) or type(exc).__name__)
-                continue
-            if outcome != "pending":
-                self.pending.discard(rel)
+    async def check_pending(self, renamed: frozenset[str] = frozenset()) -> None:
+        """Consider every pending file; publishes run concurrently, in batches."""
+        for rel in [p for p in self.pending if Path(p).name == MANIFEST_NAME]:
+            self.pending.discard(rel)
+            await self.discover(rel)  # before the tiles it covers
+        paths = sorted(self.pending)
+        for start in range(0, len(paths), PUBLISH_BATCH):
+            batch = paths[start : start + PUBLISH_BATCH]
+            outcomes = await asyncio.gather(
+                *(self.consider(rel, renamed=rel in renamed) for rel in batch),
+                return_exceptions=True,
+            )
+            for rel, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    # e.g. NATS restarting: keep the file, try again next tick
+                    self.log.warning(
+                        "emit_failed", path=rel, error=str(outcome) or type(outcome).__name__
+                    )
+                elif outcome != "pending":
+                    self.pending.discard(rel)
         WATCHER_PENDING.set(len(self.pending))
 
     async def on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
         """Handle one batch of filesystem changes."""
         deleted_temp = any(c == watchfiles.Change.deleted and is_temporary(p) for c, p in changes)
-        for change, path in sorted(changes, key=lambda cp: cp[1]):
+        renamed = set()
+        for change, path in changes:
             if change == watchfiles.Change.deleted:
                 continue
             try:
@@ -276,11 +296,10 @@ class Watcher:
                     relative_to_root(self.root, p) for p in Path(path).rglob("*") if p.is_file()
                 )
                 continue
-            renamed = deleted_temp and change == watchfiles.Change.added
-            outcome = await self.consider(rel, renamed=renamed)
-            if outcome == "pending":
-                self.pending.add(rel)
-        WATCHER_PENDING.set(len(self.pending))
+            self.pending.add(rel)
+            if deleted_temp and change == watchfiles.Change.added:
+                renamed.add(rel)
+        await self.check_pending(frozenset(renamed))
 
     def tick_s(self) -> float:
         settles = [self.settle_s(a) for a in self.acqs.values()] or [1.0]

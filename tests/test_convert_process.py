@@ -90,6 +90,20 @@ async def test_simulated_tiles_converted_and_processed(config, js):
     assert len(converted) == 4 and await events(js, "stage_failed") == []
     assert not list(config.roots.work.rglob(".*tmp-*"))
 
+    # a replay (or redelivery) of the same input rewrites nothing that is complete and valid
+    stores = sorted(config.roots.work.rglob("zarr.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in stores}
+    first = (await events(js, "tile_arrived"))[0]
+    async with pipeline(config, js):
+        await publish_event(js, first, replay="again")
+
+        async def replayed():
+            return len(await events(js, "tile_processed")) == 5
+
+        await wait_for(replayed, timeout=60)
+    assert {p: p.stat().st_mtime_ns for p in stores} == stamps
+    assert sorted(config.roots.work.rglob("zarr.json")) == stores
+
 
 async def test_corrupt_and_truncated_tiles_fail_cleanly(config, js):
     manifest = small_manifest("bad", slices=1, rows=1, cols=2, alines=8, bscans=8, samples=128)
