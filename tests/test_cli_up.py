@@ -120,3 +120,52 @@ async def test_up_runs_embedded_server_and_services_until_ctrl_c(tmp_path):
     host, port = url.removeprefix("nats://").split(":")
     assert not port_open(host, int(port))
     assert (work / "logs" / "convert_like.log").read_text().count("event_handled") == 5
+
+
+async def test_up_with_existing_server_leaves_it_running(nats_server, tmp_path):
+    cfg = tmp_path / "tp.toml"
+    cfg.write_text(PLUGINS + "[metrics]\nbase_port = 19600\n")
+    work = tmp_path / "work"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--config",
+            str(cfg),
+            "--work",
+            str(work),
+            "--services",
+            "convert_like",
+            "--nats-url",
+            nats_server.url,
+        ],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=30)
+        assert tomllib.loads((work / "tilepipe.toml").read_text())["nats"]["url"] == nats_server.url
+        nc = await nats.connect(nats_server.url)
+        await wait_for(lambda: _consumer_exists(nc, "convert_like"), timeout=30)
+        await nc.close()
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "(embedded)" not in out and not (work / "nats").exists()
+    assert port_open("127.0.0.1", nats_server.port)
+
+
+async def _consumer_exists(nc, name: str) -> bool:
+    try:
+        await nc.jetstream().consumer_info("TILEPIPE", name)
+    except Exception:
+        return False
+    return True

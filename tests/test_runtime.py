@@ -251,3 +251,17 @@ async def test_sigterm_drains_in_flight_work(config, js, tmp_path):
     handled = [rec for rec in logs if rec["event"] == "event_handled"]
     assert len(handled) == 3
     assert all({"acq", "slice", "row", "col", "stage"} <= rec.keys() for rec in handled)
+
+
+async def test_long_work_is_kept_alive_by_heartbeats(config, js, tmp_path):
+    marks = tmp_path / "marks"
+    async with running(
+        ConvertLike, config, ack_wait_s=0.6, options={"sleep_s": 2.5, "marker_dir": str(marks)}
+    ) as runner:
+        await publish_event(js, arrived(4))
+        await wait_for(lambda: kinds_on(js, "tp.tile_converted.>"), timeout=15)
+        await asyncio.sleep(1.0)
+        info = await js.consumer_info("TILEPIPE", runner.name)
+    assert len((marks / "start-m0-r0-c4").read_text().splitlines()) == 1
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+    assert len(await stream_messages(js, "tp.tile_converted.>")) == 1
