@@ -561,6 +561,10 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}"
 
 
+def _ms(m: Measure, q: float) -> str:
+    return f"{m.lat_ms(q):.1f}" if m.latencies else "-"
+
+
 def table(results: dict[str, list[Measure]]) -> str:
     best = {v: max(runs, key=lambda m: m.hops_per_s) for v, runs in results.items()}
     base = best.get("bare")
@@ -579,7 +583,7 @@ def table(results: dict[str, list[Measure]]) -> str:
             overhead = f"{(base.hops_per_s / m.hops_per_s - 1) * 100:+.0f}%"
         label = VARIANTS[variant]
         lines.append(
-            f"| {label} | {m.hops_per_s:,.0f} | {m.lat_ms(50):.1f} | {m.lat_ms(99):.1f} "
+            f"| {label} | {m.hops_per_s:,.0f} | {_ms(m, 50)} | {_ms(m, 99)} "
             f"| {m.elapsed:.1f} | {m.cpu_s / hops * 1e6:,.0f} | {m.server_cpu_s / hops * 1e6:,.0f} "
             f"| {overhead} |"
         )

@@ -202,6 +202,13 @@ class SliceStitched(SliceEvent):
     positions: list[TilePosition] = Field(default_factory=list, max_length=MAX_LIST)
     residual_rms_px: float = 0.0
     missing: list[TileCoord] = Field(default_factory=list, max_length=MAX_LIST)
+    inputs: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="digest of the tiles and pairs it was stitched from"
+    )
+
+    def msg_id(self) -> str:
+        """The same mosaic stitched again from other inputs (a late tile) is a new event."""
+        return f"{self.subject()}:{self.inputs}"
 
 
 class SliceRegistered(SliceEvent):

@@ -169,6 +169,8 @@ class Simulator:
         params: PhantomParams | None = None,
         jitter_px: float = 3.0,
         noise_std: float = 2.0,
+        low_texture: frozenset[tuple[int, int, int, int]] = frozenset(),
+        low_texture_contrast: float = 0.15,
     ) -> None:
         self.manifest = manifest
         self.params = params or PhantomParams()
@@ -178,6 +180,8 @@ class Simulator:
         self.phantom = Phantom(self.params, extent)
         self.jitter_px = jitter_px
         self.noise_std = noise_std
+        self.low_texture = low_texture  # (slice, mosaic, row, col) of nearly flat tiles
+        self.low_texture_contrast = low_texture_contrast
         self.truth = self._truth()
 
     def _truth(self) -> Truth:
@@ -239,11 +243,13 @@ class Simulator:
     def tile_fields(self, t: TileTruth) -> dict[str, np.ndarray]:
         """Ground-truth maps of a tile ([B, A]): surface, layer, reflectivity, axis, slopes."""
         x, y = self.sample_coords(t)
+        flat = (t.slice, t.mosaic, t.row, t.col) in self.low_texture
+        contrast = self.low_texture_contrast if flat else 1.0
         upper, lower = self.phantom.birefringence(x, y)
         return {
             "surface_um": self.phantom.surface_um(x, y),
             "layer_um": self.phantom.layer_um(x, y),
-            "reflectivity": self.phantom.reflectivity(x, y, t.slice),
+            "reflectivity": self.phantom.reflectivity(x, y, t.slice) ** contrast,
             "orientation_deg": self.phantom.orientation_deg(x, y, t.slice),
             "birefringence_upper": upper,
             "birefringence_lower": lower,
@@ -329,12 +335,13 @@ def simulate(
     params: PhantomParams | None = None,
     jitter_px: float = 3.0,
     only: Callable[[TileCoord], bool] | None = None,
+    low_texture: frozenset[tuple[int, int, int, int]] = frozenset(),
     progress: Callable[[int, int, TileCoord], None] | None = None,
 ) -> Truth:
     """Write every tile of the acquisition at `rate` tiles/s (0: as fast as possible)."""
     from services.rawio import encode_tile, write_tiff
 
-    sim = Simulator(manifest, params, jitter_px=jitter_px)
+    sim = Simulator(manifest, params, jitter_px=jitter_px, low_texture=low_texture)
     acq_dir = Path(manifest_path).parent
     sim.write_truth(acq_dir)
     coords = [c for c in manifest.lattice.coords() if only is None or only(c)]

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 BUILTIN: dict[str, str] = {
     "convert": "services.stages.convert:Convert",
     "process": "services.stages.process:Process",
+    "stitch": "services.stages.stitch:Stitch",
 }
 
 

@@ -1,0 +1,110 @@
+"""Per-mosaic bookkeeping in the JetStream KV bucket `tp-lattice` (survives restarts).
+
+Keys: `<acq>.<slice>.m<mosaic>.tile.r<R>-c<C>` -> {"state": processed|failed|missing, ...}
+      `<acq>.<slice>.m<mosaic>.pair.r<R>-c<C>.r<R>-c<C>` -> the pair's alignment record
+      `<acq>.<slice>.m<mosaic>.stitched` -> {"digest": ...} of the inputs last stitched
+Tiles write their own keys, then read their neighbours': of two neighbours finishing at the
+same time at least one sees the other, so no pair is missed (a pair done twice is harmless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+
+LATTICE_BUCKET = "tp-lattice"
+TERMINAL = ("processed", "failed", "missing")
+
+
+def tile_name(row: int, col: int) -> str:
+    return f"r{row}-c{col}"
+
+
+@dataclass
+class MosaicState:
+    """What is known of one mosaic of one slice."""
+
+    tiles: dict[tuple[int, int], dict] = field(default_factory=dict)
+    pairs: dict[tuple[tuple[int, int], tuple[int, int]], dict] = field(default_factory=dict)
+    stitched_digest: str | None = None
+
+    def processed(self) -> set[tuple[int, int]]:
+        return {rc for rc, rec in self.tiles.items() if rec.get("state") == "processed"}
+
+    def digest(self) -> str:
+        """Identity of the inputs a mosaic would be stitched from."""
+        body = json.dumps(
+            [
+                sorted((f"{k}", v) for k, v in self.tiles.items()),
+                sorted(f"{a}{b}" for a, b in self.pairs),
+            ],
+            default=str,
+        )
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+class MosaicBook:
+    """Read and write one mosaic's keys."""
+
+    def __init__(self, kv, acq: str, slice_index: int, mosaic: int) -> None:
+        self.kv = kv
+        self.prefix = f"{acq}.{slice_index}.m{mosaic}"
+
+    @staticmethod
+    async def open(js: JetStreamContext, acq: str, slice_index: int, mosaic: int) -> MosaicBook:
+        return MosaicBook(await js.key_value(LATTICE_BUCKET), acq, slice_index, mosaic)
+
+    async def mark_tile(self, row: int, col: int, state: str, **details: object) -> None:
+        await self.kv.put(
+            f"{self.prefix}.tile.{tile_name(row, col)}",
+            json.dumps({"state": state, **details}).encode(),
+        )
+
+    async def record_pair(self, a: tuple[int, int], b: tuple[int, int], record: dict) -> None:
+        key = f"{self.prefix}.pair.{tile_name(*a)}.{tile_name(*b)}"
+        await self.kv.put(key, json.dumps(record).encode())
+
+    async def mark_stitched(self, digest: str) -> None:
+        await self.kv.put(f"{self.prefix}.stitched", json.dumps({"digest": digest}).encode())
+
+    async def state(self) -> MosaicState:
+        """Every key of this mosaic (a server-side filtered watch, not a bucket scan)."""
+        state = MosaicState()
+        watcher = await self.kv.watch(f"{self.prefix}.>", ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                parts = entry.key[len(self.prefix) + 1 :].split(".")
+                value = json.loads(entry.value) if entry.value else {}
+                if parts[0] == "tile":
+                    state.tiles[_rc(parts[1])] = value
+                elif parts[0] == "pair":
+                    state.pairs[(_rc(parts[1]), _rc(parts[2]))] = value
+                elif parts[0] == "stitched":
+                    state.stitched_digest = value.get("digest")
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        return state
+
+
+def _rc(name: str) -> tuple[int, int]:
+    r, c = name.split("-")
+    return int(r[1:]), int(c[1:])
+
+
+async def tile_state(
+    js: JetStreamContext, acq: str, slice_index: int, mosaic: int, row: int, col: int
+) -> dict | None:
+    kv = await js.key_value(LATTICE_BUCKET)
+    try:
+        entry = await kv.get(f"{acq}.{slice_index}.m{mosaic}.tile.{tile_name(row, col)}")
+    except KeyNotFoundError:
+        return None
+    return json.loads(entry.value)

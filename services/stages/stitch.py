@@ -1,0 +1,301 @@
+"""stitch: align neighbouring tiles as soon as both are processed; fuse the mosaic when the
+slice's mosaic is complete (or declared finished with tiles missing).
+
+Pairwise phase correlation runs on an en-face product (AIP by default) while the slice is
+still being acquired; the global solve (weighted least squares anchored to the stage model),
+the feathered fusion of every en-face product and the multiscale OME-Zarr write happen once,
+when the last tile (or the last pair, or the declaration of missing tiles) completes the
+mosaic. A failed or missing tile leaves a hole marked in the metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+import zarr
+
+from kernels.stitch import (
+    PairAlignment,
+    PairMeasurement,
+    align_pair,
+    fuse_products,
+    solve_positions,
+)
+from messages.events import (
+    AcquisitionFinished,
+    Event,
+    SliceStitched,
+    StageFailed,
+    TileCoord,
+    TilePairAligned,
+    TilePosition,
+    TileProcessed,
+)
+from services.acquisitions import lookup_acquisition, manifest_at
+from services.lattice import TERMINAL, MosaicBook, MosaicState
+from services.layout import mosaic_path
+from services.manifest import Manifest
+from services.omezarr import write_omezarr
+from services.stage import Context, PermanentError, Result, Stage
+
+# fused products: name in the mosaic -> array in a tile's products group
+PRODUCTS = {
+    "aip": "aip",
+    "mip": "mip",
+    "retardance": "retardance_enface",
+    "orientation": "orientation_enface",
+    "birefringence": "birefringence",
+}
+UPSTREAM = ("convert", "process")
+
+
+class Stitch(Stage):
+    """Neighbour-triggered pairwise alignment and per-mosaic fusion."""
+
+    name = "stitch"
+    consumes = (TileProcessed, StageFailed, AcquisitionFinished)
+    produces = (TilePairAligned, SliceStitched)
+    defaults: ClassVar[dict[str, Any]] = {"concurrency": 2, "ack_wait_s": 120}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        opts = self.settings.options
+        self.align_product = PRODUCTS.get(opts.get("align_product", "aip"), "aip")
+        self.min_confidence = float(opts.get("min_confidence", 0.3))
+
+    async def handle(self, event: Event, ctx: Context) -> Result:
+        manifest = await self._manifest(ctx, event.acq)
+        if isinstance(event, TileProcessed):
+            return await self._on_tile(event, manifest, ctx)
+        if isinstance(event, StageFailed):
+            if event.tile is None or event.stage not in UPSTREAM:
+                return Result()  # not a tile this stage waits for (never our own failures)
+            book = await MosaicBook.open(ctx.js, event.acq, event.tile.slice, event.tile.mosaic)
+            await book.mark_tile(
+                event.tile.row, event.tile.col, "failed", stage=event.stage, error=event.error[:500]
+            )
+            return await self._maybe_stitch(
+                book, event.acq, event.tile.slice, event.tile.mosaic, manifest, ctx
+            )
+        assert isinstance(event, AcquisitionFinished)
+        books: dict[tuple[int, int], MosaicBook] = {}
+        for tile in event.missing:
+            key = (tile.slice, tile.mosaic)
+            if key not in books:
+                books[key] = await MosaicBook.open(ctx.js, event.acq, *key)
+            await books[key].mark_tile(tile.row, tile.col, "missing")
+        result = Result()
+        for (s, m), book in sorted(books.items()):
+            done = await self._maybe_stitch(book, event.acq, s, m, manifest, ctx)
+            result.events.extend(done.events)
+        return result
+
+    async def _manifest(self, ctx: Context, acq: str) -> Manifest:
+        record = await lookup_acquisition(ctx.js, acq)
+        if record is None:
+            raise RuntimeError(f"acquisition {acq} is not registered yet")
+        return manifest_at(self.config.roots.raw, record["manifest"])
+
+    async def _on_tile(self, event: TileProcessed, manifest: Manifest, ctx: Context) -> Result:
+        tile = event.tile
+        group = event.products[self.align_product].rsplit("/", 1)[0]
+        book = await MosaicBook.open(ctx.js, event.acq, tile.slice, tile.mosaic)
+        await book.mark_tile(tile.row, tile.col, "processed", products=group)
+        state = await book.state()
+        events: list[Event] = []
+        done = state.processed()
+        for nb in manifest.lattice.neighbours(tile.row, tile.col):
+            if nb not in done:
+                continue
+            a, b = sorted([(tile.row, tile.col), nb])  # fixed = upper / left tile
+            if (a, b) in state.pairs:
+                continue
+            record = await asyncio.to_thread(
+                self._align, manifest, state.tiles[a]["products"], state.tiles[b]["products"], a, b
+            )
+            await book.record_pair(a, b, record)
+            events.append(
+                TilePairAligned(
+                    acq=event.acq,
+                    slice=tile.slice,
+                    mosaic=tile.mosaic,
+                    a=TileCoord(slice=tile.slice, mosaic=tile.mosaic, row=a[0], col=a[1]),
+                    b=TileCoord(slice=tile.slice, mosaic=tile.mosaic, row=b[0], col=b[1]),
+                    shift_px=tuple(record["shift_yx"]),
+                    confidence=record["confidence"],
+                    accepted=record["accepted"],
+                    reason=record["reason"],
+                    producer=self.name,
+                )
+            )
+        stitched = await self._maybe_stitch(book, event.acq, tile.slice, tile.mosaic, manifest, ctx)
+        return Result(events=events + stitched.events)
+
+    def _image(self, group: str, product: str) -> np.ndarray:
+        store = self.config.roots.resolve("work", group)
+        return np.asarray(zarr.open_group(str(store), mode="r")[product][:], dtype=np.float32)
+
+    def _align(
+        self, manifest: Manifest, group_a: str, group_b: str, a: tuple[int, int], b: tuple[int, int]
+    ) -> dict:
+        """Phase correlation of the overlap; the record stored in KV and sent in the event."""
+        ya, xa = manifest.nominal_position_px(*a)
+        yb, xb = manifest.nominal_position_px(*b)
+        tol = manifest.lattice.position_tolerance_px
+        result = align_pair(
+            self._image(group_a, self.align_product),
+            self._image(group_b, self.align_product),
+            nominal_shift_yx=(yb - ya, xb - xa),
+            max_shift_px=tol,
+        )
+        record = {k: v for k, v in dataclasses.asdict(result).items() if k != "candidates"}
+        record["shift_yx"] = [float(v) for v in result.shift_yx]
+        record["nominal_yx"] = [float(v) for v in result.nominal_yx]
+        deviation = float(np.hypot(*result.correction_yx))
+        reasons = []
+        if result.status != "ok":
+            reasons.append(result.status)
+        if result.confidence < self.min_confidence:
+            reasons.append(f"low confidence {result.confidence:.2f}")
+        if deviation > tol:
+            reasons.append(f"shift {deviation:.1f} px from the stage model (tolerance {tol})")
+        record["accepted"] = not reasons
+        record["reason"] = "; ".join(reasons)
+        record["peak_ratio"] = float(min(record["peak_ratio"], 1e9))
+        return record
+
+    async def _maybe_stitch(
+        self,
+        book: MosaicBook,
+        acq: str,
+        slice_index: int,
+        mosaic: int,
+        manifest: Manifest,
+        ctx: Context,
+    ) -> Result:
+        """Fuse the mosaic if every tile is terminal and every processed pair is aligned."""
+        state = await book.state()
+        lat = manifest.lattice
+        coords = [(r, c) for r in range(lat.rows) for c in range(lat.cols)]
+        if any(state.tiles.get(rc, {}).get("state") not in TERMINAL for rc in coords):
+            return Result()
+        done = state.processed()
+        for rc in done:
+            for nb in lat.neighbours(*rc):
+                if nb in done and tuple(sorted([rc, nb])) not in state.pairs:
+                    return Result()  # a neighbour's alignment is still running
+        if not done:
+            raise PermanentError(f"slice {slice_index} mosaic {mosaic} has no processed tile")
+        digest = state.digest()
+        rel = mosaic_path(acq, slice_index, mosaic)
+        positions, residual, missing = await asyncio.to_thread(
+            self._fuse,
+            manifest,
+            state,
+            rel,
+            acq,
+            slice_index,
+            mosaic,
+            digest != state.stitched_digest,
+        )
+        await book.mark_stitched(digest)
+        ctx.log.info(
+            "mosaic_stitched",
+            slice=slice_index,
+            mosaic=mosaic,
+            tiles=len(done),
+            missing=len(missing),
+            residual_rms_px=round(residual, 3),
+        )
+        event = SliceStitched(
+            acq=acq,
+            slice=slice_index,
+            mosaic=mosaic,
+            path=rel,
+            positions=positions,
+            residual_rms_px=residual,
+            missing=missing,
+            inputs=digest,
+            producer=self.name,
+        )
+        return Result(events=[event])
+
+    def _fuse(
+        self,
+        manifest: Manifest,
+        state: MosaicState,
+        rel: str,
+        acq: str,
+        slice_index: int,
+        mosaic: int,
+        write: bool,
+    ):
+        lat = manifest.lattice
+        n = lat.rows * lat.cols
+        index = {(r, c): r * lat.cols + c for r in range(lat.rows) for c in range(lat.cols)}
+        nominal = np.array([manifest.nominal_position_px(r, c) for r, c in index], float)
+        done = state.processed()
+        present = np.array([rc in done for rc in index])
+        pairs = []
+        for (a, b), rec in state.pairs.items():
+            fields = {f.name for f in dataclasses.fields(PairAlignment)}
+            values = {k: v for k, v in rec.items() if k in fields}
+            values["shift_yx"] = tuple(values["shift_yx"])
+            values["nominal_yx"] = tuple(values["nominal_yx"])
+            values["window_yx"] = tuple(values.get("window_yx", (0, 0)))
+            alignment = PairAlignment(**values) if rec.get("accepted") else None
+            pairs.append(PairMeasurement(index[a], index[b], alignment))
+        layout = solve_positions(
+            nominal,
+            pairs,
+            present=present,
+            min_confidence=self.min_confidence,
+            stage_tol_px=lat.position_tolerance_px,
+        )
+        residuals = layout.residuals_yx[layout.accepted] if len(pairs) else np.zeros((0, 2))
+        rms = float(np.sqrt(np.mean(np.sum(residuals**2, axis=1)))) if len(residuals) else 0.0
+        positions = [
+            TilePosition(
+                row=r, col=c, y=float(layout.positions_yx[i, 0]), x=float(layout.positions_yx[i, 1])
+            )
+            for (r, c), i in index.items()
+            if present[i]
+        ]
+        missing = [
+            TileCoord(slice=slice_index, mosaic=mosaic, row=r, col=c)
+            for (r, c), i in index.items()
+            if not present[i]
+        ]
+        if write:
+            tiles = {name: [None] * n for name in PRODUCTS}
+            for rc in done:
+                group = state.tiles[rc]["products"]
+                for name, product in PRODUCTS.items():
+                    tiles[name][index[rc]] = self._image(group, product)
+            mosaics = fuse_products(tiles, layout.positions_yx, angle_products=("orientation",))
+            first = next(iter(mosaics.values()))
+            px = lat.pixel_size_um
+            write_omezarr(
+                self.config.roots.resolve("output", rel),
+                {name: m.image for name, m in mosaics.items()},
+                pixel_size_um=(px, px),
+                origin_um=(first.origin_yx[0] * px, first.origin_yx[1] * px),
+                attributes={
+                    "acq": acq,
+                    "slice": slice_index,
+                    "mosaic": mosaic,
+                    "positions_yx_px": {
+                        f"r{r}-c{c}": [p.y, p.x]
+                        for p, (r, c) in zip(
+                            positions, [(p.row, p.col) for p in positions], strict=True
+                        )
+                    },
+                    "missing_tiles": [f"r{t.row}-c{t.col}" for t in missing],
+                    "residual_rms_px": rms,
+                    "pairs_rejected": int(len(pairs) - int(np.sum(layout.accepted))),
+                },
+            )
+        return positions, rms, missing

@@ -1,0 +1,110 @@
+"""The stitch stage on a simulated acquisition: pairs while acquiring, a mosaic at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import numpy as np
+import zarr
+
+from messages import decode_event
+from services.config import StageSettings
+from services.finish import finish
+from services.omezarr import open_level, read_multiscale
+from services.runtime import StageRunner
+from services.simulate import PhantomParams, simulate, small_manifest, write_manifest
+from services.stages.convert import Convert
+from services.stages.process import Process
+from services.stages.stitch import Stitch
+from services.watcher import Watcher
+from tests.conftest import stream_messages, wait_for
+
+PARAMS = PhantomParams(scatterers=8, scatterer_spacing_um=30.0)
+LOW_TEXTURE = (0, 0, 1, 1)
+MISSING = (2, 3)
+
+
+@contextlib.asynccontextmanager
+async def pipeline(config, js):
+    stop = asyncio.Event()
+    runners = [
+        StageRunner(cls(config, StageSettings(**cls.defaults)), config, fetch_timeout=0.5)
+        for cls in (Convert, Process, Stitch)
+    ]
+    watcher = Watcher(config, js)
+    tasks = [asyncio.create_task(r.run(stop)) for r in runners]
+    tasks.append(asyncio.create_task(watcher.run(stop)))
+    await wait_for(lambda: all(r.ready.is_set() for r in runners) and watcher.ready.is_set())
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+async def events(js, kind: str) -> list:
+    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.>")]
+
+
+async def test_stitch_while_acquiring_with_low_texture_and_missing_tile(config, js):
+    manifest = small_manifest("st", slices=1, rows=3, cols=4, alines=64, bscans=64, settle_s=0.2)
+    path = write_manifest(manifest, config.roots.raw / "st")
+    async with pipeline(config, js):
+        truth = await asyncio.to_thread(
+            simulate,
+            path,
+            manifest,
+            3.0,
+            params=PARAMS,
+            jitter_px=3.0,
+            low_texture=frozenset({LOW_TEXTURE}),
+            only=lambda c: (c.row, c.col) != MISSING,
+        )
+
+        async def eleven_processed():
+            return len(await events(js, "tile_processed")) == 11
+
+        await wait_for(eleven_processed, timeout=120)
+        assert await events(js, "slice_stitched") == []  # waits for the missing tile
+        declared = await finish(config, "st")
+        assert [(t.row, t.col) for t in declared.missing] == [MISSING]
+        stitched = await wait_for(lambda: events(js, "slice_stitched"), timeout=60)
+    assert len(stitched) == 1
+    event = stitched[0]
+    assert [(t.row, t.col) for t in event.missing] == [MISSING]
+
+    # positions against ground truth, after removing the global offset
+    found = {(p.row, p.col): (p.y, p.x) for p in event.positions}
+    assert len(found) == 11
+    true = {(t.row, t.col): (t.y_px, t.x_px) for t in truth.tiles}
+    diff = np.array([np.subtract(found[k], true[k]) for k in found])
+    diff -= diff.mean(axis=0)
+    err = np.hypot(diff[:, 0], diff[:, 1])
+    assert np.sqrt(np.mean(err**2)) <= 0.3 and err.max() <= 1.0, err
+
+    # pairwise alignment ran while the slice was still being acquired
+    arrived = await events(js, "tile_arrived")
+    last_tile_done = max(e.completed_at for e in arrived)
+    pairs = await events(js, "pair_aligned")
+    assert len(pairs) == 17 - 2  # lattice pairs minus the two of the missing tile
+    assert min(p.emitted_at for p in pairs) < last_tile_done
+    low = [
+        p
+        for p in pairs
+        if (LOW_TEXTURE[2], LOW_TEXTURE[3]) in ((p.a.row, p.a.col), (p.b.row, p.b.col))
+    ]
+    assert len(low) == 4
+
+    # the mosaic: multiscale OME-Zarr with the hole marked
+    store = config.roots.output / event.path
+    meta = read_multiscale(store)
+    assert meta["channel_names"] == ["aip", "mip", "retardance", "orientation", "birefringence"]
+    attrs = zarr.open_group(str(store), mode="r").attrs["tilepipe"]
+    assert attrs["missing_tiles"] == ["r2-c3"] and attrs["slice"] == 0
+    level0 = np.asarray(open_level(store, 0)[:])
+    assert level0.shape[0] == 5  # aip, mip, retardance, orientation, birefringence
+    aip = level0[0]
+    assert np.isnan(aip).any() and np.isfinite(aip).mean() > 0.8
+    orientation = level0[3][np.isfinite(level0[3])]
+    assert orientation.min() >= -90 and orientation.max() < 90
