@@ -7,9 +7,11 @@ each on a freshly created TILEPIPE stream (same config: file storage, `tp.>`, de
   ``StageRunner`` with validation, Prometheus metrics and JSON logging (to a file) on. Stage k
   consumes event kind E_k and publishes E_{k+1}: tile_arrived -> tile_converted ->
   tile_processed -> pair_aligned -> slice_stitched -> slice_registered -> artifact_uploaded.
-  Handlers are plain functions, so the runtime runs them in its worker threads (the path every
-  NumPy/CuPy stage takes).
-* ``runtime-async``: the same with ``async def handle`` (no thread hand-off per event).
+  Handlers are plain functions declared non-blocking (``blocking = False``), so the runtime
+  calls them inline: this is the runtime's own cost per hop.
+* ``runtime-thread``: the same handlers run in the runtime's worker threads (the path every
+  NumPy/CuPy stage takes, where the hand-off is small next to the work).
+* ``runtime-async``: the same with ``async def handle``.
 * ``bare``: the same chain with plain nats-py: one durable pull consumer per hop, ``fetch`` in
   batches up to the free slots, ``json.loads``, ``js.publish`` of the next event's JSON with a
   ``Nats-Msg-Id`` header (awaiting the PubAck), ``ack``; the same bounded number of in-flight
@@ -78,7 +80,8 @@ CHAIN: tuple[type[Event], ...] = (
 MAX_STAGES = len(CHAIN) - 1
 VARIANTS = {
     "bare": "bare nats-py",
-    "runtime": "tilepipe runtime (thread handlers)",
+    "runtime": "tilepipe runtime (inline handlers)",
+    "runtime-thread": "tilepipe runtime (thread handlers)",
     "runtime-async": "tilepipe runtime (async handlers)",
 }
 TILES_PER_SLICE = 1000  # tile i -> slice i // 1000, mosaic i % 1000: every subject is unique
@@ -247,9 +250,10 @@ def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
             "positions": [],
             "residual_rms_px": 0.0,
             "missing": [],
+            "inputs": "",
         }
         subject = f"tp.{kind}.{acq}.{d['slice']}.m{d['mosaic']}"
-        return subject, subject, out
+        return subject, f"{subject}:", out
     if hop == 4:
         kind = "slice_registered"
         out = {
@@ -436,13 +440,17 @@ class ThreadNoop(NoopStage):
         return self._handle(event, ctx)
 
 
+class InlineNoop(ThreadNoop):
+    blocking = False
+
+
 class AsyncNoop(NoopStage):
     async def handle(self, event: Event, ctx: Context) -> Result:
         return self._handle(event, ctx)
 
 
 def noop_stage_classes(stages: int, mode: str) -> list[type[NoopStage]]:
-    base = AsyncNoop if mode == "async" else ThreadNoop
+    base = {"async": AsyncNoop, "thread": ThreadNoop, "inline": InlineNoop}[mode]
     return [
         type(
             f"Noop{hop + 1}",
@@ -618,7 +626,9 @@ async def main_async(args) -> int:
                     m.latencies = bare_latencies(state["raw_latencies"])
                     m.failed += state["errors"]
                 else:
-                    mode = "async" if variant == "runtime-async" else "thread"
+                    mode = {"runtime-async": "async", "runtime-thread": "thread"}.get(
+                        variant, "inline"
+                    )
                     launch = runtime_launcher(args, mode)
                     m = await run_variant(variant, server, args, launch)
                 results[variant].append(m)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -62,6 +63,10 @@ class Event(BaseModel):
 
     def subject(self) -> str:
         """`tp.<event>.<acq>.<slice>.<tile>`."""
+        return self._subject
+
+    @cached_property
+    def _subject(self) -> str:
         return subject(self.kind, self.acq, self.slice_token(), self.tile_token())
 
     def msg_id(self) -> str:

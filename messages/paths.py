@@ -20,12 +20,14 @@ def check_relative(value: str) -> str:
         raise ValueError(f"path must be 1..{MAX_PATH_CHARS} characters")
     if "\x00" in value or "\\" in value:
         raise ValueError("path contains NUL or backslash")
-    pure = PurePosixPath(value)
-    if pure.is_absolute() or value.startswith("~"):
+    if value.startswith(("/", "~")):
         raise ValueError("path must be relative to a data root, not absolute")
-    if any(part == ".." for part in pure.parts):
+    parts = value.split("/")
+    if ".." in parts:
         raise ValueError("path must not contain '..'")
-    return pure.as_posix()
+    if "" in parts or "." in parts:  # normalise a//b, a/./b, trailing slash
+        return PurePosixPath(value).as_posix()
+    return value
 
 
 RelPath = Annotated[str, AfterValidator(check_relative)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import orjson
 import structlog
 
 _configured = False
@@ -13,11 +14,13 @@ _configured = False
 def configure_logging(level: str = "info", json_format: bool = True, stream=None) -> None:
     """Configure structlog once per process (JSON in services, console for humans)."""
     global _configured
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if json_format
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    stream = stream or sys.stderr
+    if json_format:  # orjson renders bytes: about twice as fast as json + print per line
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        factory = structlog.BytesLoggerFactory(file=getattr(stream, "buffer", stream))
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        factory = structlog.WriteLoggerFactory(file=stream)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -29,7 +32,7 @@ def configure_logging(level: str = "info", json_format: bool = True, stream=None
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     _configured = True

@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import nats.errors
-import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -97,6 +96,10 @@ class StageRunner:
             max_workers=self.settings.concurrency, thread_name_prefix=f"tp-{self.name}"
         )
         self._accepts = {kind.kind for kind in stage.consumes}
+        self._inline = not inspect.iscoroutinefunction(stage.handle) and not stage.blocking
+        # id(message) -> (message, monotonic time of its last beat)
+        self._in_flight: dict[int, tuple[Msg, float]] = {}
+        self.m = _StageMetrics(self.name)
         self.ready = asyncio.Event()
         self.nc: Client | None = None
 
@@ -113,7 +116,7 @@ class StageRunner:
                 return
             await self.stage.setup(js)
             sub = await js.pull_subscribe_bind(consumer=self.name, stream=self.config.nats.stream)
-            poller = asyncio.create_task(self._poll_backlog(js, stop))
+            poller = asyncio.gather(self._poll_backlog(js, stop), self._heartbeats(stop))
             self.ready.set()
             self.log.info("stage_started", concurrency=self.settings.concurrency)
             await self._consume(js, sub, stop, tasks)
@@ -186,15 +189,15 @@ class StageRunner:
 
     async def _deliver(self, js: JetStreamContext, msg: Msg) -> None:
         """Handle one delivery end to end; never raises."""
-        structlog.contextvars.clear_contextvars()
+        m = self.m
         attempt = msg.metadata.num_delivered
         if attempt > 1:
-            REDELIVERIES.labels(self.name).inc()
+            m.redeliveries.inc()
         try:
             event = decode_event(msg.data, accept=self._accepts)
         except InvalidEvent as exc:
             EVENTS_INVALID.labels(self.name, exc.reason).inc()
-            EVENTS_HANDLED.labels(self.name, "invalid").inc()
+            m.invalid.inc()
             self.log.warning(
                 "event_rejected",
                 reason=exc.reason,
@@ -204,56 +207,61 @@ class StageRunner:
             )
             await _quietly(msg.term())
             return
-        structlog.contextvars.bind_contextvars(**event.log_context(), attempt=attempt)
+        log = self.log.bind(**event.log_context(), attempt=attempt)
         replay = (msg.headers or {}).get(REPLAY_HEADER)
         if attempt > self.settings.max_deliver:
             error = f"no acknowledgement after {self.settings.max_deliver} deliveries (worker lost)"
-            await self._fail(js, msg, event, error, attempt - 1, replay)
+            await self._fail(js, msg, event, error, attempt - 1, replay, log)
             return
-        IN_FLIGHT.labels(self.name).inc()
+        m.in_flight.inc()
         started = time.perf_counter()
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
-            result = await self._call_handler(event, attempt, js)
+            result = await self._call_handler(event, attempt, js, log)
             for out in result.events:
                 await self._publish(js, out, replay=replay)
             await msg.ack()
         except PermanentError as exc:
-            await self._fail(js, msg, event, f"{type(exc).__name__}: {exc}", attempt, replay)
-        except Exception as exc:
+            await self._fail(js, msg, event, f"{type(exc).__name__}: {exc}", attempt, replay, log)
+        except Exception as exc:  # every handler error is retried or recorded
             error = f"{type(exc).__name__}: {exc}"
             if attempt >= self.settings.max_deliver:
-                self.log.exception("handler_failed_final", error=error)
-                await self._fail(js, msg, event, error, attempt, replay)
+                log.exception("handler_failed_final", error=error)
+                await self._fail(js, msg, event, error, attempt, replay, log)
             else:
                 delay = retry_delay(self.settings, attempt)
-                EVENTS_HANDLED.labels(self.name, "retry").inc()
-                self.log.warning("handler_failed_retry", error=error, retry_in_s=delay)
+                m.retry.inc()
+                log.warning("handler_failed_retry", error=error, retry_in_s=delay)
                 await _quietly(msg.nak(delay=delay))
         else:
-            EVENTS_HANDLED.labels(self.name, "ok").inc()
-            BYTES_READ.labels(self.name).inc(result.bytes_read)
-            BYTES_WRITTEN.labels(self.name).inc(result.bytes_written)
-            self.log.info(
+            seconds = time.perf_counter() - started
+            m.ok.inc()
+            if result.bytes_read:
+                m.bytes_read.inc(result.bytes_read)
+            if result.bytes_written:
+                m.bytes_written.inc(result.bytes_written)
+            log.info(
                 "event_handled",
-                seconds=round(time.perf_counter() - started, 4),
+                seconds=round(seconds, 4),
                 published=[e.kind for e in result.events],
             )
         finally:
-            heartbeat.cancel()
-            HANDLE_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-            IN_FLIGHT.labels(self.name).dec()
+            self._in_flight.pop(id(msg), None)
+            m.seconds.observe(time.perf_counter() - started)
+            m.in_flight.dec()
 
-    async def _call_handler(self, event: Event, attempt: int, js: JetStreamContext) -> Result:
+    async def _call_handler(self, event: Event, attempt: int, js: JetStreamContext, log) -> Result:
         ctx = Context(
             config=self.config,
             settings=self.settings,
             attempt=attempt,
             worker=self.worker,
             js=js,
-            log=self.log,
+            log=log,
         )
-        if inspect.iscoroutinefunction(self.stage.handle):
+        if self._inline:
+            result = self.stage.handle(event, ctx)
+        elif inspect.iscoroutinefunction(self.stage.handle):
             result = await self.stage.handle(event, ctx)
         else:
             loop = asyncio.get_running_loop()
@@ -271,9 +279,9 @@ class StageRunner:
         msg_id: str | None = None,
     ) -> None:
         ack = await publish_event(js, event, msg_id=msg_id, replay=replay)
-        EVENTS_PUBLISHED.labels(self.name, event.kind).inc()
+        self.m.published(event.kind).inc()
         if ack.duplicate:
-            EVENTS_DUPLICATE.labels(self.name).inc()
+            self.m.duplicate.inc()
 
     async def _fail(
         self,
@@ -283,6 +291,7 @@ class StageRunner:
         error: str,
         attempts: int,
         replay: str | None,
+        log,
     ) -> None:
         """Record the failure as an event, then stop redelivery of the input."""
         failed = failure_event(self.name, event, msg.subject, error, attempts)
@@ -294,18 +303,26 @@ class StageRunner:
                 msg_id=f"{failed.msg_id()}:{msg.metadata.sequence.stream}",
             )
         except TRANSIENT_NATS_ERRORS as exc:
-            self.log.warning("stage_failed_publish_failed", error=str(exc))
+            log.warning("stage_failed_publish_failed", error=str(exc))
             return  # not acknowledged: redelivered, recorded on the next try
-        EVENTS_HANDLED.labels(self.name, "failed").inc()
-        self.log.error("stage_failed", error=error, attempts=attempts)
+        self.m.failed.inc()
+        log.error("stage_failed", error=error, attempts=attempts)
         await _quietly(msg.term())
 
-    async def _heartbeat(self, msg: Msg) -> None:
-        """Tell the server the message is still being worked on (resets `ack_wait`)."""
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        """Tell the server which messages are still being worked on (resets `ack_wait`).
+
+        One loop for the runner: a message is beaten once it has been in flight for a third
+        of `ack_wait`, and again every third after that.
+        """
         interval = max(self.settings.ack_wait_s / 3.0, 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            await _quietly(msg.in_progress())
+        while not stop.is_set():
+            await _sleep_or_stop(stop, interval / 2)
+            now = time.monotonic()
+            for key, (msg, last) in list(self._in_flight.items()):
+                if now - last >= interval and key in self._in_flight:
+                    self._in_flight[key] = (msg, now)
+                    await _quietly(msg.in_progress())
 
     async def _poll_backlog(
         self, js: JetStreamContext, stop: asyncio.Event, interval: float = 5.0
@@ -319,6 +336,29 @@ class StageRunner:
                 CONSUMER_REDELIVERED.labels(self.name).set(info.num_redelivered or 0)
                 CONSUMER_PAUSED.labels(self.name).set(1 if getattr(info, "paused", False) else 0)
             await _sleep_or_stop(stop, interval)
+
+
+class _StageMetrics:
+    """A stage's labelled metric children, looked up once."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.ok = EVENTS_HANDLED.labels(stage, "ok")
+        self.retry = EVENTS_HANDLED.labels(stage, "retry")
+        self.failed = EVENTS_HANDLED.labels(stage, "failed")
+        self.invalid = EVENTS_HANDLED.labels(stage, "invalid")
+        self.redeliveries = REDELIVERIES.labels(stage)
+        self.duplicate = EVENTS_DUPLICATE.labels(stage)
+        self.seconds = HANDLE_SECONDS.labels(stage)
+        self.in_flight = IN_FLIGHT.labels(stage)
+        self.bytes_read = BYTES_READ.labels(stage)
+        self.bytes_written = BYTES_WRITTEN.labels(stage)
+        self._published: dict[str, object] = {}
+
+    def published(self, kind: str):
+        if kind not in self._published:
+            self._published[kind] = EVENTS_PUBLISHED.labels(self.stage, kind)
+        return self._published[kind]
 
 
 async def _quietly(awaitable) -> None:

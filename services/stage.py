@@ -11,6 +11,8 @@ from nats.js import JetStreamContext
 from messages.events import Event
 from services.config import Config, StageSettings
 
+HOSTNAME = socket.gethostname()
+
 
 class PermanentError(Exception):
     """An input that can never succeed: fail now instead of retrying."""
@@ -32,7 +34,7 @@ class Context:
     config: Config
     settings: StageSettings
     attempt: int
-    host: str = field(default_factory=socket.gethostname)
+    host: str = HOSTNAME
     worker: str = ""
     js: JetStreamContext | None = None
     log: Any = None
@@ -42,11 +44,13 @@ class Stage:
     """Base of every stage: declare `name`, `consumes`, and implement `handle`.
 
     `handle` may be a plain function (run in a worker thread, so NumPy/CuPy work does not block
-    the event loop) or a coroutine. It must be idempotent: a redelivered event must not
-    duplicate or corrupt outputs.
+    the event loop; a stage whose handler is cheap sets `blocking = False` to run it inline)
+    or a coroutine. It must be idempotent: a redelivered event must not duplicate or corrupt
+    outputs.
     """
 
     name: ClassVar[str]
+    blocking: ClassVar[bool] = True
     consumes: ClassVar[tuple[type[Event], ...]]
     produces: ClassVar[tuple[type[Event], ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
