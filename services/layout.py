@@ -22,3 +22,8 @@ def products_path(acq: str, tile: TileCoord) -> str:
 def mosaic_path(acq: str, slice_index: int, mosaic: int) -> str:
     """Output-root-relative OME-Zarr mosaic of one slice."""
     return f"{acq}/mosaics/slice{slice_index:04d}-m{mosaic}.ome.zarr"
+
+
+def volume_of(mosaic_rel: str) -> str:
+    """The fused 3-D dB volume beside a slice's en-face mosaic."""
+    return mosaic_rel.replace(".ome.zarr", "-db.ome.zarr")

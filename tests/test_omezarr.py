@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import ome_zarr_models
 import pytest
 import zarr
+from ome_zarr_models.v05.image import Image
 
 from services import omezarr
 from services.omezarr import downsample2, open_level, pyramid, read_multiscale, write_omezarr
-
-ome_zarr_models = pytest.importorskip("ome_zarr_models")
-from ome_zarr_models.v05.image import Image  # noqa: E402
 
 PRODUCTS = ("aip", "mip", "retardance", "orientation")
 

@@ -7,6 +7,7 @@ import contextlib
 
 import numpy as np
 import zarr
+from ome_zarr_models.v05.image import Image
 
 from messages import decode_event
 from services.config import StageSettings
@@ -28,8 +29,13 @@ MISSING = (2, 3)
 @contextlib.asynccontextmanager
 async def pipeline(config, js):
     stop = asyncio.Event()
+    options = {Stitch: {"fuse_volume": True}}
     runners = [
-        StageRunner(cls(config, StageSettings(**cls.defaults)), config, fetch_timeout=0.5)
+        StageRunner(
+            cls(config, StageSettings(**cls.defaults, options=options.get(cls, {}))),
+            config,
+            fetch_timeout=0.5,
+        )
         for cls in (Convert, Process, Stitch)
     ]
     watcher = Watcher(config, js)
@@ -108,3 +114,18 @@ async def test_stitch_while_acquiring_with_low_texture_and_missing_tile(config, 
     assert np.isnan(aip).any() and np.isfinite(aip).mean() > 0.8
     orientation = level0[3][np.isfinite(level0[3])]
     assert orientation.min() >= -90 and orientation.max() < 90
+
+    # the 3-D dB volume, fused out of core: a tile's interior is that tile's data
+    volume_store = config.roots.output / event.path.replace(".ome.zarr", "-db.ome.zarr")
+    volume = zarr.open_array(str(volume_store / "0"), mode="r")
+    origin = np.floor(np.array([(p.y, p.x) for p in event.positions]).min(axis=0)).astype(int)
+    p00 = found[(0, 0)]
+    y0, x0 = round(p00[0]) - origin[0], round(p00[1]) - origin[1]
+    tile = zarr.open_group(
+        str(config.roots.work / "st/products/slice0000/m0-r0-c0.zarr"), mode="r")["db"]
+    assert volume.shape[0] == tile.shape[2]
+    assert np.allclose(volume[:, y0 + 20, x0 + 20], tile[20, 20, :], atol=1e-4)
+    for ngff in (store, volume_store):  # both validate as NGFF 0.5 images
+        Image.from_zarr(zarr.open_group(str(ngff), mode="r"))
+    ome = zarr.open_group(str(volume_store), mode="r").attrs["ome"]
+    assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["z", "y", "x"]

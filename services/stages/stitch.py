@@ -36,8 +36,9 @@ from messages.events import (
 )
 from services.acquisitions import lookup_acquisition, manifest_at
 from services.lattice import TERMINAL, MosaicBook, MosaicState
-from services.layout import mosaic_path
+from services.layout import mosaic_path, volume_of
 from services.manifest import Manifest
+from services.mosaic_volume import fuse_volume
 from services.omezarr import write_omezarr
 from services.stage import Context, PermanentError, Result, Stage
 
@@ -65,6 +66,7 @@ class Stitch(Stage):
         opts = self.settings.options
         self.align_product = PRODUCTS.get(opts.get("align_product", "aip"), "aip")
         self.min_confidence = float(opts.get("min_confidence", 0.3))
+        self.fuse_volume = bool(opts.get("fuse_volume", False))
 
     async def handle(self, event: Event, ctx: Context) -> Result:
         manifest = await self._manifest(ctx, event.acq)
@@ -298,4 +300,33 @@ class Stitch(Stage):
                     "pairs_rejected": int(len(pairs) - int(np.sum(layout.accepted))),
                 },
             )
+            if self.fuse_volume:
+                self._fuse_volume(
+                    manifest, state, layout.positions_yx, index, rel, acq, slice_index, mosaic
+                )
         return positions, rms, missing
+
+    def _fuse_volume(
+        self,
+        manifest: Manifest,
+        state: MosaicState,
+        positions_yx: np.ndarray,
+        index: dict,
+        rel: str,
+        acq: str,
+        slice_index: int,
+        mosaic: int,
+    ) -> None:
+        """The 3-D dB volume of the slice, fused out of core next to the en-face mosaic."""
+        roots = self.config.roots
+        tiles = [
+            (roots.resolve("work", state.tiles[rc]["products"]), tuple(positions_yx[index[rc]]))
+            for rc in sorted(state.processed())
+        ]
+        fuse_volume(
+            tiles,
+            roots.resolve("output", volume_of(rel)),
+            pixel_um=manifest.lattice.pixel_size_um,
+            axial_um=manifest.spectrometer().axial_pixel_um(),
+            attributes={"acq": acq, "slice": slice_index, "mosaic": mosaic},
+        )
