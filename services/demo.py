@@ -55,12 +55,21 @@ async def run_demo(
             while not stop.is_set():
                 status = await snapshot(js, config.nats.stream, manifest.id, stages)
                 live.update(render(status, (lat.rows, lat.cols, lat.slices, lat.mosaics)))
-                if status.count(last) + len(status.failed_tiles) >= lat.tiles:
+                tiles_done = status.count(last) + len(status.failed_tiles) >= lat.tiles
+                mosaics_done = (
+                    "stitch" not in stages
+                    or len(status.mosaics.get("slice_stitched", ())) >= lat.slices * lat.mosaics
+                )
+                if tiles_done and mosaics_done:
                     break
                 supervisor.check(console.print)
                 await asyncio.sleep(0.5)
         figures = await _figures(js, config.nats.stream, manifest.id, last)
         figures["wall_s"] = time.monotonic() - started
+        figures["mosaics"] = sorted(
+            str(Path(config.roots.output) / decode_event(m.data).path)
+            for m in await read_events(js, config.nats.stream, f"tp.slice_stitched.{manifest.id}.>")
+        )
         figures["acq"] = manifest.id
         return figures
     finally:

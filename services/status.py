@@ -19,6 +19,7 @@ STYLE = {
     "tile_arrived": "blue",
     "tile_converted": "cyan",
     "tile_processed": "green",
+    "slice_stitched": "magenta",
     "failed": "bold red",
 }
 GLYPH = {
@@ -26,8 +27,11 @@ GLYPH = {
     "tile_arrived": "a",
     "tile_converted": "c",
     "tile_processed": "P",
+    "slice_stitched": "S",
     "failed": "X",
 }
+# slice-level events: stage -> event kind (counted per slice and mosaic)
+SLICE_STAGES = {"stitch": "slice_stitched", "register": "slice_registered"}
 
 
 @dataclass
@@ -47,6 +51,16 @@ class Status:
     expected: int | None = None
     finished: bool = False
     failed_tiles: set[str] = field(default_factory=set)
+    mosaics: dict[str, set[str]] = field(default_factory=dict)  # kind -> {"<slice>.m<mosaic>"}
+
+    def tile_kind(self, slice_index: int, mosaic: int, row: int, col: int) -> str | None:
+        """The furthest stage a tile reached, slice-level stages included."""
+        kind = self.tiles.get(f"{slice_index}.m{mosaic}-r{row}-c{col}")
+        if kind == "tile_processed" and f"{slice_index}.m{mosaic}" in self.mosaics.get(
+            "slice_stitched", set()
+        ):
+            return "slice_stitched"
+        return kind
 
     def count(self, kind: str) -> int:
         order = TILE_PROGRESS.index(kind)
@@ -78,12 +92,17 @@ async def snapshot(
                 status.tiles[key] = kind
         elif kind == "acq_finished":
             status.finished = True
+        elif kind in SLICE_STAGES.values():
+            status.mosaics.setdefault(kind, set()).add(key)
         elif kind == "stage_failed":
             status.failed_tiles.add(key)
     for key in status.failed_tiles:
         status.tiles[key] = "failed"
     for kind, stage in STAGE_OF.items():
         status.stages[stage] = StageCounts(done=status.count(kind))
+    for stage, kind in SLICE_STAGES.items():
+        if stages is None or stage in stages:
+            status.stages[stage] = StageCounts(done=len(status.mosaics.get(kind, ())))
     if status.failed_tiles:
         for event in await _failed_events(js, stream, acq):
             counts = status.stages.setdefault(event.stage, StageCounts())

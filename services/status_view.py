@@ -19,6 +19,7 @@ def status_json(status: Status) -> dict:
         "finished": status.finished,
         "tiles": counts,
         "failed_tiles": sorted(status.failed_tiles),
+        "mosaics": {kind: sorted(keys) for kind, keys in status.mosaics.items()},
         "stages": {name: asdict(c) for name, c in status.stages.items()},
     }
 
@@ -31,7 +32,7 @@ def lattice_text(status: Status, rows: int, cols: int, slices: int, mosaics: int
             text.append(f"slice {s} mosaic {m}\n", style="bold")
             for r in range(rows):
                 for c in range(cols):
-                    kind = status.tiles.get(f"{s}.m{m}-r{r}-c{c}")
+                    kind = status.tile_kind(s, m, r, c)
                     text.append(f"{GLYPH[kind]} ", style=STYLE[kind])
                 text.append("\n")
     legend = "  ".join(
@@ -41,6 +42,7 @@ def lattice_text(status: Status, rows: int, cols: int, slices: int, mosaics: int
             ("tile_arrived", "arrived"),
             ("tile_converted", "converted"),
             ("tile_processed", "processed"),
+            ("slice_stitched", "stitched"),
             ("failed", "failed"),
         )
     )

@@ -87,5 +87,7 @@ def _demo(config: Config, supervisor: Supervisor, services: list[str], rate: flo
         )
     print(f"  raw tiles:      {config.roots.raw / figures['acq']}")
     print(f"  tile products:  {config.roots.work / figures['acq']}")
+    for mosaic in figures.get("mosaics", []):
+        print(f"  mosaic:         {mosaic}")
     print(f"  event log:      stream {config.nats.stream} (store {work / 'nats'})")
     print(f"  service logs:   {work / 'logs'}")
