@@ -278,6 +278,37 @@ class StageFailed(Event):
         return f"{self.subject()}:{self.stage}:{self.input_type}"
 
 
+class Attempt(Event):
+    """One delivery of an input to a stage and how it ended (the per-tile attempt history)."""
+
+    kind: ClassVar[str] = "attempt"
+    type: Literal["attempt"] = "attempt"
+    stage: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,64}$")]
+    input_type: Name
+    input_subject: Annotated[str, StringConstraints(max_length=512)]
+    attempt: Index
+    outcome: Literal["ok", "retry", "failed"]
+    host: Annotated[str, StringConstraints(max_length=200)] = ""
+    worker: Annotated[str, StringConstraints(max_length=200)] = ""
+    started_at: datetime
+    ended_at: datetime
+    error: Text = ""
+    tile: TileCoord | None = None
+    slice: Index | None = None
+    replay: Annotated[str, StringConstraints(max_length=64)] = ""
+
+    def slice_token(self) -> str:
+        if self.tile is not None:
+            return str(self.tile.slice)
+        return ANY if self.slice is None else str(self.slice)
+
+    def tile_token(self) -> str:
+        return self.tile.token() if self.tile is not None else ANY
+
+    def msg_id(self) -> str:
+        return f"{self.subject()}:{self.stage}:{self.started_at.timestamp()}:{self.attempt}"
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (
@@ -291,5 +322,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
         SliceRegistered,
         ArtifactUploaded,
         StageFailed,
+        Attempt,
     )
 }

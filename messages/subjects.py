@@ -35,3 +35,11 @@ def event_filter(event_type: str, acq: str | None = None, slice_index: int | Non
 def stream_subjects() -> list[str]:
     """Subjects bound to the event stream."""
     return [f"{PREFIX}.>"]
+
+
+def redo_subject(stage: str, acq: str, slice_token: str = ANY, tile_token: str = ANY) -> str:
+    """Where `tilepipe replay` / `retry` send an input for one stage only (`tp.redo_<stage>...`).
+
+    Each stage's consumer also listens on `tp.redo_<stage>.>`; other stages never see it.
+    """
+    return subject(f"redo_{stage}", acq, slice_token, tile_token)

@@ -111,6 +111,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return asyncio.run(status_command(_config(args), args))
 
 
+def cmd_ops(args: argparse.Namespace) -> int:
+    from services.ops_cli import command
+
+    return asyncio.run(command(_config(args), args))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from services.up import up
 
@@ -155,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("acq", nargs="?", default=None, help="acquisition id (default: the latest)")
     p.add_argument("--watch", action="store_true", help="refresh live")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    from services.ops_cli import add_commands
+
+    add_commands(lambda name, help_text: add(name, cmd_ops, help_text))
     p = add("finish", cmd_finish, "declare an acquisition finished (tiles may be missing)")
     p.add_argument("acq")
     p = add("up", cmd_up, "start NATS (embedded unless --nats-url) and every service")

@@ -71,6 +71,9 @@ class StageSettings(Strict):
         default=1, description="processes sharing this stage's consumer (e.g. one per GPU)"
     )
     drain_timeout_s: Annotated[float, Field(ge=0)] = 60.0
+    record_attempts: bool = Field(
+        default=True, description="publish an `attempt` event per delivery (tile history)"
+    )
     ack_wait_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
     max_deliver: Annotated[int, Field(ge=1, le=1000)] = 5
     backoff_s: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1.0, 5.0, 30.0])

@@ -21,7 +21,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from messages.subjects import event_filter, stream_subjects
+from messages.subjects import PREFIX, event_filter, stream_subjects
 from services.config import NatsSettings, StageSettings
 from services.stage import Stage
 
@@ -57,6 +57,7 @@ def consumer_config(name: str, stage: type[Stage], settings: StageSettings) -> C
     reaches the runtime, which then records it as failed instead of dropping it silently.
     """
     filters = [event_filter(kind.kind) for kind in stage.consumes]
+    filters.append(f"{PREFIX}.redo_{name}.>")  # targeted replays and retries
     return ConsumerConfig(
         name=name,
         durable_name=name,
@@ -65,8 +66,7 @@ def consumer_config(name: str, stage: type[Stage], settings: StageSettings) -> C
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
         max_deliver=settings.max_deliver + 1,
-        filter_subject=filters[0] if len(filters) == 1 else None,
-        filter_subjects=filters if len(filters) > 1 else None,
+        filter_subjects=filters,
         max_ack_pending=settings.concurrency * settings.workers,
         metadata={"tilepipe_stage": name},
     )

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from messages.codec import InvalidEvent, decode_event
-from messages.events import Event, StageFailed, TileEvent
+from messages.events import Attempt, Event, StageFailed, TileEvent, utcnow
 from services.bus import REPLAY_HEADER, connect, publish_event
 from services.config import Config, StageSettings
 from services.logs import get_logger
@@ -43,7 +43,7 @@ from services.metrics import (
     REDELIVERIES,
 )
 from services.provision import ensure_consumer
-from services.stage import Context, PermanentError, Result, Stage
+from services.stage import HOSTNAME, Context, PermanentError, Result, Stage
 
 TRANSIENT_NATS_ERRORS = (
     nats.errors.ConnectionClosedError,
@@ -215,9 +215,10 @@ class StageRunner:
             return
         m.in_flight.inc()
         started = time.perf_counter()
+        started_at = utcnow()
         self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
-            result = await self._call_handler(event, attempt, js, log)
+            result = await self._call_handler(event, attempt, js, log, replay)
             for out in result.events:
                 await self._publish(js, out, replay=replay)
             await msg.ack()
@@ -233,6 +234,7 @@ class StageRunner:
                 m.retry.inc()
                 log.warning("handler_failed_retry", error=error, retry_in_s=delay)
                 await _quietly(msg.nak(delay=delay))
+                await self._record(msg, event, attempt, "retry", started_at, replay, error)
         else:
             seconds = time.perf_counter() - started
             m.ok.inc()
@@ -245,12 +247,15 @@ class StageRunner:
                 seconds=round(seconds, 4),
                 published=[e.kind for e in result.events],
             )
+            await self._record(msg, event, attempt, "ok", started_at, replay)
         finally:
             self._in_flight.pop(id(msg), None)
             m.seconds.observe(time.perf_counter() - started)
             m.in_flight.dec()
 
-    async def _call_handler(self, event: Event, attempt: int, js: JetStreamContext, log) -> Result:
+    async def _call_handler(
+        self, event: Event, attempt: int, js: JetStreamContext, log, replay: str | None = None
+    ) -> Result:
         ctx = Context(
             config=self.config,
             settings=self.settings,
@@ -258,6 +263,7 @@ class StageRunner:
             worker=self.worker,
             js=js,
             log=log,
+            replay=replay,
         )
         if self._inline:
             result = self.stage.handle(event, ctx)
@@ -308,6 +314,44 @@ class StageRunner:
         self.m.failed.inc()
         log.error("stage_failed", error=error, attempts=attempts)
         await _quietly(msg.term())
+        await self._record(msg, event, attempts, "failed", utcnow(), replay, error)
+
+    async def _record(
+        self,
+        msg: Msg,
+        event: Event,
+        attempt: int,
+        outcome: str,
+        started_at,
+        replay: str | None,
+        error: str = "",
+    ) -> None:
+        """Publish the attempt record (fire and forget: history, not a work item)."""
+        if not self.settings.record_attempts or self.nc is None:
+            return
+        tile = event.tile if isinstance(event, TileEvent) else None
+        slice_index = getattr(event, "slice", None) if tile is None else None
+        record = Attempt(
+            acq=event.acq,
+            stage=self.name,
+            input_type=event.kind,
+            input_subject=msg.subject,
+            attempt=attempt,
+            outcome=outcome,
+            host=HOSTNAME,
+            worker=self.worker,
+            started_at=started_at,
+            ended_at=utcnow(),
+            error=error[:8000],
+            tile=tile,
+            slice=slice_index if isinstance(slice_index, int) else None,
+            replay=replay or "",
+            producer=self.name,
+        )
+        with contextlib.suppress(Exception):
+            await self.nc.publish(
+                record.subject(), record.to_json(), headers={"Nats-Msg-Id": record.msg_id()}
+            )
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         """Tell the server which messages are still being worked on (resets `ack_wait`).

@@ -38,6 +38,7 @@ class Context:
     worker: str = ""
     js: JetStreamContext | None = None
     log: Any = None
+    replay: str | None = None  # set by `tilepipe replay`/`retry`: recompute even if complete
 
 
 class Stage:

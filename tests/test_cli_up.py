@@ -49,7 +49,7 @@ async def test_init_is_idempotent_and_names_are_stable(nats_server, tmp_path):
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     info = await js.consumer_info("TILEPIPE", "convert_like")
-    assert info.config.filter_subject == "tp.tile_arrived.>"
+    assert info.config.filter_subjects == ["tp.tile_arrived.>", "tp.redo_convert_like.>"]
     assert info.config.max_ack_pending == 3 and info.config.durable_name == "convert_like"
     stream = await js.stream_info("TILEPIPE")
     assert stream.config.subjects == ["tp.>"] and stream.config.storage == "file"

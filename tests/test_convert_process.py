@@ -90,19 +90,34 @@ async def test_simulated_tiles_converted_and_processed(config, js):
     assert len(converted) == 4 and await events(js, "stage_failed") == []
     assert not list(config.roots.work.rglob(".*tmp-*"))
 
-    # a replay (or redelivery) of the same input rewrites nothing that is complete and valid
+    # a redelivered input (same event again) rewrites nothing that is complete and valid
     stores = sorted(config.roots.work.rglob("zarr.json"))
     stamps = {p: p.stat().st_mtime_ns for p in stores}
-    first = (await events(js, "tile_arrived"))[0]
+    first_arrived = (await events(js, "tile_arrived"))[0]
+    first_converted = (await events(js, "tile_converted"))[0]
     async with pipeline(config, js):
-        await publish_event(js, first, replay="again")
+        await publish_event(js, first_arrived, msg_id="redelivered-1")
+        await publish_event(js, first_converted, msg_id="redelivered-2")
+
+        async def handled_again():
+            oks = [a for a in await events(js, "attempt") if a.outcome == "ok"]
+            return len(oks) == 10
+
+        await wait_for(handled_again, timeout=60)
+    assert {p: p.stat().st_mtime_ns for p in stores} == stamps
+    assert sorted(config.roots.work.rglob("zarr.json")) == stores
+    assert len(await events(js, "tile_processed")) == 4  # republished outputs are duplicates
+
+    # a replay (operator: "reprocess") recomputes
+    async with pipeline(config, js):
+        await publish_event(js, first_converted, replay="fix-calibration")
 
         async def replayed():
             return len(await events(js, "tile_processed")) == 5
 
         await wait_for(replayed, timeout=60)
-    assert {p: p.stat().st_mtime_ns for p in stores} == stamps
-    assert sorted(config.roots.work.rglob("zarr.json")) == stores
+    changed = [p for p in stores if p.stat().st_mtime_ns != stamps[p]]
+    assert changed and all(first_converted.tile.token() in str(p) for p in changed)
 
 
 async def test_corrupt_and_truncated_tiles_fail_cleanly(config, js):

@@ -1,0 +1,170 @@
+"""Operator commands on a running pipeline: pause/resume, replay, failed/retry, history.
+
+Replays and retries are targeted: the input events are republished on `tp.redo_<stage>...`,
+which only that stage's consumer listens to, with a replay tag that makes their outputs new
+events (not duplicates of the first run) and tells the stage to recompute even if its outputs
+are complete. Other stages' progress is untouched.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from nats.js import JetStreamContext
+
+from messages.codec import decode_event
+from messages.events import Attempt, Event, StageFailed
+from messages.subjects import PREFIX, redo_subject
+from services.bus import MSG_ID, REPLAY_HEADER
+from services.status import read_events
+
+DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+FOREVER = "2999-12-31T23:59:59Z"
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `15m`, `1h30m`, `2d`."""
+    match = DURATION.match(text.strip())
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(f"bad duration {text!r}: use e.g. 90s, 15m, 1h30m, 2d")
+    d, h, m, s = (int(g or 0) for g in match.groups())
+    return timedelta(days=d, hours=h, minutes=m, seconds=s)
+
+
+async def pause(
+    js: JetStreamContext, stream: str, stage: str, duration: timedelta | None = None
+) -> str:
+    """Pause a stage's consumer (until a time, or until resumed); returns the pause end."""
+    await js.consumer_info(stream, stage)  # NotFoundError for an unknown stage
+    until = (
+        FOREVER
+        if duration is None
+        else (datetime.now(UTC) + duration).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+    await js.pause_consumer(stream, stage, until)
+    return until
+
+
+async def resume(js: JetStreamContext, stream: str, stage: str) -> None:
+    await js.consumer_info(stream, stage)
+    await js.resume_consumer(stream, stage)
+
+
+def _tile_tokens(event: Event) -> tuple[str, str]:
+    return event.slice_token(), event.tile_token()
+
+
+async def _republish(js: JetStreamContext, stage: str, event: Event, tag: str, seq: int) -> None:
+    slice_token, tile_token = _tile_tokens(event)
+    await js.publish(
+        redo_subject(stage, event.acq, slice_token, tile_token),
+        event.to_json(),
+        headers={MSG_ID: f"redo:{stage}:{tag}:{seq}", REPLAY_HEADER: tag},
+    )
+
+
+async def replay(
+    js: JetStreamContext,
+    stream: str,
+    stage: str,
+    kinds: list[str],
+    acq: str,
+    slice_index: int | None = None,
+    since: datetime | None = None,
+) -> list[Event]:
+    """Send a stage's input events of an acquisition (a slice, since a time) back to it."""
+    tag = f"replay-{uuid.uuid4().hex[:8]}"
+    sent = []
+    slice_token = "*" if slice_index is None else str(slice_index)
+    for kind in kinds:
+        for msg in await read_events(js, stream, f"{PREFIX}.{kind}.{acq}.{slice_token}.*"):
+            if since is not None and msg.metadata.timestamp < since:
+                continue
+            event = decode_event(msg.data)
+            await _republish(js, stage, event, tag, msg.metadata.sequence.stream)
+            sent.append(event)
+    return sent
+
+
+@dataclass
+class Failure:
+    """A stage's give-up on an input that has not succeeded since."""
+
+    event: StageFailed
+    seq: int
+
+
+async def failures(js: JetStreamContext, stream: str, acq: str | None = None) -> list[Failure]:
+    """Unresolved `stage_failed` events (no successful attempt of that stage since)."""
+    acq_token = acq or "*"
+    failed = [
+        (decode_event(m.data), m.metadata.sequence.stream)
+        for m in await read_events(js, stream, f"{PREFIX}.stage_failed.{acq_token}.>")
+    ]
+    if not failed:
+        return []
+    ok: dict[tuple[str, str], datetime] = {}
+    for m in await read_events(js, stream, f"{PREFIX}.attempt.{acq_token}.>"):
+        attempt = decode_event(m.data)
+        assert isinstance(attempt, Attempt)
+        if attempt.outcome == "ok":
+            key = (attempt.stage, f"{attempt.acq}.{attempt.slice_token()}.{attempt.tile_token()}")
+            ok[key] = max(ok.get(key, attempt.ended_at), attempt.ended_at)
+    latest: dict[tuple[str, str, str], Failure] = {}
+    for event, seq in failed:
+        where = f"{event.acq}.{event.slice_token()}.{event.tile_token()}"
+        if ok.get((event.stage, where), datetime.min.replace(tzinfo=UTC)) > event.emitted_at:
+            continue
+        latest[(event.stage, where, event.input_type)] = Failure(event, seq)
+    return sorted(latest.values(), key=lambda f: f.seq)
+
+
+async def retry(js: JetStreamContext, stream: str, items: list[Failure]) -> int:
+    """Send each failed input back to the stage that gave up on it."""
+    tag = f"retry-{uuid.uuid4().hex[:8]}"
+    for item in items:
+        original = await js.get_last_msg(stream, item.event.input_subject)
+        await _republish(js, item.event.stage, decode_event(original.data), tag, item.seq)
+    return len(items)
+
+
+async def history(
+    js: JetStreamContext, stream: str, acq: str, slice_index: int, tile_token: str
+) -> list[Event]:
+    """Every event of one tile, attempts included, in time order."""
+    events = [
+        decode_event(m.data)
+        for m in await read_events(js, stream, f"{PREFIX}.*.{acq}.{slice_index}.{tile_token}")
+    ]
+    return sorted(events, key=lambda e: getattr(e, "started_at", e.emitted_at))
+
+
+def history_rows(events: list[Event]) -> list[tuple[str, ...]]:
+    """(time, stage, what, attempt, host/worker, outcome, seconds, error) per event."""
+    rows = []
+    for e in events:
+        when = getattr(e, "started_at", e.emitted_at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        if isinstance(e, Attempt):
+            secs = f"{(e.ended_at - e.started_at).total_seconds():.3f}"
+            rows.append(
+                (
+                    when,
+                    e.stage,
+                    e.input_type,
+                    str(e.attempt),
+                    f"{e.host}/{e.worker}",
+                    e.outcome + (" (replay)" if e.replay else ""),
+                    secs,
+                    e.error[:120],
+                )
+            )
+        elif isinstance(e, StageFailed):
+            rows.append(
+                (when, e.stage, "stage_failed", str(e.attempts), "", "gave up", "", e.error[:120])
+            )
+        else:
+            rows.append((when, e.producer or "", e.kind, "", "", "published", "", ""))
+    return rows

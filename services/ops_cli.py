@@ -1,0 +1,115 @@
+"""The operator commands of the CLI (thin wrappers around services/ops.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+
+from nats.js.errors import NotFoundError
+from rich.console import Console
+from rich.table import Table
+
+from services import ops
+from services.bus import connect
+from services.config import Config
+from services.stages import stage_for
+
+
+async def _run(config: Config, func, *args):
+    nc = await connect(config.nats, name="tilepipe-ops", retry_for_s=10)
+    try:
+        return await func(nc.jetstream(), config.nats.stream, *args)
+    finally:
+        await nc.close()
+
+
+def _tile_token(text: str) -> str:
+    """`m0-r1-c2`, or `r1-c2` (mosaic 0)."""
+    return text if text.startswith("m") else f"m0-{text}"
+
+
+async def command(config: Config, args: argparse.Namespace) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 200)  # pipes get full rows
+    try:
+        if args.command == "pause":
+            duration = ops.parse_duration(args.for_) if args.for_ else None
+            until = await _run(config, ops.pause, args.stage, duration)
+            console.print(f"{args.stage} paused until {until}")
+        elif args.command == "resume":
+            await _run(config, ops.resume, args.stage)
+            console.print(f"{args.stage} resumed")
+        elif args.command == "replay":
+            kinds = [k.kind for k in stage_for(config, args.stage).consumes]
+            since = datetime.fromisoformat(args.since) if args.since else None
+            if since is not None and since.tzinfo is None:
+                since = since.astimezone()
+            sent = await _run(config, ops.replay, args.stage, kinds, args.acq, args.slice, since)
+            console.print(f"replayed {len(sent)} events to {args.stage}")
+        elif args.command in ("failed", "retry"):
+            items = await _run(config, ops.failures, args.acq)
+            if args.command == "retry":
+                if args.stage:
+                    items = [i for i in items if i.event.stage == args.stage]
+                count = await _run(config, ops.retry, items)
+                console.print(f"re-queued {count} failed inputs")
+                return 0
+            table = Table("acq", "stage", "slice", "tile", "attempts", "when", "error")
+            for item in items:
+                e = item.event
+                table.add_row(
+                    e.acq,
+                    e.stage,
+                    e.slice_token(),
+                    e.tile_token(),
+                    str(e.attempts),
+                    e.emitted_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    e.error[:100],
+                )
+            console.print(table if items else "no failed tiles")
+        elif args.command == "history":
+            events = await _run(config, ops.history, args.acq, args.slice, _tile_token(args.tile))
+            table = Table(
+                "time",
+                "stage",
+                "what",
+                "attempt",
+                "host/worker",
+                "outcome",
+                "seconds",
+                "error",
+                title=f"{args.acq} slice {args.slice} {args.tile}",
+            )
+            for row in ops.history_rows(events):
+                table.add_row(*row)
+            console.print(table if events else "no events for this tile")
+    except NotFoundError:
+        console.print(f"[red]no such stage consumer: {getattr(args, 'stage', '?')}[/red]")
+        return 2
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 2
+    return 0
+
+
+def add_commands(add) -> None:
+    """Register the operator subcommands with the CLI's `add` helper."""
+    p = add("pause", "hold a stage (its consumer) until resumed or for a duration")
+    p.add_argument("stage")
+    p.add_argument("--for", dest="for_", default=None, help="e.g. 30m, 1h30m, 2d")
+    p = add("resume", "release a paused stage")
+    p.add_argument("stage")
+    p = add("replay", "reprocess one stage's inputs from the event log (only that stage)")
+    p.add_argument("stage")
+    p.add_argument("--acq", required=True)
+    p.add_argument("--slice", type=int, default=None)
+    p.add_argument("--since", default=None, help="ISO time: only inputs logged since then")
+    p = add("failed", "list inputs a stage gave up on and that have not succeeded since")
+    p.add_argument("acq", nargs="?", default=None)
+    p = add("retry", "re-queue the failed inputs (optionally of one stage)")
+    p.add_argument("acq", nargs="?", default=None)
+    p.add_argument("--stage", default=None)
+    p = add("history", "every event and attempt of one tile")
+    p.add_argument("acq")
+    p.add_argument("slice", type=int)
+    p.add_argument("tile", help="m0-r1-c2 or r1-c2")

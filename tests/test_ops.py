@@ -1,0 +1,228 @@
+"""Operator commands against a real server: pause/resume, replay, failed/retry, history, status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from messages import (
+    AcquisitionStarted,
+    StageFailed,
+    TileArrived,
+    TileConverted,
+    TileCoord,
+    decode_event,
+    utcnow,
+)
+from services import ops
+from services.bus import publish_event
+from services.config import StageSettings
+from services.runtime import StageRunner
+from services.status import snapshot
+from services.status_view import render
+from tests.conftest import stream_messages, wait_for
+from tests.stages_for_tests import ConvertLike
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def arrived(slice_index: int, col: int, acq: str = "ops") -> TileArrived:
+    return TileArrived(
+        acq=acq,
+        tile=TileCoord(slice=slice_index, row=0, col=col),
+        path=f"s{slice_index}/t{col}.nii",
+        manifest="ops/manifest.toml",
+        size_bytes=1,
+        completed_at=utcnow(),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(config, **settings):
+    stage = ConvertLike(config, StageSettings(**settings))
+    stop = asyncio.Event()
+    runner = StageRunner(stage, config, fetch_timeout=0.3)
+    task = asyncio.create_task(runner.run(stop))
+    await wait_for(lambda: runner.ready.is_set() or task.done())
+    try:
+        yield runner
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def count(js, kind: str) -> int:
+    return len(await stream_messages(js, f"tp.{kind}.>"))
+
+
+def tilepipe(config, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TILEPIPE_NATS__URL": config.nats.url}
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_pause_stops_delivery_and_resume_loses_nothing(config, js):
+    async with running(config, concurrency=2):
+        proc = await asyncio.to_thread(tilepipe, config, "pause", "convert_like", "--for", "1h")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        info = await js.consumer_info("TILEPIPE", "convert_like")
+        assert info.paused
+        for col in range(5):
+            await publish_event(js, arrived(0, col))
+        await asyncio.sleep(2.0)
+        assert await count(js, "tile_converted") == 0
+        proc = await asyncio.to_thread(tilepipe, config, "resume", "convert_like")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+        async def all_five():
+            return await count(js, "tile_converted") == 5
+
+        await wait_for(all_five, timeout=30)
+    bad = await asyncio.to_thread(tilepipe, config, "pause", "nosuchstage")
+    assert bad.returncode == 2 and "no such stage" in bad.stdout
+
+
+async def test_replay_reprocesses_exactly_the_selected_tiles(config, js, tmp_path):
+    marks = tmp_path / "marks"
+    async with running(config, options={"marker_dir": str(marks)}):
+        for s in (0, 1):
+            for col in range(3):
+                await publish_event(js, arrived(s, col))
+
+        async def six():
+            return await count(js, "tile_converted") == 6
+
+        await wait_for(six)
+        sent = await ops.replay(js, "TILEPIPE", "convert_like", ["tile_arrived"], "ops", 1)
+        assert len(sent) == 3
+
+        async def nine():
+            return await count(js, "tile_converted") == 9
+
+        await wait_for(nine)
+        await asyncio.sleep(0.5)
+    starts = {p.name: len(p.read_text().splitlines()) for p in marks.glob("start-*")}
+    # tile tokens do not carry the slice: each col ran once for slice 0 and twice for slice 1
+    assert starts == {"start-m0-r0-c0": 3, "start-m0-r0-c1": 3, "start-m0-r0-c2": 3}
+    converted = [decode_event(m.data) for m in await stream_messages(js, "tp.tile_converted.>")]
+    assert sorted(e.tile.slice for e in converted) == [0, 0, 0, 1, 1, 1, 1, 1, 1]
+
+
+async def test_history_shows_failed_attempt_then_success(config, js):
+    async with running(config, backoff_s=[0.2], options={"fail_until_attempt": 1}):
+        await publish_event(js, arrived(0, 7))
+        await wait_for(lambda: _has_ok(js), timeout=20)
+    events = await ops.history(js, "TILEPIPE", "ops", 0, "m0-r0-c7")
+    rows = ops.history_rows(events)
+    outcomes = [(r[1], r[2], r[3], r[5]) for r in rows if r[2] == "tile_arrived" and r[3]]
+    assert outcomes == [
+        ("convert_like", "tile_arrived", "1", "retry"),
+        ("convert_like", "tile_arrived", "2", "ok"),
+    ]
+    failed_row = next(r for r in rows if r[5] == "retry")
+    assert "injected failure on attempt 1" in failed_row[7]
+    assert failed_row[4].endswith("/convert_like")
+    proc = await asyncio.to_thread(tilepipe, config, "history", "ops", "0", "r0-c7")
+    assert proc.returncode == 0 and "retry" in proc.stdout and "injected failure" in proc.stdout
+
+
+async def _has_ok(js) -> bool:
+    attempts = [decode_event(m.data) for m in await stream_messages(js, "tp.attempt.>")]
+    return any(a.outcome == "ok" for a in attempts)
+
+
+async def test_failed_then_retry_after_fix(config, js):
+    async with running(config, max_deliver=1, options={"fail_until_attempt": 99}):
+        await publish_event(js, arrived(0, 1))
+        await publish_event(js, arrived(0, 2))
+
+        async def two_failed():
+            return await count(js, "stage_failed") == 2
+
+        await wait_for(two_failed)
+    failed = await ops.failures(js, "TILEPIPE", "ops")
+    assert sorted(f.event.tile.col for f in failed) == [1, 2]
+    listing = await asyncio.to_thread(tilepipe, config, "failed", "ops")
+    assert listing.returncode == 0 and "injected failure" in listing.stdout
+    async with running(config):  # the "fixed" stage
+        proc = await asyncio.to_thread(tilepipe, config, "retry", "ops")
+        assert proc.returncode == 0 and "re-queued 2" in proc.stdout
+
+        async def two_converted():
+            return await count(js, "tile_converted") == 2
+
+        await wait_for(two_converted)
+    assert await ops.failures(js, "TILEPIPE", "ops") == []
+
+
+async def test_status_renders_done_running_failed_and_missing(config, js):
+    await publish_event(
+        js,
+        AcquisitionStarted(
+            acq="st",
+            manifest="st/manifest.toml",
+            slices=1,
+            mosaics=1,
+            rows=2,
+            cols=3,
+            tiles_expected=6,
+        ),
+    )
+    tiles = [TileCoord(slice=0, row=r, col=c) for r in range(2) for c in range(3)]
+    for tile in tiles[:5]:  # (1, 2) never arrives
+        await publish_event(
+            js,
+            TileArrived(
+                acq="st",
+                tile=tile,
+                path=f"t{tile.token()}",
+                manifest="st/manifest.toml",
+                size_bytes=1,
+                completed_at=utcnow(),
+            ),
+        )
+    for tile in tiles[:2]:
+        await publish_event(
+            js,
+            TileConverted(
+                acq="st",
+                tile=tile,
+                path=f"c/{tile.token()}",
+                raw_path="r",
+                shape=[1],
+                dtype="uint16",
+            ),
+        )
+    await publish_event(
+        js,
+        StageFailed(
+            acq="st",
+            stage="convert",
+            input_type="tile_arrived",
+            input_subject="s",
+            error="boom",
+            attempts=5,
+            tile=tiles[2],
+        ),
+    )
+    status = await snapshot(js, "TILEPIPE", "st", ["convert"])
+    console = Console(width=70, record=True, color_system=None)
+    console.print(render(status, (2, 3, 1, 1)))
+    text = console.export_text()
+    assert status.expected == 6 and status.count("tile_arrived") == 4
+    assert "arrived │  4/6" in text or "arrived │ 4/6" in text
+    lines = [line.rstrip() for line in text.splitlines()]
+    grid = lines[lines.index("slice 0 mosaic 0") + 1 : lines.index("slice 0 mosaic 0") + 3]
+    assert grid == ["c c X", "a a ·"]
