@@ -293,6 +293,7 @@ class Attempt(Event):
     started_at: datetime
     ended_at: datetime
     error: Text = ""
+    detail: Text = ""
     tile: TileCoord | None = None
     slice: Index | None = None
     replay: Annotated[str, StringConstraints(max_length=64)] = ""

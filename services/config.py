@@ -104,6 +104,8 @@ class MetricsSettings(Strict):
 
 
 class LogSettings(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     level: str = "info"
     json_format: bool = Field(default=True, alias="json")
 

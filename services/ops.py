@@ -158,7 +158,7 @@ def history_rows(events: list[Event]) -> list[tuple[str, ...]]:
                     f"{e.host}/{e.worker}",
                     e.outcome + (" (replay)" if e.replay else ""),
                     secs,
-                    e.error[:120],
+                    (e.error or e.detail)[:120],
                 )
             )
         elif isinstance(e, StageFailed):

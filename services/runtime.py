@@ -223,12 +223,14 @@ class StageRunner:
                 await self._publish(js, out, replay=replay)
             await msg.ack()
         except PermanentError as exc:
-            await self._fail(js, msg, event, f"{type(exc).__name__}: {exc}", attempt, replay, log)
+            await self._fail(
+                js, msg, event, f"{type(exc).__name__}: {exc}", attempt, replay, log, started_at
+            )
         except Exception as exc:  # every handler error is retried or recorded
             error = f"{type(exc).__name__}: {exc}"
             if attempt >= self.settings.max_deliver:
                 log.exception("handler_failed_final", error=error)
-                await self._fail(js, msg, event, error, attempt, replay, log)
+                await self._fail(js, msg, event, error, attempt, replay, log, started_at)
             else:
                 delay = retry_delay(self.settings, attempt)
                 m.retry.inc()
@@ -247,7 +249,7 @@ class StageRunner:
                 seconds=round(seconds, 4),
                 published=[e.kind for e in result.events],
             )
-            await self._record(msg, event, attempt, "ok", started_at, replay)
+            await self._record(msg, event, attempt, "ok", started_at, replay, detail=result.detail)
         finally:
             self._in_flight.pop(id(msg), None)
             m.seconds.observe(time.perf_counter() - started)
@@ -298,6 +300,7 @@ class StageRunner:
         attempts: int,
         replay: str | None,
         log,
+        started_at=None,
     ) -> None:
         """Record the failure as an event, then stop redelivery of the input."""
         failed = failure_event(self.name, event, msg.subject, error, attempts)
@@ -314,7 +317,7 @@ class StageRunner:
         self.m.failed.inc()
         log.error("stage_failed", error=error, attempts=attempts)
         await _quietly(msg.term())
-        await self._record(msg, event, attempts, "failed", utcnow(), replay, error)
+        await self._record(msg, event, attempts, "failed", started_at or utcnow(), replay, error)
 
     async def _record(
         self,
@@ -325,6 +328,7 @@ class StageRunner:
         started_at,
         replay: str | None,
         error: str = "",
+        detail: str = "",
     ) -> None:
         """Publish the attempt record (fire and forget: history, not a work item)."""
         if not self.settings.record_attempts or self.nc is None:
@@ -343,6 +347,7 @@ class StageRunner:
             started_at=started_at,
             ended_at=utcnow(),
             error=error[:8000],
+            detail=detail[:8000],
             tile=tile,
             slice=slice_index if isinstance(slice_index, int) else None,
             replay=replay or "",

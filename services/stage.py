@@ -25,6 +25,7 @@ class Result:
     events: list[Event] = field(default_factory=list)
     bytes_read: int = 0
     bytes_written: int = 0
+    detail: str = ""  # recorded in the tile's history (e.g. an external program's exit code)
 
 
 @dataclass

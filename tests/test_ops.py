@@ -226,3 +226,69 @@ async def test_status_renders_done_running_failed_and_missing(config, js):
     lines = [line.rstrip() for line in text.splitlines()]
     grid = lines[lines.index("slice 0 mosaic 0") + 1 : lines.index("slice 0 mosaic 0") + 3]
     assert grid == ["c c X", "a a ·"]
+
+
+async def test_stage_added_while_running_back_fills(config, js):
+    for col in range(4):  # events before the stage exists
+        await publish_event(js, arrived(0, col))
+    async with running(config):
+
+        async def four():
+            return await count(js, "tile_converted") == 4
+
+        await wait_for(four)
+        await publish_event(js, arrived(0, 9))  # and what comes after
+
+        async def five():
+            return await count(js, "tile_converted") == 5
+
+        await wait_for(five)
+
+
+async def test_command_stage_runs_a_program_per_tile_with_history(config, js, tmp_path):
+    from services.config import Config
+    from services.stages import stage_for
+
+    options = {
+        "consumes": "tile_arrived",
+        "output": "{acq}/cmd/slice{slice}/{tile}.txt",
+        "command": [
+            "sh",
+            "-c",
+            "test {col} != 3 || exit 3; echo {acq} {tile} {row} > {output};"
+            " echo note-from-{tile} >&2",
+        ],
+        "timeout_s": 30,
+    }
+    cfg = Config.model_validate(
+        {
+            **config.model_dump(),
+            "stages": {
+                "qc": {"impl": "command", "max_deliver": 2, "backoff_s": [0.1], "options": options}
+            },
+        }
+    )
+    cls = stage_for(cfg, "qc")
+    stage = cls(cfg, cfg.stage("qc"), name="qc")
+    stop = asyncio.Event()
+    runner = StageRunner(stage, cfg, fetch_timeout=0.3)
+    task = asyncio.create_task(runner.run(stop))
+    await wait_for(lambda: runner.ready.is_set())
+    await publish_event(js, arrived(0, 1))
+    await publish_event(js, arrived(0, 3))  # the program fails for col 3
+
+    async def done():
+        return await count(js, "stage_failed") == 1 and await _has_ok(js)
+
+    await wait_for(done, timeout=30)
+    stop.set()
+    await task
+    out = config.roots.work / "ops/cmd/slice0/m0-r0-c1.txt"
+    assert out.read_text().split() == ["ops", "m0-r0-c1", "0"]
+    ok_rows = ops.history_rows(await ops.history(js, "TILEPIPE", "ops", 0, "m0-r0-c1"))
+    assert any(
+        r[5] == "ok" and "exit code 0" in r[7] and "note-from-m0-r0-c1" in r[7] for r in ok_rows
+    )
+    bad_rows = ops.history_rows(await ops.history(js, "TILEPIPE", "ops", 0, "m0-r0-c3"))
+    assert [r[5] for r in bad_rows if r[1] == "qc" and r[3]] == ["retry", "failed", "gave up"]
+    assert all("exit code 3" in r[7] for r in bad_rows if r[5] in ("retry", "gave up"))

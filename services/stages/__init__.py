@@ -41,8 +41,12 @@ def _import(target: str) -> type[Stage]:
     return getattr(importlib.import_module(module), cls)
 
 
-def stage_class(name: str, impl: str | None = None) -> type[Stage]:
+def stage_class(name: str, impl: str | None = None, options: dict | None = None) -> type[Stage]:
     """The class implementing a stage; a clear error for an unknown name."""
+    if impl == "command":
+        from services.stages.command import Command
+
+        return Command.configured(name, options or {})
     if impl:
         return _import(impl)
     if name not in BUILTIN:
@@ -54,11 +58,15 @@ def stage_class(name: str, impl: str | None = None) -> type[Stage]:
 def stage_for(config: Config, name: str) -> type[Stage]:
     """The class of a stage as configured (plugin `impl` or built-in)."""
     given = config.stages.get(name)
-    return stage_class(name, given.impl if given else None)
+    return stage_class(name, given.impl if given else None, given.options if given else None)
 
 
 def stage_defaults(name: str, impl: str | None = None) -> StageSettings:
     """Default settings of a stage: its class's `defaults` over the global defaults."""
+    if impl == "command":
+        from services.stages.command import Command
+
+        return StageSettings.model_validate({**Command.defaults, "impl": impl})
     known = impl or name in BUILTIN
     defaults = stage_class(name, impl).defaults if known else {}
     return StageSettings.model_validate({**defaults, "impl": impl})

@@ -1,0 +1,107 @@
+"""command: run an external program per input event (a MATLAB or shell script), no Python.
+
+    [stages.matlab_qc]
+    impl = "command"
+    options = { consumes = "tile_processed", timeout_s = 600,
+                command = ["matlab", "-batch", "qc('{products}', '{output}')"],
+                output = "{acq}/qc/slice{slice}/{tile}.mat" }
+
+Placeholders: `{acq}`, `{slice}`, `{mosaic}`, `{row}`, `{col}`, `{tile}` (m0-r1-c2),
+`{input}` (absolute path of the event's `path`, if any), `{products}` (absolute path of a
+tile's products group), `{output}` (absolute path under the work root, its parent created),
+`{work}`, `{raw}`, `{output_root}`. The program runs without a shell; exit code 0 is success,
+anything else is retried and finally recorded as failed. Exit code and the tail of stderr are
+recorded in the tile's history (`tilepipe history`).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from typing import Any, ClassVar
+
+from messages.events import EVENT_TYPES, Event, TileEvent
+from services.stage import Context, PermanentError, Result, Stage
+
+STDERR_TAIL = 2000
+
+
+class Command(Stage):
+    """A stage whose handler is an external program."""
+
+    name = "command"
+    consumes = ()
+    defaults: ClassVar[dict[str, Any]] = {"concurrency": 1, "ack_wait_s": 60}
+
+    @classmethod
+    def configured(cls, name: str, options: dict) -> type[Command]:
+        """The class of one configured command stage (its input kind comes from options)."""
+        kind = options.get("consumes")
+        if kind not in EVENT_TYPES:
+            raise ValueError(
+                f"stage {name}: options.consumes must be one of {sorted(EVENT_TYPES)}, got {kind!r}"
+            )
+        if not options.get("command"):
+            raise ValueError(f"stage {name}: options.command is required")
+        return type(f"Command_{name}", (cls,), {"name": name, "consumes": (EVENT_TYPES[kind],)})
+
+    def _values(self, event: Event) -> dict[str, str]:
+        roots = self.config.roots
+        values = {
+            "acq": event.acq,
+            "work": str(roots.work),
+            "raw": str(roots.raw),
+            "output_root": str(roots.output),
+            "slice": event.slice_token(),
+            "tile": event.tile_token(),
+            "mosaic": "",
+            "row": "",
+            "col": "",
+        }
+        if isinstance(event, TileEvent):
+            values.update(
+                mosaic=str(event.tile.mosaic), row=str(event.tile.row), col=str(event.tile.col)
+            )
+        path = getattr(event, "path", None)
+        if isinstance(path, str):
+            root = (
+                "raw"
+                if event.kind == "tile_arrived"
+                else ("output" if event.kind in ("slice_stitched", "slice_registered") else "work")
+            )
+            values["input"] = str(roots.resolve(root, path))
+        products = getattr(event, "products", None)
+        if products:
+            first = next(iter(products.values()))
+            values["products"] = str(roots.resolve("work", first.rsplit("/", 1)[0]))
+        template = self.settings.options.get("output")
+        if template:
+            target = roots.resolve("work", template.format(**values))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            values["output"] = str(target)
+        return values
+
+    def handle(self, event: Event, ctx: Context) -> Result:
+        opts = self.settings.options
+        command = opts["command"]
+        argv = shlex.split(command) if isinstance(command, str) else list(command)
+        try:
+            values = self._values(event)
+            argv = [arg.format(**values) for arg in argv]
+        except KeyError as exc:
+            raise PermanentError(f"placeholder {exc} is not available for {event.kind}") from None
+        try:
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=float(opts.get("timeout_s", 3600)),
+                check=False,
+            )
+        except FileNotFoundError:
+            raise PermanentError(f"program not found: {argv[0]}") from None
+        stderr = proc.stderr[-STDERR_TAIL:]
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit code {proc.returncode}; stderr: {stderr}")
+        ctx.log.info("command_done", argv=argv, exit_code=0)
+        return Result(detail=f"exit code 0; stderr: {stderr}" if stderr else "exit code 0")
