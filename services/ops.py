@@ -53,14 +53,10 @@ async def resume(js: JetStreamContext, stream: str, stage: str) -> None:
     await js.resume_consumer(stream, stage)
 
 
-def _tile_tokens(event: Event) -> tuple[str, str]:
-    return event.slice_token(), event.tile_token()
-
-
-async def _republish(js: JetStreamContext, stage: str, event: Event, tag: str, seq: int) -> None:
-    slice_token, tile_token = _tile_tokens(event)
+async def republish(js: JetStreamContext, stage: str, event: Event, tag: str, seq: int) -> None:
+    """Send one input event to one stage only, tagged (see the module docstring)."""
     await js.publish(
-        redo_subject(stage, event.acq, slice_token, tile_token),
+        redo_subject(stage, event.acq, event.slice_token(), event.tile_token()),
         event.to_json(),
         headers={MSG_ID: f"redo:{stage}:{tag}:{seq}", REPLAY_HEADER: tag},
     )
@@ -84,7 +80,7 @@ async def replay(
             if since is not None and msg.metadata.timestamp < since:
                 continue
             event = decode_event(msg.data)
-            await _republish(js, stage, event, tag, msg.metadata.sequence.stream)
+            await republish(js, stage, event, tag, msg.metadata.sequence.stream)
             sent.append(event)
     return sent
 
@@ -127,7 +123,7 @@ async def retry(js: JetStreamContext, stream: str, items: list[Failure]) -> int:
     tag = f"retry-{uuid.uuid4().hex[:8]}"
     for item in items:
         original = await js.get_last_msg(stream, item.event.input_subject)
-        await _republish(js, item.event.stage, decode_event(original.data), tag, item.seq)
+        await republish(js, item.event.stage, decode_event(original.data), tag, item.seq)
     return len(items)
 
 

@@ -67,6 +67,21 @@ async def command(config: Config, args: argparse.Namespace) -> int:
                     e.error[:100],
                 )
             console.print(table if items else "no failed tiles")
+        elif args.command == "repair":
+            from services import repair
+
+            actions = await _run(config, lambda js, _s: repair.plan(js, config, args.acq))
+            for action in actions:
+                console.print(action.describe())
+            if not actions:
+                console.print("nothing to repair")
+            elif args.apply:
+                count = await _run(
+                    config, lambda js, _s: repair.apply(js, config, args.acq, actions)
+                )
+                console.print(f"republished {count} inputs")
+            else:
+                console.print(f"{len(actions)} actions (dry run; --apply to republish)")
         elif args.command == "history":
             events = await _run(config, ops.history, args.acq, args.slice, _tile_token(args.tile))
             table = Table(
@@ -109,6 +124,9 @@ def add_commands(add) -> None:
     p = add("retry", "re-queue the failed inputs (optionally of one stage)")
     p.add_argument("acq", nargs="?", default=None)
     p.add_argument("--stage", default=None)
+    p = add("repair", "republish exactly the missing work of each stage (dry run by default)")
+    p.add_argument("acq")
+    p.add_argument("--apply", action="store_true")
     p = add("history", "every event and attempt of one tile")
     p.add_argument("acq")
     p.add_argument("slice", type=int)

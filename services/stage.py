@@ -12,6 +12,7 @@ from messages.events import Event
 from services.config import Config, StageSettings
 
 HOSTNAME = socket.gethostname()
+REPAIR_PREFIX = "repair-"  # repairs only fill in what is missing
 
 
 class PermanentError(Exception):
@@ -39,7 +40,12 @@ class Context:
     worker: str = ""
     js: JetStreamContext | None = None
     log: Any = None
-    replay: str | None = None  # set by `tilepipe replay`/`retry`: recompute even if complete
+    replay: str | None = None  # tag of a `tilepipe replay`/`retry`/`repair` delivery
+
+    @property
+    def force(self) -> bool:
+        """Recompute even if the outputs are complete (a replay or retry, not a repair)."""
+        return self.replay is not None and not self.replay.startswith(REPAIR_PREFIX)
 
 
 class Stage:

@@ -40,7 +40,7 @@ class Convert(Stage):
             "raw_mtime_ns": stat.st_mtime_ns,
         }
         written = 0
-        if ctx.replay or not is_complete(target, **source):
+        if ctx.force or not is_complete(target, **source):
             started = time.perf_counter()
             data = read_tile(raw_file, manifest.raw)  # raises on truncated / corrupt input
             cal = manifest.spectrometer()

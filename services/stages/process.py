@@ -66,7 +66,7 @@ class Process(Stage):
         started = time.perf_counter()
         device = self.device
         read = written = 0
-        if not ctx.replay and is_complete(target, **source):
+        if not ctx.force and is_complete(target, **source):
             device = zarr_attrs(target).get("device", device)
         else:
             raw = zarr.open_array(str(source_dir), mode="r")[:]

@@ -113,7 +113,7 @@ class Stitch(Stage):
             if nb not in done:
                 continue
             a, b = sorted([(tile.row, tile.col), nb])  # fixed = upper / left tile
-            if (a, b) in state.pairs and not ctx.replay:
+            if (a, b) in state.pairs and not ctx.force:
                 continue
             record = await asyncio.to_thread(
                 self._align, manifest, state.tiles[a]["products"], state.tiles[b]["products"], a, b
@@ -201,7 +201,9 @@ class Stitch(Stage):
             acq,
             slice_index,
             mosaic,
-            digest != state.stitched_digest or bool(ctx.replay),
+            digest != state.stitched_digest
+            or ctx.force
+            or not self.config.roots.resolve("output", rel).exists(),
         )
         await book.mark_stitched(digest)
         ctx.log.info(

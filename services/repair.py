@@ -1,0 +1,125 @@
+"""`tilepipe repair ACQ`: compare the manifest's lattice with the event log and the outputs on
+disk, and republish exactly the missing work of each stage (dry run unless `--apply`).
+
+Per tile, in pipeline order:
+- raw file complete on disk, no `tile_arrived` in the log -> publish `tile_arrived`;
+- `tile_arrived` logged, but no `tile_converted` or the converted store is missing -> convert;
+- `tile_converted` logged, but no `tile_processed` or the products are missing -> process;
+- `tile_processed` logged, but the slice's mosaic is not stitched or its store is missing
+  -> stitch (one tile of the mosaic).
+Inputs a stage gave up on are left to `tilepipe retry`. Repaired deliveries carry a
+`repair-` tag: stages only fill in what is missing (complete outputs are not recomputed), and
+their outputs are published as new events, so deleted events come back too.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from nats.js import JetStreamContext
+
+from messages.codec import decode_event
+from messages.events import TileArrived, TileCoord
+from messages.subjects import PREFIX, subject
+from services.acquisitions import acquisition_dir, lookup_acquisition, manifest_at, tile_key
+from services.atomic import is_complete
+from services.config import Config
+from services.eventlog import subjects_seen
+from services.layout import converted_path, mosaic_path, products_path
+from services.ops import republish
+from services.stage import REPAIR_PREFIX
+
+
+@dataclass
+class Action:
+    stage: str  # "watcher", "convert", "process", "stitch"
+    tile: TileCoord
+    reason: str
+    input_subject: str = ""
+
+    def describe(self) -> str:
+        return f"{self.stage:<8} slice {self.tile.slice} {self.tile.token():<12} {self.reason}"
+
+
+async def plan(js: JetStreamContext, config: Config, acq: str) -> list[Action]:
+    """What is missing, stage by stage."""
+    record = await lookup_acquisition(js, acq)
+    if record is None:
+        raise ValueError(f"unknown acquisition {acq!r} (the watcher has not seen it)")
+    manifest = manifest_at(config.roots.raw, record["manifest"])
+    acq_dir = config.roots.resolve("raw", record["manifest"]).parent
+    stream = config.nats.stream
+    seen = await subjects_seen(js, stream, f"{PREFIX}.*.{acq}.>")
+    by_kind: dict[str, set[str]] = {}
+    for subj in seen:
+        _p, kind, _a, slice_token, tile_token = subj.split(".", 4)
+        by_kind.setdefault(kind, set()).add(f"{slice_token}.{tile_token}")
+    failed = by_kind.get("stage_failed", set())
+    roots = config.roots
+    actions: list[Action] = []
+    stitched_needed: set[tuple[int, int]] = set()
+    for tile in manifest.lattice.coords():
+        key = tile_key(tile)
+
+        def logged(kind: str, key: str = key) -> bool:
+            return key in by_kind.get(kind, set())
+
+        def subj(kind: str, tile: TileCoord = tile) -> str:
+            return subject(kind, acq, str(tile.slice), tile.token())
+
+        raw = acq_dir / manifest.path_of(tile)
+        if not logged("tile_arrived"):
+            if raw.exists() and raw.stat().st_size >= manifest.raw.expected_bytes:
+                actions.append(Action("watcher", tile, "raw file complete, no tile_arrived"))
+            continue
+        if key in failed:
+            continue  # a stage gave up: `tilepipe retry`
+        converted = roots.resolve("work", converted_path(acq, tile))
+        if not logged("tile_converted") or not is_complete(converted):
+            why = "no tile_converted" if not logged("tile_converted") else "store missing"
+            actions.append(Action("convert", tile, why, subj("tile_arrived")))
+            continue
+        products = roots.resolve("work", products_path(acq, tile))
+        if not logged("tile_processed") or not is_complete(products):
+            why = "no tile_processed" if not logged("tile_processed") else "products missing"
+            actions.append(Action("process", tile, why, subj("tile_converted")))
+            continue
+        mosaic_key = (tile.slice, tile.mosaic)
+        mosaic_store = roots.resolve("output", mosaic_path(acq, tile.slice, tile.mosaic))
+        mosaic_logged = f"{tile.slice}.m{tile.mosaic}" in by_kind.get("slice_stitched", set())
+        if mosaic_key not in stitched_needed and (not mosaic_logged or not mosaic_store.exists()):
+            stitched_needed.add(mosaic_key)
+            why = "slice not stitched" if not mosaic_logged else "mosaic store missing"
+            actions.append(Action("stitch", tile, why, subj("tile_processed")))
+    return actions
+
+
+async def apply(js: JetStreamContext, config: Config, acq: str, actions: list[Action]) -> int:
+    """Republish the inputs of the planned actions."""
+    tag = f"{REPAIR_PREFIX}{uuid.uuid4().hex[:8]}"
+    record = await lookup_acquisition(js, acq)
+    manifest = manifest_at(config.roots.raw, record["manifest"]) if record else None
+    for n, action in enumerate(actions):
+        if action.stage == "watcher":
+            base = acquisition_dir(record["manifest"])
+            raw_rel = "/".join(p for p in (base, manifest.path_of(action.tile)) if p)
+            stat = config.roots.resolve("raw", raw_rel).stat()
+            event = TileArrived(
+                acq=acq,
+                tile=action.tile,
+                path=raw_rel,
+                manifest=record["manifest"],
+                size_bytes=stat.st_size,
+                raw_format=manifest.raw.format,
+                producer="repair",
+                completed_at=datetime.fromtimestamp(stat.st_mtime, UTC),
+            )
+            await js.publish(
+                event.subject(), event.to_json(), headers={"Nats-Msg-Id": f"{event.msg_id()}:{tag}"}
+            )
+            continue
+        original = await js.get_last_msg(config.nats.stream, action.input_subject)
+        await republish(js, action.stage, decode_event(original.data), tag, n)
+    return len(actions)
