@@ -287,7 +287,7 @@ class Attempt(Event):
     input_type: Name
     input_subject: Annotated[str, StringConstraints(max_length=512)]
     attempt: Index
-    outcome: Literal["ok", "retry", "failed"]
+    outcome: Literal["ok", "retry", "failed", "held"]
     host: Annotated[str, StringConstraints(max_length=200)] = ""
     worker: Annotated[str, StringConstraints(max_length=200)] = ""
     started_at: datetime

@@ -43,3 +43,8 @@ def redo_subject(stage: str, acq: str, slice_token: str = ANY, tile_token: str =
     Each stage's consumer also listens on `tp.redo_<stage>.>`; other stages never see it.
     """
     return subject(f"redo_{stage}", acq, slice_token, tile_token)
+
+
+def hold_subject(stage: str, acq: str, slice_token: str = ANY, tile_token: str = ANY) -> str:
+    """Where a stage parks the inputs of a held acquisition (`tp.hold_<stage>...`)."""
+    return subject(f"hold_{stage}", acq, slice_token, tile_token)

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 LATTICE_BUCKET = "tp-lattice"
+HOLD_PREFIX = "holds"  # `holds.<acq>`: the acquisition is on hold in every stage
 TERMINAL = ("processed", "failed", "missing")
 
 

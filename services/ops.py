@@ -8,17 +8,23 @@ are complete. Other stages' progress is untouched.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
 
 from messages.codec import decode_event
 from messages.events import Attempt, Event, StageFailed
 from messages.subjects import PREFIX, redo_subject
 from services.bus import MSG_ID, REPLAY_HEADER
+from services.eventlog import subjects_seen
+from services.lattice import HOLD_PREFIX, LATTICE_BUCKET
+from services.stage import REPAIR_PREFIX
 from services.status import read_events
 
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
@@ -51,6 +57,36 @@ async def pause(
 async def resume(js: JetStreamContext, stream: str, stage: str) -> None:
     await js.consumer_info(stream, stage)
     await js.resume_consumer(stream, stage)
+
+
+async def hold(js: JetStreamContext, stream: str, acq: str) -> None:
+    """Hold one acquisition's work in every stage; other acquisitions continue."""
+    kv = await js.key_value(LATTICE_BUCKET)
+    await kv.put(f"{HOLD_PREFIX}.{acq}", b"held")
+
+
+async def release(js: JetStreamContext, stream: str, acq: str, settle_s: float = 1.0) -> int:
+    """Lift the hold and send every parked input back to its stage; returns how many."""
+    kv = await js.key_value(LATTICE_BUCKET)
+    with contextlib.suppress(KeyNotFoundError):
+        await kv.delete(f"{HOLD_PREFIX}.{acq}")
+    await asyncio.sleep(settle_s)  # stages see the release before the parked inputs return
+    tag = f"{REPAIR_PREFIX}release-{uuid.uuid4().hex[:8]}"
+    sent = 0
+    for _ in range(5):  # inputs parked while releasing are picked up by the next round
+        seen = await subjects_seen(js, stream, f"{PREFIX}.*.{acq}.>")
+        stages = sorted({s.split(".")[1] for s in seen if s.split(".")[1].startswith("hold_")})
+        parked = [
+            m for st in stages for m in await read_events(js, stream, f"{PREFIX}.{st}.{acq}.>")
+        ]
+        if not parked:
+            break
+        for msg in parked:
+            stage = msg.subject.split(".")[1].removeprefix("hold_")
+            await republish(js, stage, decode_event(msg.data), tag, msg.metadata.sequence.stream)
+            await js.delete_msg(stream, msg.metadata.sequence.stream)
+            sent += 1
+    return sent
 
 
 async def republish(js: JetStreamContext, stage: str, event: Event, tag: str, seq: int) -> None:

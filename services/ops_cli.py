@@ -32,11 +32,21 @@ def _tile_token(text: str) -> str:
 async def command(config: Config, args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)  # pipes get full rows
     try:
-        if args.command == "pause":
+        if args.command == "pause" and args.acq:
+            await _run(config, ops.hold, args.acq)
+            console.print(f"acquisition {args.acq} held in every stage")
+        elif args.command == "resume" and args.acq:
+            count = await _run(config, ops.release, args.acq)
+            console.print(f"acquisition {args.acq} released; {count} held inputs sent back")
+        elif args.command == "pause":
+            if not args.stage:
+                raise ValueError("name a STAGE, or --acq ACQ")
             duration = ops.parse_duration(args.for_) if args.for_ else None
             until = await _run(config, ops.pause, args.stage, duration)
             console.print(f"{args.stage} paused until {until}")
         elif args.command == "resume":
+            if not args.stage:
+                raise ValueError("name a STAGE, or --acq ACQ")
             await _run(config, ops.resume, args.stage)
             console.print(f"{args.stage} resumed")
         elif args.command == "replay":
@@ -109,11 +119,13 @@ async def command(config: Config, args: argparse.Namespace) -> int:
 
 def add_commands(add) -> None:
     """Register the operator subcommands with the CLI's `add` helper."""
-    p = add("pause", "hold a stage (its consumer) until resumed or for a duration")
-    p.add_argument("stage")
+    p = add("pause", "hold a stage (its consumer) until resumed or for a duration, or --acq")
+    p.add_argument("stage", nargs="?", default=None)
     p.add_argument("--for", dest="for_", default=None, help="e.g. 30m, 1h30m, 2d")
-    p = add("resume", "release a paused stage")
-    p.add_argument("stage")
+    p.add_argument("--acq", default=None, help="hold one acquisition in every stage instead")
+    p = add("resume", "release a paused stage, or a held acquisition (--acq)")
+    p.add_argument("stage", nargs="?", default=None)
+    p.add_argument("--acq", default=None)
     p = add("replay", "reprocess one stage's inputs from the event log (only that stage)")
     p.add_argument("stage")
     p.add_argument("--acq", required=True)

@@ -24,8 +24,10 @@ from nats.js.errors import NotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed, TileEvent, utcnow
+from messages.subjects import hold_subject
 from services.bus import REPLAY_HEADER, connect, publish_event
 from services.config import Config, StageSettings
+from services.lattice import HOLD_PREFIX, LATTICE_BUCKET
 from services.logs import get_logger
 from services.metrics import (
     BYTES_READ,
@@ -100,6 +102,7 @@ class StageRunner:
         # id(message) -> (message, monotonic time of its last beat)
         self._in_flight: dict[int, tuple[Msg, float]] = {}
         self.m = _StageMetrics(self.name)
+        self.held: set[str] = set()  # acquisitions on hold (`tilepipe pause --acq`)
         self.ready = asyncio.Event()
         self.nc: Client | None = None
 
@@ -116,7 +119,9 @@ class StageRunner:
                 return
             await self.stage.setup(js)
             sub = await js.pull_subscribe_bind(consumer=self.name, stream=self.config.nats.stream)
-            poller = asyncio.gather(self._poll_backlog(js, stop), self._heartbeats(stop))
+            poller = asyncio.gather(
+                self._poll_backlog(js, stop), self._heartbeats(stop), self._watch_holds(js, stop)
+            )
             self.ready.set()
             self.log.info("stage_started", concurrency=self.settings.concurrency)
             await self._consume(js, sub, stop, tasks)
@@ -209,6 +214,9 @@ class StageRunner:
             return
         log = self.log.bind(**event.log_context(), attempt=attempt)
         replay = (msg.headers or {}).get(REPLAY_HEADER)
+        if event.acq in self.held:
+            await self._park(js, msg, event, replay, log)
+            return
         if attempt > self.settings.max_deliver:
             error = f"no acknowledgement after {self.settings.max_deliver} deliveries (worker lost)"
             await self._fail(js, msg, event, error, attempt - 1, replay, log)
@@ -357,6 +365,47 @@ class StageRunner:
             await self.nc.publish(
                 record.subject(), record.to_json(), headers={"Nats-Msg-Id": record.msg_id()}
             )
+
+    async def _park(
+        self, js: JetStreamContext, msg: Msg, event: Event, replay: str | None, log
+    ) -> None:
+        """Set aside an input of a held acquisition until `tilepipe resume --acq`."""
+        headers = {"Nats-Msg-Id": f"hold:{self.name}:{msg.metadata.sequence.stream}"}
+        if replay:
+            headers[REPLAY_HEADER] = replay
+        try:
+            await js.publish(
+                hold_subject(self.name, event.acq, event.slice_token(), event.tile_token()),
+                msg.data,
+                headers=headers,
+            )
+        except TRANSIENT_NATS_ERRORS as exc:
+            log.warning("hold_failed", error=str(exc) or type(exc).__name__)
+            await _quietly(msg.nak(delay=1.0))
+            return
+        await _quietly(msg.ack())
+        log.info("input_held")
+        await self._record(msg, event, msg.metadata.num_delivered, "held", utcnow(), replay)
+
+    async def _watch_holds(self, js: JetStreamContext, stop: asyncio.Event) -> None:
+        """Keep `held` in step with the hold keys in KV (pushed by the server)."""
+        while not stop.is_set():
+            try:
+                kv = await js.key_value(LATTICE_BUCKET)
+                watcher = await kv.watch(f"{HOLD_PREFIX}.*")
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    acq = entry.key.split(".", 1)[1]
+                    if entry.operation in ("DEL", "PURGE"):
+                        self.held.discard(acq)
+                    else:
+                        self.held.add(acq)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnecting: watch again
+                self.log.debug("hold_watch_retry", error=str(exc) or type(exc).__name__)
+                await _sleep_or_stop(stop, 1.0)
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         """Tell the server which messages are still being worked on (resets `ack_wait`).

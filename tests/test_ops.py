@@ -292,3 +292,33 @@ async def test_command_stage_runs_a_program_per_tile_with_history(config, js, tm
     bad_rows = ops.history_rows(await ops.history(js, "TILEPIPE", "ops", 0, "m0-r0-c3"))
     assert [r[5] for r in bad_rows if r[1] == "qc" and r[3]] == ["retry", "failed", "gave up"]
     assert all("exit code 3" in r[7] for r in bad_rows if r[5] in ("retry", "gave up"))
+
+
+async def test_hold_one_acquisition_while_others_continue(config, js):
+    async with running(config, concurrency=2):
+        proc = await asyncio.to_thread(tilepipe, config, "pause", "--acq", "held")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        await asyncio.sleep(0.5)
+        for col in range(3):
+            await publish_event(js, arrived(0, col, acq="held"))
+        for col in range(2):
+            await publish_event(js, arrived(0, col, acq="free"))
+
+        async def free_done():
+            return len(await stream_messages(js, "tp.tile_converted.free.>")) == 2
+
+        await wait_for(free_done)
+        await asyncio.sleep(1.0)
+        assert await stream_messages(js, "tp.tile_converted.held.>") == []
+        assert len(await stream_messages(js, "tp.hold_convert_like.held.>")) == 3
+        proc = await asyncio.to_thread(tilepipe, config, "resume", "--acq", "held")
+        assert proc.returncode == 0 and "3 held inputs sent back" in proc.stdout
+
+        async def held_done():
+            return len(await stream_messages(js, "tp.tile_converted.held.>")) == 3
+
+        await wait_for(held_done)
+        await asyncio.sleep(0.5)
+    assert await stream_messages(js, "tp.hold_convert_like.held.>") == []
+    converted = await stream_messages(js, "tp.tile_converted.>")
+    assert len(converted) == 5
