@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from messages.codec import decode_event
+from messages.events import utcnow
 from messages.subjects import PREFIX
 from services.eventlog import subjects_seen
 
@@ -49,6 +51,27 @@ class Status:
     tiles: dict[str, str | None] = field(default_factory=dict)  # tile key -> furthest kind
     stages: dict[str, StageCounts] = field(default_factory=dict)
     expected: int | None = None
+    started_at: datetime | None = None
+    taken_at: datetime = field(default_factory=utcnow)
+
+    def rate_per_min(self, done: int) -> float | None:
+        """Average items per minute since the acquisition started."""
+        if self.started_at is None:
+            return None
+        minutes = (self.taken_at - self.started_at).total_seconds() / 60.0
+        return done / minutes if minutes > 0 else None
+
+    def eta_s(self) -> float | None:
+        """Seconds until every expected tile reaches the last tile stage, at the average rate."""
+        last = next((k for k in reversed(TILE_PROGRESS) if self.count(k)), None)
+        if self.expected is None or last is None:
+            return None
+        rate = self.rate_per_min(self.count(last))
+        remaining = self.expected - self.count(last) - len(self.failed_tiles)
+        if remaining <= 0:
+            return 0.0
+        return remaining / rate * 60.0 if rate else None
+
     finished: bool = False
     failed_tiles: set[str] = field(default_factory=set)
     mosaics: dict[str, set[str]] = field(default_factory=dict)  # kind -> {"<slice>.m<mosaic>"}
@@ -118,7 +141,11 @@ async def snapshot(
         counts.paused = bool(getattr(info, "paused", False))
     started = await subjects_seen(js, stream, f"{PREFIX}.acq_started.{acq}.>")
     if started:
-        status.expected = await _expected(js, stream, acq)
+        first = await read_events(js, stream, f"{PREFIX}.acq_started.{acq}.>", limit=1)
+        if first:
+            event = decode_event(first[0].data)
+            status.expected = event.tiles_expected
+            status.started_at = event.emitted_at
     return status
 
 
@@ -127,11 +154,6 @@ async def _failed_events(js: JetStreamContext, stream: str, acq: str) -> list:
         decode_event(m.data)
         for m in await read_events(js, stream, f"{PREFIX}.stage_failed.{acq}.>")
     ]
-
-
-async def _expected(js: JetStreamContext, stream: str, acq: str) -> int | None:
-    msgs = await read_events(js, stream, f"{PREFIX}.acq_started.{acq}.>", limit=1)
-    return decode_event(msgs[0].data).tiles_expected if msgs else None
 
 
 async def read_events(

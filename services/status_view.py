@@ -16,6 +16,8 @@ def status_json(status: Status) -> dict:
     return {
         "acq": status.acq,
         "expected": status.expected,
+        "started_at": status.started_at.isoformat() if status.started_at else None,
+        "eta_s": status.eta_s(),
         "finished": status.finished,
         "tiles": counts,
         "failed_tiles": sorted(status.failed_tiles),
@@ -50,17 +52,35 @@ def lattice_text(status: Status, rows: int, cols: int, slices: int, mosaics: int
     return text
 
 
+def _rate(status: Status, done: int) -> str:
+    rate = status.rate_per_min(done)
+    return "" if rate is None else f"{rate:.1f}"
+
+
 def stage_table(status: Status) -> Table:
-    table = Table(title=f"acquisition {status.acq}", title_justify="left")
-    for column in ("stage", "done", "failed", "waiting", "in progress", "paused"):
+    eta = status.eta_s()
+    caption = (
+        None
+        if eta is None
+        else ("done" if eta == 0 else f"ETA {eta / 60:.1f} min at the average rate")
+    )
+    table = Table(
+        title=f"acquisition {status.acq}",
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+    )
+    for column in ("stage", "done", "failed", "waiting", "in progress", "per min", "paused"):
         table.add_column(column, justify="right" if column != "stage" else "left")
     expected = status.expected
+    arrived = status.count("tile_arrived")
     table.add_row(
         "arrived",
-        f"{status.count('tile_arrived')}" + (f"/{expected}" if expected else ""),
+        f"{arrived}" + (f"/{expected}" if expected else ""),
         "",
         "",
         "",
+        _rate(status, arrived),
         "",
     )
     for name, c in status.stages.items():
@@ -70,6 +90,7 @@ def stage_table(status: Status) -> Table:
             str(c.failed) if c.failed else "",
             "" if c.waiting is None else str(c.waiting),
             "" if c.in_progress is None else str(c.in_progress),
+            _rate(status, c.done),
             "yes" if c.paused else "",
         )
     return table

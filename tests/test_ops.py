@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -226,6 +227,13 @@ async def test_status_renders_done_running_failed_and_missing(config, js):
     lines = [line.rstrip() for line in text.splitlines()]
     grid = lines[lines.index("slice 0 mosaic 0") + 1 : lines.index("slice 0 mosaic 0") + 3]
     assert grid == ["c c X", "a a ·"]
+    assert "per min" in text and "ETA" in text
+    proc = await asyncio.to_thread(tilepipe, config, "status", "st", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["tiles"] == {"tile_arrived": 4, "tile_converted": 2, "tile_processed": 0}
+    assert data["failed_tiles"] == ["0.m0-r0-c2"] and data["expected"] == 6
+    assert data["stages"]["convert"]["failed"] == 1
 
 
 async def test_stage_added_while_running_back_fills(config, js):
