@@ -84,6 +84,67 @@ TILES_BY_DEVICE = Counter(
 )
 
 
+UPLOAD_BYTES = Counter(
+    "tilepipe_upload_bytes_total",
+    "Bytes sent to object storage (rate() of it is the upload throughput), by product.",
+    ["product"],
+)
+UPLOAD_OBJECTS = Counter(
+    "tilepipe_upload_objects_total",
+    "Objects the uploader handled, by outcome (uploaded, skipped, deleted).",
+    ["outcome"],
+)
+UPLOAD_ARTIFACTS = Counter(
+    "tilepipe_upload_artifacts_total",
+    "Artifacts the uploader handled, by product and outcome (uploaded, skipped, failed).",
+    ["product", "outcome"],
+)
+UPLOAD_FAILURES = Counter(
+    "tilepipe_upload_failures_total",
+    "Failed object-storage operations (each retry counts), by reason (auth, not_found, "
+    "verify, transient, config).",
+    ["reason"],
+)
+UPLOAD_SECONDS = Histogram(
+    "tilepipe_upload_duration_seconds",
+    "Time to hash, upload and verify one artifact.",
+    ["product"],
+    buckets=DURATION_BUCKETS,
+)
+
+
+# ---------------------------------------------------------------- monitoring (issue 9)
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+END_TO_END_SECONDS = Histogram(
+    "tilepipe_end_to_end_latency_seconds",
+    "From the last input tile of an output being complete on disk (tile_arrived completed_at) "
+    "to the output event a stage published (its emitted_at), by stage and event kind.",
+    ["stage", "event"],
+    buckets=LATENCY_BUCKETS,
+)
+ACQ_TILES_DONE = Gauge(
+    "tilepipe_acquisition_tiles_done",
+    "Distinct tiles of an acquisition a stage has published its output for (stitch: tiles in "
+    "stitched mosaics); from the event log, refreshed by the stage.",
+    ["acq", "stage"],
+)
+ACQ_FINISHED = Gauge(
+    "tilepipe_acquisition_finished",
+    "1 once an acquisition is finished (lattice complete or declared), 0 while acquiring.",
+    ["acq"],
+)
+DATA_ROOT_FREE = Gauge(
+    "tilepipe_data_root_free_bytes",
+    "Bytes available to unprivileged users on the filesystem of a data root (raw, work, output).",
+    ["root", "path"],
+)
+DATA_ROOT_SIZE = Gauge(
+    "tilepipe_data_root_size_bytes",
+    "Size of the filesystem holding a data root (raw, work, output).",
+    ["root", "path"],
+)
+
+
 def serve_metrics(host: str, port: int) -> int:
     """Expose /metrics on host:port (0 picks a free port); returns the bound port."""
     server, _thread = start_http_server(port, addr=host)

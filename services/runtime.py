@@ -112,23 +112,29 @@ class StageRunner:
         self.nc = nc
         js = nc.jetstream()
         tasks: set[asyncio.Task] = set()
-        poller: asyncio.Task | None = None
+        background: list[asyncio.Task] = []
         try:
             await self._bind_consumer(js, stop)
             if stop.is_set():
                 return
             await self.stage.setup(js)
             sub = await js.pull_subscribe_bind(consumer=self.name, stream=self.config.nats.stream)
-            poller = asyncio.gather(
-                self._poll_backlog(js, stop), self._heartbeats(stop), self._watch_holds(js, stop)
-            )
+            background = [
+                asyncio.create_task(job)
+                for job in (
+                    self._poll_backlog(js, stop),
+                    self._heartbeats(stop),
+                    self._watch_holds(js, stop),
+                )
+            ]
             self.ready.set()
             self.log.info("stage_started", concurrency=self.settings.concurrency)
             await self._consume(js, sub, stop, tasks)
         finally:
             await self._drain(tasks)
-            if poller is not None:
-                poller.cancel()
+            for job in background:
+                job.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             # In-flight work is finished (acks and publishes sent): flush and close. A full
             # `drain()` would wait on the idle pull request until its own timeout.
             with contextlib.suppress(Exception):

@@ -20,6 +20,8 @@ BUILTIN: dict[str, str] = {
     "convert": "services.stages.convert:Convert",
     "process": "services.stages.process:Process",
     "stitch": "services.stages.stitch:Stitch",
+    "register": "services.stages.register:Register",
+    "upload": "services.stages.upload:Upload",
 }
 
 

@@ -1,0 +1,450 @@
+"""upload stage against a real S3-compatible server (moto_server on loopback) and file://.
+
+Every test drives the real `Upload` stage under the real `StageRunner` on the real nats-server
+fixture, exactly as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import zarr
+from botocore.config import Config as BotoConfig
+
+from messages import SliceStitched, TileCoord, TileProcessed, decode_event
+from messages.events import TilePosition
+from services.bus import publish_event
+from services.config import ConfigError, StageSettings
+from services.metrics import EVENTS_HANDLED, UPLOAD_FAILURES
+from services.runtime import StageRunner
+from services.stages.upload import Upload, parse_options
+from services.storage import MARKER, digest_file, upload_phases
+from tests.conftest import stream_messages, wait_for
+
+BUCKET = "tp-bucket"
+PART = 256 * 1024
+TILE = TileCoord(slice=0, mosaic=0, row=1, col=2)
+PSOCT_KEY = (
+    "sub-acq1/micr/tiles/slice0000/sub-acq1_sample-slice0000_acq-m0_chunk-r001c002_psoct.zarr"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MotoServer:
+    """`moto_server` as a subprocess on a loopback port (in-memory: a restart loses all)."""
+
+    def __init__(self, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "S3_UPLOAD_PART_MIN_SIZE": "65536", **env}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MotoServer:
+        exe = Path(sys.executable).with_name("moto_server")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
+        self.proc = subprocess.Popen(
+            [*cmd, "-H", "127.0.0.1", "-p", str(self.port)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def client(self, key: str = "testing"):
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=key,
+            aws_secret_access_key=key,
+            config=BotoConfig(retries={"max_attempts": 1}),
+        )
+
+
+class PausingProxy:
+    """TCP relay to a server; after `pause_after` request bytes it holds all traffic.
+
+    `resume()` drops every held connection and relays new ones again: to the client this looks
+    like a server that went away mid-request.
+    """
+
+    def __init__(self, upstream_port: int, pause_after: int) -> None:
+        self.upstream_port = upstream_port
+        self.pause_after: int | None = pause_after
+        self.sent = 0
+        self.paused = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> PausingProxy:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _client(self, reader, writer) -> None:
+        await self.gate.wait()
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+        await asyncio.gather(
+            self._pump(reader, up_writer, count=True),
+            self._pump(up_reader, writer),
+            return_exceptions=True,
+        )
+        for w in (writer, up_writer):
+            w.close()
+            self.writers.discard(w)
+
+    async def _pump(self, reader, writer, count: bool = False) -> None:
+        while data := await reader.read(65536):
+            if count:
+                await self.gate.wait()
+                self.sent += len(data)
+                if self.pause_after is not None and self.sent >= self.pause_after:
+                    self.pause_after = None
+                    self.gate.clear()
+                    self.paused.set()
+                    await self.gate.wait()
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    def resume(self) -> None:
+        for w in list(self.writers):
+            w.close()
+        self.writers.clear()
+        self.gate.set()
+
+    async def close(self) -> None:
+        self.resume()
+        self.server.close()
+
+
+@pytest.fixture
+def moto():
+    server = MotoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@contextlib.asynccontextmanager
+async def upload_stage(config, options: dict, **settings):
+    """The real stage under the real runner, until the block ends."""
+    merged = {
+        **Upload.defaults,
+        "enabled": True,
+        "max_deliver": 3,
+        "backoff_s": [0.2, 0.5],
+        **settings,
+        "options": options,
+    }
+    stage = Upload(config, StageSettings(**merged))
+    runner = StageRunner(stage, config, fetch_timeout=0.5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    await wait_for(lambda: runner.ready.is_set())
+    try:
+        yield stage
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        stage.storage.close()
+
+
+def s3_options(endpoint: str, **extra) -> dict:
+    return {
+        "url": f"s3://{BUCKET}/run1",
+        "endpoint": endpoint,
+        "region": "us-east-1",
+        "part_size_mb": PART / 1024 / 1024,
+        "part_concurrency": 3,
+        "concurrency": 4,
+        "backoff_initial_s": 0.1,
+        "backoff_max_s": 1.0,
+        "request_timeout_s": 10,
+        **extra,
+    }
+
+
+def write_tile(config, big_bytes: int, acq: str = "acq1") -> TileProcessed:
+    """A products group like process writes (one big chunk), its converted store and raw."""
+    raw_rel = f"{acq}/slice000/tile_0001.nii"
+    conv_rel = f"{acq}/converted/slice0000/{TILE.token()}.zarr"
+    prod_rel = f"{acq}/products/slice0000/{TILE.token()}.zarr"
+    raw = config.roots.raw / raw_rel
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_bytes(os.urandom(300_000))
+    conv = zarr.open_group(str(config.roots.work / conv_rel), mode="w", zarr_format=3)
+    conv.attrs["raw_path"] = raw_rel
+    group = zarr.open_group(str(config.roots.work / prod_rel), mode="w", zarr_format=3)
+    rng = np.random.default_rng(0)
+    db = rng.random((big_bytes // 1024, 256), dtype=np.float32)
+    group.create_array("db", data=db, chunks=db.shape, compressors=None)
+    group.create_array("aip", data=db[:16, :16].copy(), chunks=(16, 16))
+    group.attrs.update({"source_path": conv_rel, "tilepipe_complete": True})
+    return TileProcessed(
+        acq=acq,
+        tile=TILE,
+        products={"db": f"{prod_rel}/db", "aip": f"{prod_rel}/aip"},
+        device="cpu",
+        seconds=0.1,
+    )
+
+
+def write_mosaic(config, acq: str = "acq1") -> SliceStitched:
+    rel = f"{acq}/mosaics/slice0000-m0.ome.zarr"
+    group = zarr.open_group(str(config.roots.output / rel), mode="w", zarr_format=3)
+    group.create_array("0", data=np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    return SliceStitched(acq=acq, slice=0, mosaic=0, path=rel)
+
+
+async def events(js, kind: str) -> list:
+    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.>")]
+
+
+def local_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def s3_tree(client, prefix: str) -> dict[str, dict]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/")
+    return {o["Key"][len(prefix) + 1 :]: o for page in pages for o in page.get("Contents", [])}
+
+
+def handled_ok() -> float:
+    return EVENTS_HANDLED.labels("upload", "ok")._value.get()
+
+
+async def test_s3_multipart_verified_then_replay_skipped(config, js, moto, aws_env):
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    tile = write_tile(config, big_bytes=6 * PART + 1024)  # 7 parts
+    mosaic = write_mosaic(config)
+    async with upload_stage(config, s3_options(moto.url, include_raw=True)):
+        await publish_event(js, tile)
+        await publish_event(js, mosaic)
+
+        async def three():
+            return len(await events(js, "artifact_uploaded")) == 3
+
+        await wait_for(three, timeout=30)
+        done = {e.product: e for e in await events(js, "artifact_uploaded")}
+        assert await events(js, "stage_failed") == []
+
+        # the tile's Zarr group: every file stored byte for byte, the big chunk as 7 parts
+        psoct = done["psoct"]
+        assert psoct.key == f"s3://{BUCKET}/run1/{PSOCT_KEY}"
+        local = local_files(config.roots.work / psoct.source)
+        stored = s3_tree(s3, f"run1/{PSOCT_KEY}")
+        assert set(stored) == {*local, MARKER}
+        for rel, data in local.items():
+            body = s3.get_object(Bucket=BUCKET, Key=f"run1/{PSOCT_KEY}/{rel}")["Body"].read()
+            assert body == data, rel
+        assert stored["db/c/0/0"]["ETag"].strip('"').endswith("-7")
+        marker = json.loads(
+            s3.get_object(Bucket=BUCKET, Key=f"run1/{PSOCT_KEY}/{MARKER}")["Body"].read()
+        )
+        assert marker["checksum"] == psoct.checksum and psoct.checksum.startswith("sha256-tree:")
+        assert psoct.bytes == sum(len(d) for d in local.values()) == marker["bytes"]
+
+        raw = done["raw"]
+        raw_bytes = (config.roots.raw / raw.source).read_bytes()
+        assert raw.checksum == "sha256:" + hashlib.sha256(raw_bytes).hexdigest()
+        raw_key = raw.key.removeprefix(f"s3://{BUCKET}/")
+        head = s3.head_object(Bucket=BUCKET, Key=raw_key)
+        assert head["ContentLength"] == len(raw_bytes) and head["ETag"].endswith('-2"')
+        assert head["Metadata"]["tilepipe-sha256"] == raw.checksum.removeprefix("sha256:")
+        assert done["mosaic"].key.endswith("sub-acq1_sample-slice0000_acq-m0_mosaic.ome.zarr")
+
+        # a replay PUTs nothing (versioning on: any PUT would add a version) and republishes
+        versions = s3.list_object_versions(Bucket=BUCKET)["Versions"]
+        before = handled_ok()
+        await publish_event(js, tile, replay="again")
+        await publish_event(js, mosaic, replay="again")
+        await wait_for(lambda: handled_ok() >= before + 2, timeout=20)
+        assert s3.list_object_versions(Bucket=BUCKET)["Versions"] == versions
+        again = await events(js, "artifact_uploaded")
+        assert len(again) == 6
+        assert {(e.product, e.checksum) for e in again[3:]} == {
+            (e.product, e.checksum) for e in done.values()
+        }
+
+
+async def test_s3_server_restart_mid_upload_retried(config, js, moto, aws_env):
+    moto.client().create_bucket(Bucket=BUCKET)
+    proxy = await PausingProxy(moto.port, pause_after=6 * PART).start()
+    tile = write_tile(config, big_bytes=24 * PART)
+    retries_before = sum(s.value for m in UPLOAD_FAILURES.collect() for s in m.samples)
+    options = s3_options(f"http://127.0.0.1:{proxy.port}", part_concurrency=2)
+    try:
+        async with upload_stage(config, options):
+            await publish_event(js, tile)
+            await asyncio.wait_for(proxy.paused.wait(), 20)  # mid-way through the upload
+            await asyncio.to_thread(moto.stop)
+            await asyncio.to_thread(moto.start)  # same port, empty: no bucket, no upload
+            await asyncio.to_thread(moto.client().create_bucket, Bucket=BUCKET)
+            proxy.resume()
+
+            async def uploaded():
+                return await events(js, "artifact_uploaded")
+
+            (event,) = await wait_for(uploaded, timeout=40)
+    finally:
+        await proxy.close()
+    assert await events(js, "stage_failed") == []
+    retries = sum(s.value for m in UPLOAD_FAILURES.collect() for s in m.samples)
+    assert retries > retries_before  # the cut-off upload failed and was retried
+    s3 = moto.client()
+    local = local_files(config.roots.work / event.source)
+    stored = s3_tree(s3, f"run1/{PSOCT_KEY}")
+    assert set(stored) == {*local, MARKER}  # everything re-sent to the emptied server
+    big = config.roots.work / event.source / "db/c/0/0"
+    assert stored["db/c/0/0"]["ETag"].strip('"') == digest_file(big, PART).etag
+    body = s3.get_object(Bucket=BUCKET, Key=f"run1/{PSOCT_KEY}/db/c/0/0")["Body"].read()
+    assert body == big.read_bytes()
+
+
+async def test_s3_wrong_credentials_fail_clearly(config, js, tmp_path, aws_env):
+    server = MotoServer(INITIAL_NO_AUTH_ACTION_COUNT="1").start()  # then keys are checked
+    try:
+        server.client().create_bucket(Bucket=BUCKET)  # the one unauthenticated action
+        creds = tmp_path / "credentials"
+        creds.write_text("[default]\naws_access_key_id = AKIAWRONG\naws_secret_access_key = x\n")
+        tile = write_tile(config, big_bytes=PART)
+        options = s3_options(server.url, credentials_file=str(creds))
+        async with upload_stage(config, options):
+            await publish_event(js, tile)
+
+            async def failed():
+                return await events(js, "stage_failed")
+
+            (failure,) = await wait_for(failed, timeout=20)
+    finally:
+        server.stop()
+    assert failure.stage == "upload" and failure.attempts == 1  # not retried
+    assert "refused access" in failure.error and "InvalidAccessKeyId" in failure.error
+    assert "check the credentials" in failure.error
+    assert await events(js, "artifact_uploaded") == []
+
+
+@pytest.mark.parametrize("delete_when", ["stitched", "uploaded"])
+async def test_file_destination_delete_after_upload_and_replay(config, js, tmp_path, delete_when):
+    dest = tmp_path / "dest"
+    tile = write_tile(config, big_bytes=2 * PART)
+    mosaic = write_mosaic(config).model_copy(
+        update={"positions": [TilePosition(row=TILE.row, col=TILE.col, y=0.0, x=0.0)]}
+    )
+    source = config.roots.work / tile.products["db"].rsplit("/", 1)[0]
+    local = local_files(source)
+    options = {
+        "url": f"file://{dest}",
+        "delete_after_upload": True,
+        "delete_when": delete_when,
+        "part_size_mb": 0.25,
+    }
+
+    async def uploaded(n: int):
+        async def check():
+            found = await events(js, "artifact_uploaded")
+            return found if len(found) == n else None
+
+        return await wait_for(check, timeout=20)
+
+    async with upload_stage(config, options):
+        await publish_event(js, tile)
+        (event,) = await uploaded(1)
+        assert event.key == f"file://{dest}/{PSOCT_KEY}"
+        stored = local_files(dest / PSOCT_KEY)
+        assert stored == {**local, MARKER: stored[MARKER]}
+        assert json.loads(stored[MARKER])["checksum"] == event.checksum
+        assert not [p for p in dest.rglob("*") if "#" in p.name]  # no staging files left
+        # stitch still needs the products until the mosaic is stitched
+        assert source.exists() == (delete_when == "stitched")
+        await publish_event(js, mosaic)
+        await uploaded(2)  # the mosaic (the tile's own event again is a dropped duplicate)
+        await wait_for(lambda: not source.exists())
+
+        # replayed after the local copy is gone: republished from the completeness marker
+        await publish_event(js, tile, replay="again")
+        third = (await uploaded(3))[2]
+    assert (third.product, third.checksum, third.bytes) == ("psoct", event.checksum, event.bytes)
+    assert await events(js, "stage_failed") == []
+
+
+def test_options_are_validated_with_clear_errors(tmp_path):
+    cases = [
+        ({}, "url: Field required"),
+        ({"url": "ftp://x/y"}, "unsupported destination"),
+        ({"url": "file://relative"}, "absolute path"),
+        ({"url": "s3://b", "store_options": {"secret_access_key": "s"}}, "credentials_file"),
+        ({"url": "s3://b", "key_template": "{acq}/{nope}"}, "unknown fields ['nope']"),
+        ({"url": "s3://b", "key_template": {"mosaic": "{acq}/{row}"}}, "unknown fields ['row']"),
+        ({"url": "s3://b", "key_template": "/{acq}"}, "invalid object key"),
+        ({"url": "s3://b", "credentials_file": str(tmp_path / "none")}, "not a readable file"),
+        ({"url": "gs://b", "verify": "etag"}, "needs an s3://"),
+        ({"url": "s3://b", "part_sise_mb": 8}, "part_sise_mb: Extra inputs"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ConfigError) as info:
+            parse_options(options)
+        assert message in str(info.value), (options, str(info.value))
+        assert "[stages.upload] options" in str(info.value)
+
+
+def test_zarr_metadata_goes_last_root_very_last():
+    paths = ["zarr.json", "db/zarr.json", "db/c/0/0", "aip/c/0", "aip/zarr.json", "a/b/zarr.json"]
+    phases = upload_phases(paths)
+    assert phases[0] == ["db/c/0/0", "aip/c/0"]
+    assert phases[1] == ["a/b/zarr.json"]
+    assert sorted(phases[2]) == ["aip/zarr.json", "db/zarr.json"]
+    assert phases[-1] == ["zarr.json"]
