@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -185,11 +186,22 @@ def _tok(t: dict) -> str:
 def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
     """The same E_{hop+1} as plain JSON: (subject, Nats-Msg-Id, payload dict)."""
     acq = d["acq"]
+    now = datetime.now(UTC).isoformat()
     head = {
         "v": 1,
         "acq": acq,
-        "emitted_at": datetime.now(UTC).isoformat(),
+        "emitted_at": now,
         "producer": producer,
+        # what the runtime stamps on every output (the successful attempt's record)
+        "origin": {
+            "stage": producer,
+            "input_type": CHAIN[hop].kind,
+            "attempt": 1,
+            "host": HOST,
+            "worker": producer,
+            "started_at": now,
+            "replay": "",
+        },
     }
     if hop == 0:
         t = d["tile"]
@@ -288,6 +300,9 @@ def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
     raise ValueError(f"no hop {hop}")
 
 
+HOST = socket.gethostname()
+
+
 def check_payloads(stages: int) -> list[int]:
     """Both variants must publish equivalent events; returns the payload sizes per kind."""
     event: Event = first_event("check", 1234)
@@ -303,7 +318,7 @@ def check_payloads(stages: int) -> list[int]:
             problems.append(f"keys {sorted(set(out) ^ set(ours))}")
         if subject != nxt.subject() or msg_id != nxt.msg_id() or msg_id != as_model.msg_id():
             problems.append(f"subject/msg id {subject} {msg_id} vs {nxt.subject()}")
-        if {**out, "emitted_at": 0} != {**ours, "emitted_at": 0}:
+        if {**out, "emitted_at": 0, "origin": 0} != {**ours, "emitted_at": 0, "origin": 0}:
             problems.append("field values differ")
         if problems:
             raise AssertionError(f"bare payload of hop {hop + 1} differs: {problems}")

@@ -44,6 +44,23 @@ class TileCoord(BaseModel):
         return {"slice": self.slice, "mosaic": self.mosaic, "row": self.row, "col": self.col}
 
 
+class Origin(BaseModel):
+    """Which delivery of which input produced an event: the successful attempt's record."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: Annotated[str, StringConstraints(max_length=64)]
+    input_type: Annotated[str, StringConstraints(max_length=64)]
+    attempt: Annotated[int, Field(ge=0, le=1_000_000)]
+    host: Annotated[str, StringConstraints(max_length=200)] = ""
+    worker: Annotated[str, StringConstraints(max_length=200)] = ""
+    started_at: datetime
+    replay: Annotated[str, StringConstraints(max_length=64)] = ""
+    arrived_at: datetime | None = Field(
+        default=None, description="when the tile file this work derives from was complete"
+    )
+
+
 class Event(BaseModel):
     """Common header of every event."""
 
@@ -54,6 +71,9 @@ class Event(BaseModel):
     acq: AcqId
     emitted_at: datetime = Field(default_factory=utcnow)
     producer: Annotated[str, StringConstraints(max_length=200)] = ""
+    origin: Origin | None = Field(
+        default=None, description="the delivery that produced this event (stamped by the runtime)"
+    )
 
     def slice_token(self) -> str:
         return ANY

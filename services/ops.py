@@ -139,12 +139,18 @@ async def failures(js: JetStreamContext, stream: str, acq: str | None = None) ->
     if not failed:
         return []
     ok: dict[tuple[str, str], datetime] = {}
-    for m in await read_events(js, stream, f"{PREFIX}.attempt.{acq_token}.>"):
-        attempt = decode_event(m.data)
-        assert isinstance(attempt, Attempt)
-        if attempt.outcome == "ok":
-            key = (attempt.stage, f"{attempt.acq}.{attempt.slice_token()}.{attempt.tile_token()}")
-            ok[key] = max(ok.get(key, attempt.ended_at), attempt.ended_at)
+    for m in await read_events(js, stream, f"{PREFIX}.*.{acq_token}.>"):
+        if m.subject.split(".")[1].startswith(("hold_", "redo_")):
+            continue
+        event = decode_event(m.data)
+        if isinstance(event, Attempt) and event.outcome == "ok":
+            stage, when = event.stage, event.ended_at
+        elif event.origin is not None:
+            stage, when = event.origin.stage, event.emitted_at
+        else:
+            continue
+        key = (stage, f"{event.acq}.{event.slice_token()}.{event.tile_token()}")
+        ok[key] = max(ok.get(key, when), when)
     latest: dict[tuple[str, str, str], Failure] = {}
     for event, seq in failed:
         where = f"{event.acq}.{event.slice_token()}.{event.tile_token()}"
@@ -171,32 +177,67 @@ async def history(
         decode_event(m.data)
         for m in await read_events(js, stream, f"{PREFIX}.*.{acq}.{slice_index}.{tile_token}")
     ]
-    return sorted(events, key=lambda e: getattr(e, "started_at", e.emitted_at))
+    return sorted(events, key=lambda e: e.emitted_at)
+
+
+def _ts(when: datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 def history_rows(events: list[Event]) -> list[tuple[str, ...]]:
-    """(time, stage, what, attempt, host/worker, outcome, seconds, error) per event."""
-    rows = []
+    """(time, stage, what, attempt, host/worker, outcome, seconds, error) in time order.
+
+    Failed, retried and held attempts are `attempt` events; a successful attempt is recorded
+    in the `origin` of the events it published.
+    """
+    rows: list[tuple[str, ...]] = []
+    seen_origins = set()
     for e in events:
-        when = getattr(e, "started_at", e.emitted_at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         if isinstance(e, Attempt):
             secs = f"{(e.ended_at - e.started_at).total_seconds():.3f}"
+            outcome = e.outcome + (" (replay)" if e.replay else "")
             rows.append(
                 (
-                    when,
+                    _ts(e.started_at),
                     e.stage,
                     e.input_type,
                     str(e.attempt),
                     f"{e.host}/{e.worker}",
-                    e.outcome + (" (replay)" if e.replay else ""),
+                    outcome,
                     secs,
                     (e.error or e.detail)[:120],
                 )
             )
-        elif isinstance(e, StageFailed):
+            continue
+        if isinstance(e, StageFailed):
             rows.append(
-                (when, e.stage, "stage_failed", str(e.attempts), "", "gave up", "", e.error[:120])
+                (
+                    _ts(e.emitted_at),
+                    e.stage,
+                    "stage_failed",
+                    str(e.attempts),
+                    "",
+                    "gave up",
+                    "",
+                    e.error[:120],
+                )
             )
-        else:
-            rows.append((when, e.producer or "", e.kind, "", "", "published", "", ""))
-    return rows
+            continue
+        o = e.origin
+        if o is not None and (o.stage, o.attempt, o.started_at) not in seen_origins:
+            seen_origins.add((o.stage, o.attempt, o.started_at))
+            secs = f"{(e.emitted_at - o.started_at).total_seconds():.3f}"
+            rows.append(
+                (
+                    _ts(o.started_at),
+                    o.stage,
+                    o.input_type,
+                    str(o.attempt),
+                    f"{o.host}/{o.worker}",
+                    "ok" + (" (replay)" if o.replay else ""),
+                    secs,
+                    "",
+                )
+            )
+        rows.append((_ts(e.emitted_at), e.producer or "", e.kind, "", "", "published", "", ""))
+    return sorted(rows, key=lambda r: r[0])

@@ -23,7 +23,15 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from messages.codec import InvalidEvent, decode_event
-from messages.events import Attempt, Event, StageFailed, TileEvent, utcnow
+from messages.events import (
+    Attempt,
+    Event,
+    Origin,
+    StageFailed,
+    TileArrived,
+    TileEvent,
+    utcnow,
+)
 from messages.subjects import hold_subject
 from services.bus import REPLAY_HEADER, connect, publish_event
 from services.config import Config, StageSettings
@@ -44,6 +52,7 @@ from services.metrics import (
     IN_FLIGHT,
     REDELIVERIES,
 )
+from services.monitoring import StageMonitor
 from services.provision import ensure_consumer
 from services.stage import HOSTNAME, Context, PermanentError, Result, Stage
 
@@ -58,6 +67,13 @@ TRANSIENT_NATS_ERRORS = (
     asyncio.TimeoutError,
     OSError,
 )
+
+
+def arrival_time(event: Event):
+    """When the tile file behind an input was complete (carried forward in `origin`)."""
+    if isinstance(event, TileArrived):
+        return event.completed_at
+    return event.origin.arrived_at if event.origin is not None else None
 
 
 def retry_delay(settings: StageSettings, attempt: int) -> float:
@@ -102,6 +118,7 @@ class StageRunner:
         # id(message) -> (message, monotonic time of its last beat)
         self._in_flight: dict[int, tuple[Msg, float]] = {}
         self.m = _StageMetrics(self.name)
+        self.monitor = StageMonitor(self.name, config.nats.stream, stage.produces)
         self.held: set[str] = set()  # acquisitions on hold (`tilepipe pause --acq`)
         self.ready = asyncio.Event()
         self.nc: Client | None = None
@@ -233,7 +250,18 @@ class StageRunner:
         self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
             result = await self._call_handler(event, attempt, js, log, replay)
-            for out in result.events:
+            origin = Origin(
+                arrived_at=arrival_time(event),
+                stage=self.name,
+                input_type=event.kind,
+                attempt=attempt,
+                host=HOSTNAME,
+                worker=self.worker,
+                started_at=started_at,
+                replay=replay or "",
+            )
+            outputs = [out.model_copy(update={"origin": origin}) for out in result.events]
+            for out in outputs:
                 await self._publish(js, out, replay=replay)
             await msg.ack()
         except PermanentError as exc:
@@ -258,12 +286,16 @@ class StageRunner:
                 m.bytes_read.inc(result.bytes_read)
             if result.bytes_written:
                 m.bytes_written.inc(result.bytes_written)
+            await self.monitor.handled(js, event, outputs, replay=replay)
             log.info(
                 "event_handled",
                 seconds=round(seconds, 4),
                 published=[e.kind for e in result.events],
             )
-            await self._record(msg, event, attempt, "ok", started_at, replay, detail=result.detail)
+            if not result.events or result.detail:  # else the outputs carry the record
+                await self._record(
+                    msg, event, attempt, "ok", started_at, replay, detail=result.detail
+                )
         finally:
             self._in_flight.pop(id(msg), None)
             m.seconds.observe(time.perf_counter() - started)

@@ -48,6 +48,9 @@ def serve(name: str, config: Config, worker: str = "", metrics_port: int | None 
     """Blocking entry point of a service process."""
     configure_logging(config.log.level, config.log.json_format)
     port = metrics_port if metrics_port is not None else metrics_port_for(config, name)
+    from services.monitoring import register_resource_collectors
+
+    register_resource_collectors(config)  # data-root free space, GPU (process_* is default)
     bound = serve_metrics(config.metrics.host, port)
     get_logger(service=name).info("metrics_listening", host=config.metrics.host, port=bound)
     if name == "watcher":

@@ -40,6 +40,7 @@ from services.eventlog import subjects_seen
 from services.logs import get_logger
 from services.manifest import Manifest, ManifestError
 from services.metrics import (
+    ACQ_FINISHED,
     ACQ_TILES_ARRIVED,
     ACQ_TILES_EXPECTED,
     WATCHER_FILES,
@@ -120,6 +121,7 @@ class Watcher:
         lat = manifest.lattice
         ACQ_TILES_EXPECTED.labels(manifest.id).set(lat.tiles)
         ACQ_TILES_ARRIVED.labels(manifest.id).set(len(acq.emitted))
+        ACQ_FINISHED.labels(manifest.id).set(1 if acq.finished else 0)
         if not started:
             await publish_event(
                 self.js,
@@ -240,6 +242,7 @@ class Watcher:
         )
         await publish_event(self.js, event)
         acq.finished = True
+        ACQ_FINISHED.labels(acq.manifest.id).set(1)
         await record_acquisition(self.js, acq.manifest, acq.manifest_rel, "finished")
         self.log.info(
             "acquisition_finished", acq=acq.manifest.id, missing=len(missing), reason=reason
