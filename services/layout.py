@@ -27,3 +27,8 @@ def mosaic_path(acq: str, slice_index: int, mosaic: int) -> str:
 def volume_of(mosaic_rel: str) -> str:
     """The fused 3-D dB volume beside a slice's en-face mosaic."""
     return mosaic_rel.replace(".ome.zarr", "-db.ome.zarr")
+
+
+def volume_path(acq: str) -> str:
+    """Output-root-relative OME-Zarr of an acquisition's registered volume."""
+    return f"{acq}/volume/registered.ome.zarr"

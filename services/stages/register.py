@@ -1,0 +1,493 @@
+"""register: align each slice's mosaic to the previous slice and grow the registered volume.
+
+Consumes `slice_stitched` (only mosaic `options.mosaic`, default 0). Slice k is registered
+once slice k - 1 is registered: its en-face mosaic (`options.channel`, AIP by default) is
+aligned to slice k - 1's (:func:`kernels.register.register_slices`: Fourier-Mellin / phase
+correlation, then Gauss-Newton), starting from the stage prior given by the mosaics' origins.
+The pair transform is composed with slice k - 1's transform to slice 0, every en-face product
+is resampled into slice 0's frame and written as plane z = k of the volume
+(:mod:`services.volume`, path :func:`services.layout.volume_path`), and `slice_registered`
+is published. Slices that arrive before their predecessor wait (state in KV bucket
+`tp-lattice`, keys `<acq>.register.m<mosaic>.<slice>.stitched|registered`); when the
+predecessor is registered the waiting successors are registered in the same delivery.
+
+Transforms (`slice_registered.transform`, 3x3, homogeneous `(y, x, 1)`): slice k's mosaic
+pixel -> slice 0's mosaic pixel (level 0; conventions of :mod:`kernels.register`). Volume
+canvas pixel = slice 0 mosaic pixel + `Canvas.offset_yx` (a margin, `options.margin_px`).
+
+A failed or low-quality registration is flagged (`accepted = False`, metric
+`tilepipe_register_slices_total{outcome="rejected"}`) and replaced per `options.fallback`:
+`"previous"` (default: same placement as slice k - 1, i.e. the stage prior between the two
+mosaics) or `"identity"` (the stage prior to slice 0). Everything is deterministic: redoing a
+slice with the same inputs gives the same transform and rewrites the same plane; a slice is
+redone when its inputs or its predecessor's change, and its successors after it.
+
+Options (`[stages.register] options = {...}`): mosaic (0), channel ("aip"), fallback,
+model ("rigid" | "similarity"), max_rotation_deg (10), max_scale_change (0.05),
+max_shift_px (none), min_quality (0.2), min_overlap (0.25), coarse_size (1024),
+refine_size (2048), margin_px (max(64, 10% of slice 0's larger side)), first_slice (0),
+slice_thickness_um (else the manifest's, else 200), threads (resampling threads, 1),
+db_volume (false: also resample stitch's fused dB volume, when there is one), db_depth
+(planes per slice: slice thickness / axial pixel), db_block (16 planes at a time).
+Run it with concurrency 1 and one worker (the KV bookkeeping is read-modify-write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import zarr
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from prometheus_client import Counter, Histogram
+
+from kernels.register import (
+    Pyramid,
+    RegisterParams,
+    register_slices,
+    translation_matrix,
+    warp_stack,
+)
+from messages.events import Event, SliceRegistered, SliceStitched
+from services.acquisitions import lookup_acquisition, manifest_at
+from services.atomic import COMPLETE_ATTR, zarr_attrs
+from services.lattice import LATTICE_BUCKET
+from services.layout import volume_of, volume_path
+from services.omezarr import open_level, read_multiscale
+from services.stage import Context, PermanentError, Result, Stage
+from services.volume import Canvas, Volume
+
+REGISTER_SLICES = Counter(
+    "tilepipe_register_slices_total",
+    "Slices registered, by outcome (reference, accepted, rejected: fallback transform used).",
+    ["outcome"],
+)
+REGISTER_QUALITY = Histogram(
+    "tilepipe_register_quality",
+    "Quality (weighted NCC) of slice-to-slice registrations.",
+    buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+)
+REGISTER_WAITING = Counter(
+    "tilepipe_register_waiting_total",
+    "Stitched slices that had to wait for their predecessor (out-of-order arrival).",
+)
+
+FALLBACKS = ("previous", "identity")
+DEFAULT_THICKNESS_UM = 200.0
+
+
+class RegisteredEvent(SliceRegistered):
+    """`slice_registered` whose de-duplication id includes the result: a slice redone with
+    other inputs is a new event, a redelivery of the same work is a duplicate."""
+
+    def msg_id(self) -> str:
+        body = json.dumps([self.path, self.transform, self.quality, self.accepted])
+        return f"{self.subject()}:{hashlib.sha256(body.encode()).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class Mosaic:
+    """One slice's mosaic store: channels, pixel size and origin (level-0 pixels)."""
+
+    path: Path
+    channels: list[str]
+    pixel_size_um: tuple[float, float]
+    origin_px: tuple[float, float]
+    shape: tuple[int, int]
+
+    @staticmethod
+    def open(path: Path) -> Mosaic:
+        meta = read_multiscale(path)
+        scale, translation = meta["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+        py, px = float(scale["scale"][-2]), float(scale["scale"][-1])
+        oy, ox = float(translation["translation"][-2]), float(translation["translation"][-1])
+        shape = open_level(path, 0).shape
+        return Mosaic(path, list(meta["channel_names"]), (py, px), (oy / py, ox / px), shape[1:])
+
+    def pyramid(self, name: str, read: list[int]) -> Pyramid:
+        """Channel `name` (else the first) as a pyramid whose levels are read from the
+        store's own levels (so registration never reads level 0 of a large mosaic); bytes
+        read are appended to `read`."""
+        idx = self.channels.index(name) if name in self.channels else 0
+        datasets = read_multiscale(self.path)["multiscales"][0]["datasets"]
+        by_factor = {}
+        for k, ds in enumerate(datasets):
+            f = ds["coordinateTransformations"][0]["scale"][-1] / self.pixel_size_um[1]
+            by_factor[round(f)] = k
+
+        def load(f: int) -> np.ndarray | None:
+            if f not in by_factor:
+                return None
+            arr = np.asarray(open_level(self.path, by_factor[f])[idx], dtype=np.float32)
+            read.append(arr.nbytes)
+            return arr
+
+        return Pyramid(self.shape, loader=load)
+
+    def stack(self) -> np.ndarray:
+        return np.asarray(open_level(self.path, 0)[:], dtype=np.float32)
+
+    def prior(self, other: Mosaic) -> np.ndarray:
+        """Stage prior: this mosaic's pixel -> `other`'s pixel with no sample motion."""
+        return translation_matrix(
+            self.origin_px[0] - other.origin_px[0], self.origin_px[1] - other.origin_px[1]
+        )
+
+
+class RegisterBook:
+    """Registration state of one acquisition's mosaic index in KV `tp-lattice`."""
+
+    def __init__(self, kv, acq: str, mosaic: int) -> None:
+        self.kv = kv
+        self.prefix = f"{acq}.register.m{mosaic}"
+
+    @staticmethod
+    async def open(js: JetStreamContext, acq: str, mosaic: int) -> RegisterBook:
+        return RegisterBook(await js.key_value(LATTICE_BUCKET), acq, mosaic)
+
+    async def put(self, slice_index: int, part: str, record: dict) -> None:
+        await self.kv.put(f"{self.prefix}.{slice_index}.{part}", json.dumps(record).encode())
+
+    async def get(self, slice_index: int, part: str) -> dict | None:
+        try:
+            entry = await self.kv.get(f"{self.prefix}.{slice_index}.{part}")
+        except KeyNotFoundError:
+            return None
+        return json.loads(entry.value) if entry and entry.value else None
+
+    async def state(self) -> dict[int, dict[str, dict]]:
+        """slice -> {"stitched": ..., "registered": ...} (a filtered watch, not a scan)."""
+        out: dict[int, dict[str, dict]] = {}
+        watcher = await self.kv.watch(f"{self.prefix}.>", ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                s, part = entry.key[len(self.prefix) + 1 :].split(".", 1)
+                out.setdefault(int(s), {})[part] = json.loads(entry.value) if entry.value else {}
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        return out
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _matrix(value: list[list[float]]) -> np.ndarray:
+    return np.asarray(value, dtype=float)
+
+
+def _listed(m: np.ndarray) -> list[list[float]]:
+    return [[float(v) for v in row] for row in np.asarray(m, dtype=float)]
+
+
+class Register(Stage):
+    """Slice-to-slice registration and the growing registered volume."""
+
+    name = "register"
+    consumes = (SliceStitched,)
+    produces = (SliceRegistered,)
+    defaults: ClassVar[dict[str, Any]] = {
+        "concurrency": 1,
+        "ack_wait_s": 600,
+        "drain_timeout_s": 600,
+    }
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        o = dict(self.settings.options)
+        self.mosaic = int(o.pop("mosaic", 0))
+        self.channel = str(o.pop("channel", "aip"))
+        self.fallback = str(o.pop("fallback", "previous"))
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"register: fallback must be one of {FALLBACKS}, not {self.fallback}")
+        self.margin_px = o.pop("margin_px", None)
+        self.first_slice = int(o.pop("first_slice", 0))
+        self.thickness_um = o.pop("slice_thickness_um", None)
+        self.threads = int(o.pop("threads", 1))
+        self.db_volume = bool(o.pop("db_volume", False))
+        self.db_depth = o.pop("db_depth", None)
+        self.db_block = int(o.pop("db_block", 16))
+        known = set(RegisterParams.__dataclass_fields__)
+        unknown = set(o) - known
+        if unknown:
+            raise ValueError(f"unknown register options {sorted(unknown)}")
+        self.params = RegisterParams(**o)
+        self._thickness: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ event flow
+    async def handle(self, event: Event, ctx: Context) -> Result:
+        assert isinstance(event, SliceStitched)
+        if event.mosaic != self.mosaic or event.slice < self.first_slice:
+            return Result()
+        book = await RegisterBook.open(ctx.js, event.acq, self.mosaic)
+        await book.put(event.slice, "stitched", {"path": event.path, "inputs": event.inputs})
+        state = await book.state()
+        k = event.slice
+        if k > self.first_slice and "registered" not in state.get(k - 1, {}):
+            REGISTER_WAITING.inc()
+            ctx.log.info("register_waiting", slice=k, waiting_for=k - 1)
+            return Result()
+        thickness = await self._slice_thickness(ctx, event.acq)
+        result = Result()
+        # a replay or retry recomputes the slice it was given; otherwise a slice (and each
+        # waiting successor) is computed unless the same work is recorded and in the volume
+        j, redo = k, bool(getattr(ctx, "force", getattr(ctx, "replay", None)))
+        while "stitched" in state.get(j, {}):
+            basis = self._basis(state, j)
+            done = state[j].get("registered")
+            if redo or not self._done(event.acq, j, done, basis):
+                done = await asyncio.to_thread(
+                    self._register, event.acq, j, state, basis, thickness, ctx.log
+                )
+                result.bytes_read += done.pop("_bytes_read", 0)
+                result.bytes_written += done.pop("_bytes_written", 0)
+                await book.put(j, "registered", done)
+                state[j]["registered"] = done
+            result.events.append(self._event(event.acq, j, done))
+            redo = False
+            j += 1
+        return result
+
+    def _done(self, acq: str, j: int, done: dict | None, basis: str) -> bool:
+        """Whether slice j was registered from this basis and its plane is in the volume."""
+        if done is None or done.get("basis") != basis:
+            return False
+        path = self.config.roots.resolve("output", volume_path(acq))
+        try:
+            plane = Volume(path).planes().get(j - self.first_slice, {})
+        except (FileNotFoundError, KeyError, ValueError):
+            return False
+        return plane.get("basis") == basis
+
+    def _basis(self, state: dict[int, dict[str, dict]], j: int) -> str:
+        """Identity of everything slice j's registration depends on."""
+        own = state[j]["stitched"]
+        prev = None
+        if j > self.first_slice:
+            p = state[j - 1]
+            prev = [p["stitched"], p["registered"]["transform"], p["registered"]["basis"]]
+        return _digest(
+            [own, prev, self.channel, self.fallback, self.margin_px, self.params.__dict__]
+        )
+
+    def _event(self, acq: str, j: int, rec: dict) -> RegisteredEvent:
+        return RegisteredEvent(
+            acq=acq,
+            slice=j,
+            mosaic=self.mosaic,
+            path=rec["path"],
+            transform=rec["transform"],
+            quality=rec["quality"],
+            accepted=rec["accepted"],
+            producer=self.name,
+        )
+
+    async def _slice_thickness(self, ctx: Context, acq: str) -> float:
+        """Option, else the manifest's (when the raw root is readable here), else 200 um."""
+        if self.thickness_um is not None:
+            return float(self.thickness_um)
+        if acq not in self._thickness:
+            value = DEFAULT_THICKNESS_UM
+            try:
+                record = await lookup_acquisition(ctx.js, acq)
+                if record is not None:
+                    manifest = manifest_at(self.config.roots.raw, record["manifest"])
+                    value = float(manifest.lattice.slice_thickness_um)
+            except Exception as exc:  # the raw root need not be mounted on this host
+                ctx.log.info("slice_thickness_default", um=value, reason=str(exc)[:200])
+            self._thickness[acq] = value
+        return self._thickness[acq]
+
+    # ------------------------------------------------------------------ numerics + volume
+    def _register(
+        self,
+        acq: str,
+        j: int,
+        state: dict[int, dict[str, dict]],
+        basis: str,
+        thickness_um: float,
+        log: Any,
+    ) -> dict:
+        """Register slice j to j - 1 (or make it the reference) and write its plane."""
+        started = time.perf_counter()
+        roots = self.config.roots
+        moving = self._mosaic(state[j]["stitched"]["path"])
+        read = 0
+        rec: dict[str, Any] = {"basis": basis, "inputs": state[j]["stitched"]}
+        if j == self.first_slice:
+            pair = np.eye(3)
+            composed = np.eye(3)
+            rec.update(quality=1.0, accepted=True, reason="reference slice", fallback=False)
+            REGISTER_SLICES.labels("reference").inc()
+            reference = moving
+        else:
+            fixed = self._mosaic(state[j - 1]["stitched"]["path"])
+            reference = self._mosaic(state[self.first_slice]["stitched"]["path"])
+            if fixed.pixel_size_um != moving.pixel_size_um:
+                raise PermanentError(
+                    f"slice {j} pixel size {moving.pixel_size_um} differs from slice {j - 1}'s"
+                )
+            prior = moving.prior(fixed)
+            nbytes: list[int] = []
+            a, b = fixed.pyramid(self.channel, nbytes), moving.pyramid(self.channel, nbytes)
+            reg = register_slices(a, b, init=prior, params=self.params)
+            read += sum(nbytes)
+            previous = _matrix(state[j - 1]["registered"]["transform"])
+            if reg.accepted:
+                pair = reg.matrix
+                composed = previous @ pair
+            elif self.fallback == "previous":
+                pair = prior
+                composed = previous @ pair
+            else:
+                composed = moving.prior(reference)
+                pair = np.linalg.inv(previous) @ composed
+            outcome = "accepted" if reg.accepted else "rejected"
+            REGISTER_SLICES.labels(outcome).inc()
+            REGISTER_QUALITY.observe(max(0.0, reg.quality))
+            rec.update(
+                quality=float(reg.quality),
+                accepted=bool(reg.accepted),
+                reason=reg.reason,
+                fallback=not reg.accepted,
+                estimate=_listed(reg.matrix),
+                rotation_deg=float(reg.rotation_deg),
+                overlap=float(reg.overlap),
+                iterations=int(reg.iterations),
+            )
+            if not reg.accepted:
+                log.warning(
+                    "registration_rejected",
+                    slice=j,
+                    reason=reg.reason,
+                    quality=round(reg.quality, 3),
+                    fallback=self.fallback,
+                )
+        register_s = time.perf_counter() - started
+
+        rel = volume_path(acq)
+        canvas = self._canvas(reference, thickness_um)
+        volume = Volume.open_or_create(
+            roots.resolve("output", rel),
+            canvas,
+            attributes={"acq": acq, "mosaic": self.mosaic, "first_slice": self.first_slice},
+        )
+        stack = moving.stack()
+        read += stack.nbytes
+        to_canvas = canvas.from_reference() @ composed
+        axial = [n in canvas.axial for n in moving.channels]
+        warped = warp_stack(stack, to_canvas, canvas.shape, axial, threads=self.threads)
+        plane = np.full((len(canvas.channels), *canvas.shape), np.nan, dtype=np.float32)
+        for c, name in enumerate(canvas.channels):
+            if name in moving.channels:
+                plane[c] = warped[moving.channels.index(name)]
+        inside = int(np.isfinite(plane[0]).sum())
+        valid = int(np.isfinite(stack[0]).sum())
+        cropped = max(0.0, 1.0 - inside / valid) if valid else 0.0
+        rec.update(
+            path=rel,
+            pair=_listed(pair),
+            transform=_listed(composed),
+            to_canvas=_listed(to_canvas),
+            cropped=round(cropped, 6),
+        )
+        if cropped > 0.01:
+            log.warning("volume_cropped", slice=j, fraction=round(cropped, 4))
+        z = j - self.first_slice
+        if self.db_volume:  # first, so that the plane's record says what became of it
+            rec["db"] = self._write_db(
+                j, z, state[j]["stitched"]["path"], moving, to_canvas, volume, thickness_um, log
+            )
+        written = volume.write_plane(z, plane, {**rec, "slice": j})
+        log.info(
+            "slice_registered",
+            slice=j,
+            accepted=rec["accepted"],
+            quality=round(rec["quality"], 3),
+            register_s=round(register_s, 3),
+            total_s=round(time.perf_counter() - started, 3),
+        )
+        rec["_bytes_read"] = read
+        rec["_bytes_written"] = written
+        return rec
+
+    def _mosaic(self, rel: str) -> Mosaic:
+        path = self.config.roots.resolve("output", rel)
+        if not (path / "zarr.json").is_file():
+            raise FileNotFoundError(f"mosaic {rel} not found under the output root")
+        return Mosaic.open(path)
+
+    def _canvas(self, reference: Mosaic, thickness_um: float) -> Canvas:
+        ny, nx = reference.shape
+        margin = self.margin_px
+        if margin is None:
+            margin = max(64, math.ceil(0.1 * max(ny, nx)))
+        margin = int(margin)
+        py, px = reference.pixel_size_um
+        oy, ox = reference.origin_px
+        return Canvas(
+            shape=(ny + 2 * margin, nx + 2 * margin),
+            offset_yx=(float(margin), float(margin)),
+            pixel_size_um=(py, px),
+            origin_um=((oy - margin) * py, (ox - margin) * px),
+            slice_thickness_um=float(thickness_um),
+            channels=tuple(reference.channels),
+        )
+
+    # ------------------------------------------------------------------ dB volume
+    def _write_db(
+        self,
+        j: int,
+        z: int,
+        stitched_rel: str,
+        mosaic: Mosaic,
+        to_canvas: np.ndarray,
+        volume: Volume,
+        thickness_um: float,
+        log: Any,
+    ) -> str:
+        """Resample slice j's fused dB volume (written by stitch with `fuse_volume = true`
+        beside the mosaic) like the en-face planes and write its top `db_depth` planes.
+        Returns "written (<n> planes)" or "skipped: <reason>" (logged)."""
+        path = self.config.roots.resolve("output", volume_of(stitched_rel))
+        if not zarr_attrs(path).get(COMPLETE_ATTR):
+            reason = f"no fused dB volume at {volume_of(stitched_rel)} (stitch fuse_volume off?)"
+            log.warning("db_volume_skipped", slice=j, reason=reason)
+            return f"skipped: {reason}"
+        group = zarr.open_group(str(path), mode="r")
+        scale, translation = group.attrs["ome"]["multiscales"][0]["datasets"][0][
+            "coordinateTransformations"
+        ]
+        axial_um, py, px = (float(v) for v in scale["scale"])
+        origin = (translation["translation"][1] / py, translation["translation"][2] / px)
+        arr = group["0"]
+        assert isinstance(arr, zarr.Array)
+        depth = volume.db_depth()
+        if depth is None:
+            wanted = self.db_depth or max(1, round(thickness_um / axial_um))
+            depth = int(min(arr.shape[0], wanted))
+        # dB volume pixel -> mosaic pixel -> canvas pixel
+        matrix = to_canvas @ translation_matrix(
+            origin[0] - mosaic.origin_px[0], origin[1] - mosaic.origin_px[1]
+        )
+        for d0 in range(0, depth, self.db_block):
+            d1 = min(depth, d0 + self.db_block)
+            block = np.full((d1 - d0, *arr.shape[1:]), np.nan, dtype=np.float32)
+            hi = min(d1, arr.shape[0])
+            if hi > d0:
+                block[: hi - d0] = arr[d0:hi]
+            warped = warp_stack(block, matrix, volume.canvas.shape, threads=self.threads)
+            volume.write_db_block(z, d0, warped, depth, thickness_um / depth)
+        return f"written ({depth} planes)"
