@@ -122,7 +122,8 @@ class StageMonitor:
         if not outputs:
             return
         try:
-            await asyncio.wait_for(self._handled(js, event, outputs, replay), self.timeout)
+            # no task per call on the hot path: only the stream look-ups below are bounded
+            await self._handled(js, event, outputs, replay)
         except Exception as exc:  # monitoring is best effort
             from services.logs import get_logger
 
@@ -201,7 +202,7 @@ class StageMonitor:
         from messages.codec import InvalidEvent, decode_event
 
         try:
-            msg = await js.get_last_msg(self.stream, subj)
+            msg = await asyncio.wait_for(js.get_last_msg(self.stream, subj), self.timeout)
         except NotFoundError:
             return None
         try:
@@ -222,7 +223,7 @@ class StageMonitor:
         if now - self._synced.get(key, -math.inf) >= self.resync_s:
             self._synced[key] = now  # one reader at a time; again next event if it fails
             try:
-                done |= await self._published(js, acq, out.kind)
+                done |= await asyncio.wait_for(self._published(js, acq, out.kind), self.timeout)
             except BaseException:
                 self._synced.pop(key, None)
                 raise
