@@ -15,6 +15,7 @@ from rich.live import Live
 from messages.codec import decode_event
 from services.bus import connect
 from services.config import Config
+from services.layout import volume_path
 from services.simulate import PhantomParams, simulate, small_manifest, write_manifest
 from services.status import read_events, snapshot
 from services.status_view import render
@@ -66,6 +67,8 @@ async def run_demo(
                 await asyncio.sleep(0.5)
         figures = await _figures(js, config.nats.stream, manifest.id, last)
         figures["wall_s"] = time.monotonic() - started
+        volume = Path(config.roots.output) / volume_path(manifest.id)
+        figures["volume"] = str(volume) if volume.exists() else None
         figures["mosaics"] = sorted(
             str(Path(config.roots.output) / decode_event(m.data).path)
             for m in await read_events(js, config.nats.stream, f"tp.slice_stitched.{manifest.id}.>")

@@ -89,5 +89,7 @@ def _demo(config: Config, supervisor: Supervisor, services: list[str], rate: flo
     print(f"  tile products:  {config.roots.work / figures['acq']}")
     for mosaic in figures.get("mosaics", []):
         print(f"  mosaic:         {mosaic}")
+    if figures.get("volume"):
+        print(f"  volume:         {figures['volume']}")
     print(f"  event log:      stream {config.nats.stream} (store {work / 'nats'})")
     print(f"  service logs:   {work / 'logs'}")
