@@ -61,7 +61,11 @@ async def run_demo(
                     "stitch" not in stages
                     or len(status.mosaics.get("slice_stitched", ())) >= lat.slices * lat.mosaics
                 )
-                if tiles_done and mosaics_done:
+                registered = (
+                    "register" not in stages
+                    or len(status.mosaics.get("slice_registered", ())) >= lat.slices
+                )
+                if tiles_done and mosaics_done and registered:
                     break
                 supervisor.check(console.print)
                 await asyncio.sleep(0.5)
