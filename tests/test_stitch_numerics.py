@@ -267,7 +267,7 @@ def test_solve_rejects_outliers_and_places_components_by_stage():
     pairs = [_measure(i, j, truth[j] - truth[i]) for i, j, _ in lattice_pairs(rows, cols)]
     pairs[4] = _measure(pairs[4].i, pairs[4].j, truth[pairs[4].j] - truth[pairs[4].i] + (0, 6))
     pairs[7] = _measure(pairs[7].i, pairs[7].j, truth[pairs[7].j] - truth[pairs[7].i] + (25, 0))
-    pairs[9] = _measure(pairs[9].i, pairs[9].j, truth[pairs[9].j] - truth[pairs[9].i], 0.2)
+    pairs[9] = _measure(pairs[9].i, pairs[9].j, truth[pairs[9].j] - truth[pairs[9].i], 0.1)
     layout = solve_positions(nominal, pairs)
     assert layout.reasons[4].startswith("residual")
     assert layout.reasons[7].startswith("stage_inconsistent")

@@ -47,15 +47,9 @@ def test_real_image_10x10_narrow_overlap():
     _check(err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known weakness: corner tile 99 lies in low-texture stroma. Both of its pairs are "
-        "measured correctly (0.3 and 0.6 px off) but score NCC confidence 0.23 and 0.36 < "
-        "solve_positions' min_confidence=0.5, so both are rejected and the tile is placed at "
-        "its stage position, 4.7 px from the truth. min_confidence=0.2 places it (max 0.5 px)."
-    ),
-)
+# Corner tile 99 lies in low-texture stroma: both of its pairs are measured correctly (0.3 and
+# 0.6 px off) with NCC confidence 0.23 and 0.36. With min_confidence 0.5 they were rejected and
+# the tile sat at its stage position, 4.7 px off; the default is now 0.2.
 def test_real_image_10x10_low_texture_corner():
     _, _, layout, err = _stitch(10, 0.10, 1)
     assert not layout.stage_only[99]

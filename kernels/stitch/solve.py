@@ -62,7 +62,7 @@ def solve_positions(
     pairs: Sequence[PairMeasurement],
     *,
     present: Any = None,
-    min_confidence: float = 0.5,
+    min_confidence: float = 0.2,
     min_peak_ratio: float = 0.0,
     stage_tol_px: float = 10.0,
     residual_tol_px: float = 1.5,

@@ -65,7 +65,7 @@ class Stitch(Stage):
         super().__init__(*args, **kwargs)
         opts = self.settings.options
         self.align_product = PRODUCTS.get(opts.get("align_product", "aip"), "aip")
-        self.min_confidence = float(opts.get("min_confidence", 0.3))
+        self.min_confidence = float(opts.get("min_confidence", 0.2))
         self.fuse_volume = bool(opts.get("fuse_volume", False))
 
     async def handle(self, event: Event, ctx: Context) -> Result:
