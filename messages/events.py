@@ -247,19 +247,11 @@ class SliceRegistered(SliceEvent):
     accepted: bool
 
 
-class ArtifactUploaded(Event):
-    """One artifact reached object storage and was verified."""
+class TileOrSliceEvent(Event):
+    """An event about one tile, or about a whole slice when `tile` is None."""
 
-    kind: ClassVar[str] = "artifact_uploaded"
-    type: Literal["artifact_uploaded"] = "artifact_uploaded"
     tile: TileCoord | None = None
     slice: Index | None = None
-    product: Name
-    source: RelPath
-    key: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
-    bytes: Annotated[int, Field(ge=0)]
-    checksum: Name
-    seconds: Annotated[float, Field(ge=0)]
 
     def slice_token(self) -> str:
         if self.tile is not None:
@@ -269,11 +261,24 @@ class ArtifactUploaded(Event):
     def tile_token(self) -> str:
         return self.tile.token() if self.tile is not None else ANY
 
+
+class ArtifactUploaded(TileOrSliceEvent):
+    """One artifact reached object storage and was verified."""
+
+    kind: ClassVar[str] = "artifact_uploaded"
+    type: Literal["artifact_uploaded"] = "artifact_uploaded"
+    product: Name
+    source: RelPath
+    key: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    bytes: Annotated[int, Field(ge=0)]
+    checksum: Name
+    seconds: Annotated[float, Field(ge=0)]
+
     def msg_id(self) -> str:
         return f"{self.subject()}:{self.product}"
 
 
-class StageFailed(Event):
+class StageFailed(TileOrSliceEvent):
     """A stage gave up on an input after its retries, or refused it."""
 
     kind: ClassVar[str] = "stage_failed"
@@ -283,22 +288,12 @@ class StageFailed(Event):
     input_subject: Annotated[str, StringConstraints(max_length=512)]
     error: Text
     attempts: Index
-    tile: TileCoord | None = None
-    slice: Index | None = None
-
-    def slice_token(self) -> str:
-        if self.tile is not None:
-            return str(self.tile.slice)
-        return ANY if self.slice is None else str(self.slice)
-
-    def tile_token(self) -> str:
-        return self.tile.token() if self.tile is not None else ANY
 
     def msg_id(self) -> str:
         return f"{self.subject()}:{self.stage}:{self.input_type}"
 
 
-class Attempt(Event):
+class Attempt(TileOrSliceEvent):
     """One delivery of an input to a stage and how it ended (the per-tile attempt history)."""
 
     kind: ClassVar[str] = "attempt"
@@ -314,17 +309,7 @@ class Attempt(Event):
     ended_at: datetime
     error: Text = ""
     detail: Text = ""
-    tile: TileCoord | None = None
-    slice: Index | None = None
     replay: Annotated[str, StringConstraints(max_length=64)] = ""
-
-    def slice_token(self) -> str:
-        if self.tile is not None:
-            return str(self.tile.slice)
-        return ANY if self.slice is None else str(self.slice)
-
-    def tile_token(self) -> str:
-        return self.tile.token() if self.tile is not None else ANY
 
     def msg_id(self) -> str:
         return f"{self.subject()}:{self.stage}:{self.started_at.timestamp()}:{self.attempt}"

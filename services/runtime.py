@@ -29,7 +29,6 @@ from messages.events import (
     Origin,
     StageFailed,
     TileArrived,
-    TileEvent,
     utcnow,
 )
 from messages.subjects import hold_subject
@@ -82,10 +81,15 @@ def retry_delay(settings: StageSettings, attempt: int) -> float:
     return steps[min(attempt - 1, len(steps) - 1)]
 
 
+def where(event: Event) -> dict:
+    """`tile` and `slice` of an input, for the records that point back at it."""
+    tile = getattr(event, "tile", None)
+    slice_index = getattr(event, "slice", None) if tile is None else None
+    return {"tile": tile, "slice": slice_index if isinstance(slice_index, int) else None}
+
+
 def failure_event(stage: str, event: Event, subject: str, error: str, attempts: int) -> StageFailed:
     """The stage-failed event for an input a stage gave up on."""
-    tile = event.tile if isinstance(event, TileEvent) else None
-    slice_index = getattr(event, "slice", None) if tile is None else None
     return StageFailed(
         acq=event.acq,
         stage=stage,
@@ -93,9 +97,8 @@ def failure_event(stage: str, event: Event, subject: str, error: str, attempts: 
         input_subject=subject,
         error=error[:8000],
         attempts=attempts,
-        tile=tile,
-        slice=slice_index if isinstance(slice_index, int) else None,
         producer=stage,
+        **where(event),
     )
 
 
@@ -379,8 +382,6 @@ class StageRunner:
         """Publish the attempt record (fire and forget: history, not a work item)."""
         if not self.settings.record_attempts or self.nc is None:
             return
-        tile = event.tile if isinstance(event, TileEvent) else None
-        slice_index = getattr(event, "slice", None) if tile is None else None
         record = Attempt(
             acq=event.acq,
             stage=self.name,
@@ -394,10 +395,9 @@ class StageRunner:
             ended_at=utcnow(),
             error=error[:8000],
             detail=detail[:8000],
-            tile=tile,
-            slice=slice_index if isinstance(slice_index, int) else None,
             replay=replay or "",
             producer=self.name,
+            **where(event),
         )
         with contextlib.suppress(Exception):
             await self.nc.publish(

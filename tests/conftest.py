@@ -63,3 +63,63 @@ async def stream_messages(js, subject: str) -> list:
     from services.status import read_events
 
     return await read_events(js, "TILEPIPE", subject)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tilepipe(*args: str, config: Config | None = None, timeout: float = 60):
+    """Run the `tilepipe` CLI as an operator would (against `config`'s server and roots)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if config is not None:
+        env.update(
+            {
+                "TILEPIPE_NATS__URL": config.nats.url,
+                "TILEPIPE_ROOTS__RAW": str(config.roots.raw),
+                "TILEPIPE_ROOTS__WORK": str(config.roots.work),
+                "TILEPIPE_ROOTS__OUTPUT": str(config.roots.output),
+            }
+        )
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@contextlib.asynccontextmanager
+async def pipeline(config: Config, js, stages, options: dict | None = None, **settings):
+    """The watcher and `stages` (classes) running in-process until the block ends."""
+    from services.config import StageSettings
+    from services.runtime import StageRunner
+    from services.watcher import Watcher
+
+    options = options or {}
+    stop = asyncio.Event()
+    runners = [
+        StageRunner(
+            cls(
+                config,
+                StageSettings(**{**cls.defaults, **settings, "options": options.get(cls, {})}),
+            ),
+            config,
+            fetch_timeout=0.5,
+        )
+        for cls in stages
+    ]
+    watcher = Watcher(config, js)
+    tasks = [asyncio.create_task(r.run(stop)) for r in runners]
+    tasks.append(asyncio.create_task(watcher.run(stop)))
+    await wait_for(lambda: all(r.ready.is_set() for r in runners) and watcher.ready.is_set())
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)

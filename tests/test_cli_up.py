@@ -15,7 +15,7 @@ import nats
 from messages import TileArrived, TileCoord, utcnow
 from services.bus import publish_event
 from services.natsserver import port_open
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import stream_messages, tilepipe, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -26,17 +26,6 @@ concurrency = 3
 [stages.process_like]
 impl = "tests.stages_for_tests:ProcessLike"
 """
-
-
-def tilepipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def test_init_is_idempotent_and_names_are_stable(nats_server, tmp_path):

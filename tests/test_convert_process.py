@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 
 import numpy as np
@@ -18,32 +17,10 @@ from services.runtime import StageRunner
 from services.simulate import PhantomParams, Simulator, simulate, small_manifest, write_manifest
 from services.stages.convert import Convert
 from services.stages.process import Process
-from services.watcher import Watcher
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import pipeline, stream_messages, wait_for
 
+STAGES = (Convert, Process)
 PARAMS = PhantomParams(scatterers=8, scatterer_spacing_um=30.0)
-
-
-@contextlib.asynccontextmanager
-async def pipeline(config, js, **stage_settings):
-    stop = asyncio.Event()
-    runners = [
-        StageRunner(
-            cls(config, StageSettings(**{**cls.defaults, **stage_settings})),
-            config,
-            fetch_timeout=0.5,
-        )
-        for cls in (Convert, Process)
-    ]
-    watcher = Watcher(config, js)
-    tasks = [asyncio.create_task(r.run(stop)) for r in runners]
-    tasks.append(asyncio.create_task(watcher.run(stop)))
-    await wait_for(lambda: all(r.ready.is_set() for r in runners) and watcher.ready.is_set())
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
 
 def sha(path) -> str:
@@ -60,7 +37,7 @@ async def test_simulated_tiles_converted_and_processed(config, js):
     truth = await asyncio.to_thread(simulate, path, manifest, 0, params=PARAMS)
     raw_files = sorted((config.roots.raw / "sim").rglob("*.nii"))
     before = {p: sha(p) for p in raw_files}
-    async with pipeline(config, js):
+    async with pipeline(config, js, STAGES):
 
         async def all_done():
             return len(await events(js, "tile_processed")) == 4
@@ -102,7 +79,7 @@ async def test_simulated_tiles_converted_and_processed(config, js):
         return REGISTRY.get_sample_value("tilepipe_events_handled_total", labels) or 0.0
 
     before = {stage: ok(stage) for stage in ("convert", "process")}
-    async with pipeline(config, js):
+    async with pipeline(config, js, STAGES):
         await publish_event(js, first_arrived, msg_id="redelivered-1")
         await publish_event(js, first_converted, msg_id="redelivered-2")
 
@@ -115,7 +92,7 @@ async def test_simulated_tiles_converted_and_processed(config, js):
     assert len(await events(js, "tile_processed")) == 4  # republished outputs are duplicates
 
     # a replay (operator: "reprocess") recomputes
-    async with pipeline(config, js):
+    async with pipeline(config, js, STAGES):
         await publish_event(js, first_converted, replay="fix-calibration")
 
         async def replayed():

@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -27,7 +24,7 @@ from services.config import StageSettings
 from services.runtime import StageRunner
 from services.status import snapshot
 from services.status_view import render
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import stream_messages, tilepipe, wait_for
 from tests.stages_for_tests import ConvertLike
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,21 +59,11 @@ async def count(js, kind: str) -> int:
     return len(await stream_messages(js, f"tp.{kind}.>"))
 
 
-def tilepipe(config, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TILEPIPE_NATS__URL": config.nats.url}
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 async def test_pause_stops_delivery_and_resume_loses_nothing(config, js):
     async with running(config, concurrency=2):
-        proc = await asyncio.to_thread(tilepipe, config, "pause", "convert_like", "--for", "1h")
+        proc = await asyncio.to_thread(
+            tilepipe, "pause", "convert_like", "--for", "1h", config=config
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         info = await js.consumer_info("TILEPIPE", "convert_like")
         assert info.paused
@@ -84,14 +71,14 @@ async def test_pause_stops_delivery_and_resume_loses_nothing(config, js):
             await publish_event(js, arrived(0, col))
         await asyncio.sleep(2.0)
         assert await count(js, "tile_converted") == 0
-        proc = await asyncio.to_thread(tilepipe, config, "resume", "convert_like")
+        proc = await asyncio.to_thread(tilepipe, "resume", "convert_like", config=config)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
         async def all_five():
             return await count(js, "tile_converted") == 5
 
         await wait_for(all_five, timeout=30)
-    bad = await asyncio.to_thread(tilepipe, config, "pause", "nosuchstage")
+    bad = await asyncio.to_thread(tilepipe, "pause", "nosuchstage", config=config)
     assert bad.returncode == 2 and "no such stage" in bad.stdout
 
 
@@ -135,7 +122,7 @@ async def test_history_shows_failed_attempt_then_success(config, js):
     failed_row = next(r for r in rows if r[5] == "retry")
     assert "injected failure on attempt 1" in failed_row[7]
     assert failed_row[4].endswith("/convert_like")
-    proc = await asyncio.to_thread(tilepipe, config, "history", "ops", "0", "r0-c7")
+    proc = await asyncio.to_thread(tilepipe, "history", "ops", "0", "r0-c7", config=config)
     assert proc.returncode == 0 and "retry" in proc.stdout and "injected failure" in proc.stdout
 
 
@@ -156,10 +143,10 @@ async def test_failed_then_retry_after_fix(config, js):
         await wait_for(two_failed)
     failed = await ops.failures(js, "TILEPIPE", "ops")
     assert sorted(f.event.tile.col for f in failed) == [1, 2]
-    listing = await asyncio.to_thread(tilepipe, config, "failed", "ops")
+    listing = await asyncio.to_thread(tilepipe, "failed", "ops", config=config)
     assert listing.returncode == 0 and "injected failure" in listing.stdout
     async with running(config):  # the "fixed" stage
-        proc = await asyncio.to_thread(tilepipe, config, "retry", "ops")
+        proc = await asyncio.to_thread(tilepipe, "retry", "ops", config=config)
         assert proc.returncode == 0 and "re-queued 2" in proc.stdout
 
         async def two_converted():
@@ -229,7 +216,7 @@ async def test_status_renders_done_running_failed_and_missing(config, js):
     grid = lines[lines.index("slice 0 mosaic 0") + 1 : lines.index("slice 0 mosaic 0") + 3]
     assert grid == ["c c X", "a a ·"]
     assert "per min" in text and "ETA" in text
-    proc = await asyncio.to_thread(tilepipe, config, "status", "st", "--json")
+    proc = await asyncio.to_thread(tilepipe, "status", "st", "--json", config=config)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["tiles"] == {"tile_arrived": 4, "tile_converted": 2, "tile_processed": 0}
@@ -305,7 +292,7 @@ async def test_command_stage_runs_a_program_per_tile_with_history(config, js, tm
 
 async def test_hold_one_acquisition_while_others_continue(config, js):
     async with running(config, concurrency=2):
-        proc = await asyncio.to_thread(tilepipe, config, "pause", "--acq", "held")
+        proc = await asyncio.to_thread(tilepipe, "pause", "--acq", "held", config=config)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         await asyncio.sleep(0.5)
         for col in range(3):
@@ -320,7 +307,7 @@ async def test_hold_one_acquisition_while_others_continue(config, js):
         await asyncio.sleep(1.0)
         assert await stream_messages(js, "tp.tile_converted.held.>") == []
         assert len(await stream_messages(js, "tp.hold_convert_like.held.>")) == 3
-        proc = await asyncio.to_thread(tilepipe, config, "resume", "--acq", "held")
+        proc = await asyncio.to_thread(tilepipe, "resume", "--acq", "held", config=config)
         assert proc.returncode == 0 and "3 held inputs sent back" in proc.stdout
 
         async def held_done():

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from prometheus_client import REGISTRY
 
 from kernels.register import (
     RegisterParams,
@@ -28,7 +29,7 @@ from services.layout import mosaic_path, volume_path
 from services.omezarr import write_omezarr
 from services.runtime import StageRunner
 from services.simulate import Phantom, PhantomParams
-from services.stages.register import REGISTER_SLICES, Register
+from services.stages.register import Register
 from services.volume import Canvas, Volume
 from tests.conftest import stream_messages, wait_for
 
@@ -303,7 +304,7 @@ async def test_stage_out_of_order_fallback_and_replay(config, js):
     flat = {n: np.full(shape, 1.0, np.float32) for n in phantom_enface(0, (2, 2))}
     flat["aip"] = np.random.default_rng(9).normal(size=shape).astype(np.float32)  # no match
     stitched[4] = write_mosaic(config, acq, 4, flat, origins[4])
-    rejected_before = REGISTER_SLICES.labels("rejected")._value.get()
+    rejected_before = _rejected_count()
 
     async with running(config):
         await publish_event(js, stitched[0])
@@ -350,7 +351,7 @@ async def test_stage_out_of_order_fallback_and_replay(config, js):
         assert abs(decompose(got)[0] - decompose(truth_pair)[0]) <= 0.2
     # slice 4 has no texture: flagged, metric, fallback "previous" = slice 3's placement
     assert not first[4].accepted
-    assert REGISTER_SLICES.labels("rejected")._value.get() == rejected_before + 1
+    assert _rejected_count() == rejected_before + 1
     prior = translation_matrix(origins[4][0] - origins[3][0], origins[4][1] - origins[3][1])
     assert np.allclose(pair_of(first, 4), prior)
 
@@ -362,6 +363,11 @@ async def test_stage_out_of_order_fallback_and_replay(config, js):
     both = np.isfinite(p0) & np.isfinite(p1)
     assert both.sum() > 0.8 * np.isfinite(p0).sum()
     assert np.corrcoef(p0[both], p1[both])[0, 1] > 0.6
+
+
+def _rejected_count() -> float:
+    sample = REGISTRY.get_sample_value("tilepipe_register_slices_total", {"outcome": "rejected"})
+    return sample or 0.0
 
 
 def _chunk_times(store: Path, skip_z: int) -> dict[Path, int]:
@@ -440,7 +446,7 @@ async def test_real_pipeline_registers_simulated_slices(config, js):
         found = {(p.row, p.col): (p.y, p.x) for p in stitched[k].positions}
         true = {(t.row, t.col): (t.y_px, t.x_px) for t in truth.tiles if t.slice == k}
         g = np.mean([np.subtract(found[rc], true[rc]) for rc in found], axis=0)
-        origin = np.array(Volume_origin(config, stitched[k].path))
+        origin = np.array(mosaic_origin(config, stitched[k].path))
         return translation_matrix(*(origin - g))
 
     def stage_truth(k: int) -> np.ndarray:
@@ -466,7 +472,7 @@ async def test_real_pipeline_registers_simulated_slices(config, js):
     assert db.shape[0] == 3 * 8 and np.isfinite(db[8 + 4]).mean() > 0.1
 
 
-def Volume_origin(config, rel: str) -> tuple[float, float]:
+def mosaic_origin(config, rel: str) -> tuple[float, float]:
     from services.stages.register import Mosaic
 
     return Mosaic.open(config.roots.resolve("output", rel)).origin_px

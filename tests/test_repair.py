@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from services import repair
 from services.atomic import is_complete
 from services.layout import converted_path, mosaic_path, products_path
 from services.simulate import PhantomParams, simulate, small_manifest, write_manifest
-from tests.conftest import stream_messages, wait_for
-from tests.test_stitch_service import events, pipeline
+from tests.conftest import pipeline, stream_messages, tilepipe, wait_for
+from tests.test_stitch_service import OPTIONS, STAGES, events
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +20,7 @@ async def test_repair_republishes_exactly_what_was_deleted(config, js):
     manifest = small_manifest("rep", slices=1, rows=2, cols=2, alines=48, bscans=48, settle_s=0.2)
     path = write_manifest(manifest, config.roots.raw / "rep")
     await asyncio.to_thread(simulate, path, manifest, 0, params=PhantomParams(scatterers=4))
-    async with pipeline(config, js):
+    async with pipeline(config, js, STAGES, OPTIONS):
         await wait_for(lambda: events(js, "slice_stitched"), timeout=120)
     assert await repair.plan(js, config, "rep") == []
 
@@ -42,23 +39,7 @@ async def test_repair_republishes_exactly_what_was_deleted(config, js):
     )
     await js.delete_msg("TILEPIPE", arrived_c.metadata.sequence.stream)
 
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "TILEPIPE_NATS__URL": config.nats.url,
-        "TILEPIPE_ROOTS__RAW": str(config.roots.raw),
-        "TILEPIPE_ROOTS__WORK": str(work),
-        "TILEPIPE_ROOTS__OUTPUT": str(out),
-    }
-    dry = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "services.cli", "repair", "rep"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    dry = await asyncio.to_thread(tilepipe, "repair", "rep", config=config)
     assert dry.returncode == 0, dry.stderr
     assert "4 actions (dry run" in dry.stdout
     actions = await repair.plan(js, config, "rep")
@@ -69,7 +50,7 @@ async def test_repair_republishes_exactly_what_was_deleted(config, js):
         ("stitch", 1, 0),
     ]
 
-    async with pipeline(config, js):
+    async with pipeline(config, js, STAGES, OPTIONS):
         assert await repair.apply(js, config, "rep", actions) == 4
 
         async def repaired():

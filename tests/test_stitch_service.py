@@ -3,50 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import numpy as np
 import zarr
 from ome_zarr_models.v05.image import Image
 
 from messages import decode_event
-from services.config import StageSettings
 from services.finish import finish
 from services.omezarr import open_level, read_multiscale
-from services.runtime import StageRunner
 from services.simulate import PhantomParams, simulate, small_manifest, write_manifest
 from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.stitch import Stitch
-from services.watcher import Watcher
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import pipeline, stream_messages, wait_for
 
 PARAMS = PhantomParams(scatterers=8, scatterer_spacing_um=30.0)
 LOW_TEXTURE = (0, 0, 1, 1)
 MISSING = (2, 3)
 
 
-@contextlib.asynccontextmanager
-async def pipeline(config, js):
-    stop = asyncio.Event()
-    options = {Stitch: {"fuse_volume": True}}
-    runners = [
-        StageRunner(
-            cls(config, StageSettings(**cls.defaults, options=options.get(cls, {}))),
-            config,
-            fetch_timeout=0.5,
-        )
-        for cls in (Convert, Process, Stitch)
-    ]
-    watcher = Watcher(config, js)
-    tasks = [asyncio.create_task(r.run(stop)) for r in runners]
-    tasks.append(asyncio.create_task(watcher.run(stop)))
-    await wait_for(lambda: all(r.ready.is_set() for r in runners) and watcher.ready.is_set())
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+STAGES = (Convert, Process, Stitch)
+OPTIONS = {Stitch: {"fuse_volume": True}}
 
 
 async def events(js, kind: str) -> list:
@@ -56,7 +33,7 @@ async def events(js, kind: str) -> list:
 async def test_stitch_while_acquiring_with_low_texture_and_missing_tile(config, js):
     manifest = small_manifest("st", slices=1, rows=3, cols=4, alines=64, bscans=64, settle_s=0.2)
     path = write_manifest(manifest, config.roots.raw / "st")
-    async with pipeline(config, js):
+    async with pipeline(config, js, STAGES, OPTIONS):
         truth = await asyncio.to_thread(
             simulate,
             path,
@@ -122,7 +99,8 @@ async def test_stitch_while_acquiring_with_low_texture_and_missing_tile(config, 
     p00 = found[(0, 0)]
     y0, x0 = round(p00[0]) - origin[0], round(p00[1]) - origin[1]
     tile = zarr.open_group(
-        str(config.roots.work / "st/products/slice0000/m0-r0-c0.zarr"), mode="r")["db"]
+        str(config.roots.work / "st/products/slice0000/m0-r0-c0.zarr"), mode="r"
+    )["db"]
     assert volume.shape[0] == tile.shape[2]
     assert np.allclose(volume[:, y0 + 20, x0 + 20], tile[20, 20, :], atol=1e-4)
     for ngff in (store, volume_store):  # both validate as NGFF 0.5 images

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from messages import decode_event
 from services.manifest import Calibration, Lattice, Manifest, RawLayout
 from services.simulate import write_manifest, write_tile_file
 from services.watcher import Watcher
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import stream_messages, tilepipe, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = RawLayout(samples=64, alines=2, bscans=2)
@@ -181,27 +179,6 @@ async def test_rename_into_place_does_not_wait_for_settle(config, js):
         events = await wait_for(lambda: arrived(js), timeout=10)
         latency = time.monotonic() - t0
     assert len(events) == 1 and latency < 5.0
-
-
-def tilepipe(*args: str, config=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if config is not None:
-        env.update(
-            {
-                "TILEPIPE_NATS__URL": config.nats.url,
-                "TILEPIPE_ROOTS__RAW": str(config.roots.raw),
-                "TILEPIPE_ROOTS__WORK": str(config.roots.work),
-                "TILEPIPE_ROOTS__OUTPUT": str(config.roots.output),
-            }
-        )
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def test_finish_declares_missing_tiles(config, js):
