@@ -12,7 +12,8 @@ registers slice 1 to slice 0 and writes its plane of the volume; timed per repea
 * ``resample + write``: reading the five channels, resampling them into slice 0's frame
   (bilinear, NaN-aware, orientation circular) and writing the plane at every pyramid level;
 * ``total``: the whole slice (what a `slice_stitched` event costs the stage), wall clock;
-  ``CPU``: the process CPU time of the same (all threads; steadier on a shared machine).
+  ``CPU``: the process CPU time of the same (all threads; steadier on a shared machine);
+  ``peak GB``: peak of Python/NumPy allocations during one more (untimed) run (tracemalloc).
 
 Errors: largest displacement error over the mosaic (px) and rotation error (deg) against the
 known transform. Data generation and slice 0 (the reference plane) are not timed.
@@ -30,6 +31,7 @@ import platform
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,10 @@ def bench_size(tiles: int, args: argparse.Namespace, root: Path) -> dict:
         cpus.append(time.process_time() - c0)
         done = [kw for ev, kw in log.records if ev == "slice_registered"]
         estimates.append(done[-1]["register_s"])
+    tracemalloc.start()  # one more, untimed run for the peak of NumPy allocations
+    stage._register(acq, 1, state, "b1", 200.0, log)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     got = np.asarray(rec["pair"])
     yy, xx = np.mgrid[0:n:64, 0:n:64]
     p = np.stack([yy.ravel(), xx.ravel(), np.ones(yy.size)])
@@ -133,6 +139,7 @@ def bench_size(tiles: int, args: argparse.Namespace, root: Path) -> dict:
         "resample": times[best] - estimates[best],
         "total": times[best],
         "cpu": cpus[best],
+        "peak_gb": peak / 1e9,
         "err_px": err_px,
         "err_deg": err_deg,
         "quality": rec["quality"],
@@ -143,13 +150,14 @@ def bench_size(tiles: int, args: argparse.Namespace, root: Path) -> dict:
 def format_table(rows: list[dict]) -> str:
     head = (
         "| mosaic (tiles) | pixels | estimate s | resample + write s | total s/slice "
-        "| CPU s/slice | max error px | rotation error deg | quality | accepted |"
+        "| CPU s/slice | peak GB | max error px | rotation error deg | quality | accepted |"
     )
-    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         lines.append(
             f"| {r['tiles']} | {r['px']} | {r['estimate']:.1f} | {r['resample']:.1f} | "
-            f"{r['total']:.1f} | {r['cpu']:.1f} | {r['err_px']:.3f} | {r['err_deg']:.4f} | "
+            f"{r['total']:.1f} | {r['cpu']:.1f} | {r['peak_gb']:.1f} | {r['err_px']:.3f} | "
+            f"{r['err_deg']:.4f} | "
             f"{r['quality']:.3f} | {r['accepted']} |"
         )
     return "\n".join(lines)

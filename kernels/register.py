@@ -140,27 +140,26 @@ def _from_level(matrix: np.ndarray, f: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- resampling
-def _halve(val: np.ndarray, cnt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """2x2 block sums of ``val * cnt`` and ``cnt`` -> (mean, count) (odd sizes: partial)."""
-    ny, nx = val.shape
-    if ny % 2 or nx % 2:
-        val = np.pad(val, ((0, ny % 2), (0, nx % 2)))
-        cnt = np.pad(cnt, ((0, ny % 2), (0, nx % 2)))
-    wv = val * cnt
-    num = wv[0::2, 0::2] + wv[1::2, 0::2] + wv[0::2, 1::2] + wv[1::2, 1::2]
-    den = cnt[0::2, 0::2] + cnt[1::2, 0::2] + cnt[0::2, 1::2] + cnt[1::2, 1::2]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0).astype(np.float32)
-    return mean, den
-
-
 def halve(image: np.ndarray) -> np.ndarray:
     """NaN-aware mean of 2x2 blocks (odd sizes: the last blocks are partial; all-NaN: NaN),
     as :func:`services.omezarr.downsample2` computes a pyramid level (float32)."""
     img = np.asarray(image, dtype=np.float32)
+    ny, nx = img.shape
     valid = np.isfinite(img)
-    mean, den = _halve(np.where(valid, img, np.float32(0.0)), valid.astype(np.float32))
-    return np.where(den > 0, mean, np.float32(np.nan))
+    v = np.where(valid, img, np.float32(0.0))
+    if ny % 2 or nx % 2:
+        v = np.pad(v, ((0, ny % 2), (0, nx % 2)))
+        valid = np.pad(valid, ((0, ny % 2), (0, nx % 2)))
+    num = v[0::2, 0::2] + v[1::2, 0::2]
+    num += v[0::2, 1::2]
+    num += v[1::2, 1::2]
+    c = valid.view(np.uint8)
+    den = c[0::2, 0::2] + c[1::2, 0::2]
+    den += c[0::2, 1::2]
+    den += c[1::2, 1::2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.divide(num, den, out=num)  # 0 / 0 -> NaN where a block has no data
+    return num
 
 
 class Pyramid:

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,11 +109,38 @@ def downsample(stack: np.ndarray, axial: Sequence[bool] | bool = False) -> np.nd
     for k, is_axial in enumerate(flags):
         if is_axial:
             two = np.deg2rad(2.0 * data[k])
-            cs, sn = halve(np.cos(two)), halve(np.sin(two))
-            out[k] = np.mod(0.5 * np.rad2deg(np.arctan2(sn, cs)) + 90.0, 180.0) - 90.0
+            out[k] = _angle(halve(np.cos(two)), halve(np.sin(two)))
         else:
             out[k] = halve(data[k])
     return out
+
+
+def _angle(cs: np.ndarray, sn: np.ndarray) -> np.ndarray:
+    return np.mod(0.5 * np.rad2deg(np.arctan2(sn, cs)) + 90.0, 180.0) - 90.0
+
+
+def _levels(data: np.ndarray, axial: Sequence[bool], n: int) -> Iterator[np.ndarray]:
+    """Level 0 and ``n - 1`` successive :func:`downsample` levels of a ``(c, y, x)`` stack;
+    axial channels carry their doubled-angle vectors down (one cos/sin, at level 0)."""
+    level = np.asarray(data, dtype=np.float32)
+    vectors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for k, is_axial in enumerate(axial):
+        if is_axial:
+            two = np.deg2rad(2.0 * level[k])
+            vectors[k] = (np.cos(two), np.sin(two))
+    yield level
+    for _ in range(1, n):
+        shape = (level.shape[0], (level.shape[1] + 1) // 2, (level.shape[2] + 1) // 2)
+        nxt = np.empty(shape, dtype=np.float32)
+        for k in range(level.shape[0]):
+            if k in vectors:
+                cs, sn = (halve(v) for v in vectors[k])
+                vectors[k] = (cs, sn)
+                nxt[k] = _angle(cs, sn)
+            else:
+                nxt[k] = halve(level[k])
+        level = nxt
+        yield level
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
@@ -299,11 +326,8 @@ class Volume:
             raise ValueError(f"plane shape {data.shape} != {(c, *self.canvas.shape)}")
         self._grow(self.group, z, 1)
         axial = [n in self.canvas.axial for n in self.canvas.channels]
-        level = data
         smallest = data
-        for k in range(self.n_levels):
-            if k:
-                level = downsample(level, axial)
+        for k, level in enumerate(_levels(data, axial, self.n_levels)):
             arr = self.group[str(k)]
             assert isinstance(arr, zarr.Array)
             arr[:, z] = level
@@ -385,10 +409,7 @@ class Volume:
         top = (z + 1) * depth - 1
         self._grow(db, top, 0)
         start = z * depth + d0
-        level = data
-        for k in range(self.n_levels):
-            if k:
-                level = downsample(level, False)
+        for k, level in enumerate(_levels(data, [False] * len(data), self.n_levels)):
             arr = db[str(k)]
             assert isinstance(arr, zarr.Array)
             arr[start : start + level.shape[0]] = level

@@ -19,13 +19,15 @@ A failed or low-quality registration is flagged (`accepted = False`, metric
 `tilepipe_register_slices_total{outcome="rejected"}`) and replaced per `options.fallback`:
 `"previous"` (default: same placement as slice k - 1, i.e. the stage prior between the two
 mosaics) or `"identity"` (the stage prior to slice 0). Everything is deterministic: redoing a
-slice with the same inputs gives the same transform and rewrites the same plane; a slice is
-redone when its inputs or its predecessor's change, and its successors after it.
+slice with the same inputs gives the same transform and rewrites the same plane. A replay or
+retry (`tilepipe replay`) recomputes the slice it delivers; otherwise a slice is recomputed
+when its inputs, its predecessor's result or the options changed (or its plane is missing),
+and its successors after it; unchanged successors are announced again, not recomputed.
 
 Options (`[stages.register] options = {...}`): mosaic (0), channel ("aip"), fallback,
 model ("rigid" | "similarity"), max_rotation_deg (10), max_scale_change (0.05),
 max_shift_px (none), min_quality (0.2), min_overlap (0.25), coarse_size (1024),
-refine_size (2048), margin_px (max(64, 10% of slice 0's larger side)), first_slice (0),
+refine_size (2048), margin_px (max(64, 5% of slice 0's larger side)), first_slice (0),
 slice_thickness_um (else the manifest's, else 200), threads (resampling threads, 1),
 db_volume (false: also resample stitch's fused dB volume, when there is one), db_depth
 (planes per slice: slice thickness / axial pixel), db_block (16 planes at a time).
@@ -278,9 +280,8 @@ class Register(Stage):
         if j > self.first_slice:
             p = state[j - 1]
             prev = [p["stitched"], p["registered"]["transform"], p["registered"]["basis"]]
-        return _digest(
-            [own, prev, self.channel, self.fallback, self.margin_px, self.params.__dict__]
-        )
+        options = [self.channel, self.fallback, self.margin_px, self.db_volume, self.db_depth]
+        return _digest([own, prev, options, self.params.__dict__])
 
     def _event(self, acq: str, j: int, rec: dict) -> RegisteredEvent:
         return RegisteredEvent(
@@ -389,10 +390,13 @@ class Register(Stage):
         to_canvas = canvas.from_reference() @ composed
         axial = [n in canvas.axial for n in moving.channels]
         warped = warp_stack(stack, to_canvas, canvas.shape, axial, threads=self.threads)
-        plane = np.full((len(canvas.channels), *canvas.shape), np.nan, dtype=np.float32)
-        for c, name in enumerate(canvas.channels):
-            if name in moving.channels:
-                plane[c] = warped[moving.channels.index(name)]
+        if list(canvas.channels) == moving.channels:
+            plane = warped
+        else:
+            plane = np.full((len(canvas.channels), *canvas.shape), np.nan, dtype=np.float32)
+            for c, name in enumerate(canvas.channels):
+                if name in moving.channels:
+                    plane[c] = warped[moving.channels.index(name)]
         inside = int(np.isfinite(plane[0]).sum())
         valid = int(np.isfinite(stack[0]).sum())
         cropped = max(0.0, 1.0 - inside / valid) if valid else 0.0
@@ -433,7 +437,7 @@ class Register(Stage):
         ny, nx = reference.shape
         margin = self.margin_px
         if margin is None:
-            margin = max(64, math.ceil(0.1 * max(ny, nx)))
+            margin = max(64, math.ceil(0.05 * max(ny, nx)))
         margin = int(margin)
         py, px = reference.pixel_size_um
         oy, ox = reference.origin_px
