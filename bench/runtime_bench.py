@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -279,7 +280,8 @@ def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
             "accepted": True,
         }
         subject = f"tp.{kind}.{acq}.{d['slice']}.m{d['mosaic']}"
-        return subject, subject, out
+        body = json.dumps([out["path"], out["transform"], out["quality"], out["accepted"]])
+        return subject, f"{subject}:{hashlib.sha256(body.encode()).hexdigest()[:16]}", out
     if hop == 5:
         kind = "artifact_uploaded"
         t = {"slice": d["slice"], "mosaic": d["mosaic"], "row": 0, "col": 0, "index": None}

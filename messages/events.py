@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Annotated, ClassVar, Literal
@@ -245,6 +247,12 @@ class SliceRegistered(SliceEvent):
     transform: list[list[float]] = Field(min_length=3, max_length=3)
     quality: float
     accepted: bool
+
+    def msg_id(self) -> str:
+        """Includes the result: a slice redone with other inputs is a new event, a
+        redelivery of the same work a duplicate."""
+        body = json.dumps([self.path, self.transform, self.quality, self.accepted])
+        return f"{self.subject()}:{hashlib.sha256(body.encode()).hexdigest()[:16]}"
 
 
 class TileOrSliceEvent(Event):

@@ -86,15 +86,6 @@ FALLBACKS = ("previous", "identity")
 DEFAULT_THICKNESS_UM = 200.0
 
 
-class RegisteredEvent(SliceRegistered):
-    """`slice_registered` whose de-duplication id includes the result: a slice redone with
-    other inputs is a new event, a redelivery of the same work is a duplicate."""
-
-    def msg_id(self) -> str:
-        body = json.dumps([self.path, self.transform, self.quality, self.accepted])
-        return f"{self.subject()}:{hashlib.sha256(body.encode()).hexdigest()[:16]}"
-
-
 @dataclass(frozen=True)
 class Mosaic:
     """One slice's mosaic store: channels, pixel size and origin (level-0 pixels)."""
@@ -283,8 +274,8 @@ class Register(Stage):
         options = [self.channel, self.fallback, self.margin_px, self.db_volume, self.db_depth]
         return _digest([own, prev, options, self.params.__dict__])
 
-    def _event(self, acq: str, j: int, rec: dict) -> RegisteredEvent:
-        return RegisteredEvent(
+    def _event(self, acq: str, j: int, rec: dict) -> SliceRegistered:
+        return SliceRegistered(
             acq=acq,
             slice=j,
             mosaic=self.mosaic,
