@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import orjson
 import structlog
 
 _configured = False
+_second: list = [None, ""]  # the current UTC second and its ISO text
+
+
+def _utc_timestamp(_logger: object, _method: str, event_dict: dict) -> dict:
+    """An ISO-8601 UTC `timestamp` with microseconds (`...T12:00:00.123456Z`), as structlog's
+    TimeStamper writes it, with the date part formatted once a second (runs for every line)."""
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    event_dict["timestamp"] = f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
+    return event_dict
 
 
 def configure_logging(level: str = "info", json_format: bool = True, stream=None) -> None:
@@ -23,9 +36,8 @@ def configure_logging(level: str = "info", json_format: bool = True, stream=None
         factory = structlog.WriteLoggerFactory(file=stream)
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _utc_timestamp,
             structlog.processors.format_exc_info,
             renderer,
         ],

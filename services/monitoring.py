@@ -65,6 +65,8 @@ from services.metrics import (
 )
 
 JOB_PREFIX = "tilepipe-"
+_TILE_OUTPUTS = (TileEvent, ArtifactUploaded)
+_SLICE_OUTPUTS = (SliceStitched, SliceRegistered)
 
 
 # ---------------------------------------------------------------------------- stage hook
@@ -109,6 +111,7 @@ class StageMonitor:
         self._done: OrderedDict[str, set[str]] = OrderedDict()  # acq -> {"<slice>.<tile>"}
         self._synced: dict[tuple[str, str], float] = {}  # (acq, kind) -> monotonic time
         self._latency: dict[str, Any] = {}
+        self._gauges: dict[str, Any] = {}  # acq -> its tiles-done gauge child
         for kind in produces:  # children at 0, so the first observation is a visible increase
             if issubclass(kind, (TileEvent, ArtifactUploaded, SliceStitched, SliceRegistered)):
                 self._histogram(kind.kind)
@@ -117,13 +120,14 @@ class StageMonitor:
         self, js, event: Event, outputs: Sequence[Event], replay: str | None = None
     ) -> None:
         """Record what publishing `outputs` for `event` means; never raises."""
+        slow = [out for out in outputs if not self._observed_in_memory(out, replay)]
+        if not slow:
+            return
         if isinstance(event, TileArrived):
             self._remember(_tile_key(event.acq, event.tile), event.completed_at.timestamp())
-        if not outputs:
-            return
         try:
             # no task per call on the hot path: only the stream look-ups below are bounded
-            await self._handled(js, event, outputs, replay)
+            await self._handled(js, event, slow, replay)
         except Exception as exc:  # monitoring is best effort
             from services.logs import get_logger
 
@@ -148,6 +152,35 @@ class StageMonitor:
             if arrived:
                 seconds = max(0.0, out.emitted_at.timestamp() - max(arrived))
                 self._histogram(out.kind).observe(seconds)
+
+    def _observed_in_memory(self, out: Event, replay: str | None) -> bool:
+        """The common case without I/O: a tile output of an acquisition whose progress is
+        in sync and whose arrival time travels in `origin`. False: take the general path."""
+        if not isinstance(out, _TILE_OUTPUTS):
+            return not isinstance(out, _SLICE_OUTPUTS)  # stands for no tiles: nothing to do
+        tile = out.tile
+        if tile is None:
+            return True
+        origin = out.origin
+        if not replay and (origin is None or origin.arrived_at is None):
+            return False
+        acq = out.acq
+        synced = self._synced.get((acq, out.kind))
+        done = self._done.get(acq)
+        if synced is None or done is None or time.monotonic() - synced >= self.resync_s:
+            return False
+        done.add(f"{tile.slice}.{tile.token()}")
+        self._done_gauge(acq).set(len(done))
+        if not replay:
+            seconds = out.emitted_at.timestamp() - origin.arrived_at.timestamp()
+            self._histogram(out.kind).observe(max(0.0, seconds))
+        return True
+
+    def _done_gauge(self, acq: str):
+        gauge = self._gauges.get(acq)
+        if gauge is None:
+            gauge = self._gauges[acq] = ACQ_TILES_DONE.labels(acq, self.stage)
+        return gauge
 
     async def tiles_of(self, js, out: Event, source: Event | None = None) -> list[TileCoord]:
         """The tiles an output stands for (empty for events that are no tile deliverable)."""
@@ -216,7 +249,8 @@ class StageMonitor:
         if done is None:
             done = self._done[acq] = set()
             while len(self._done) > self.max_acqs:
-                self._done.popitem(last=False)
+                gone, _ = self._done.popitem(last=False)
+                self._gauges.pop(gone, None)
         self._done.move_to_end(acq)
         now = time.monotonic()
         key = (acq, out.kind)
@@ -228,7 +262,7 @@ class StageMonitor:
                 self._synced.pop(key, None)
                 raise
         done.update(f"{t.slice}.{t.token()}" for t in tiles)
-        ACQ_TILES_DONE.labels(acq, self.stage).set(len(done))
+        self._done_gauge(acq).set(len(done))
 
     async def _published(self, js, acq: str, kind: str) -> set[str]:
         """Tile keys ("<slice>.<tile>") already published as `kind` (from the stream)."""

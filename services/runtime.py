@@ -31,6 +31,7 @@ from messages.events import (
     TileArrived,
     utcnow,
 )
+from messages.paths import PathEscapeError
 from messages.subjects import hold_subject
 from services.bus import REPLAY_HEADER, connect, publish_event
 from services.config import Config, StageSettings
@@ -121,6 +122,7 @@ class StageRunner:
         # id(message) -> (message, monotonic time of its last beat)
         self._in_flight: dict[int, tuple[Msg, float]] = {}
         self.m = _StageMetrics(self.name)
+        self.m.in_flight.set_function(lambda: len(self._in_flight))
         self.monitor = StageMonitor(self.name, config.nats.stream, stage.produces)
         self.held: set[str] = set()  # acquisitions on hold (`tilepipe pause --acq`)
         self.ready = asyncio.Event()
@@ -247,13 +249,12 @@ class StageRunner:
             error = f"no acknowledgement after {self.settings.max_deliver} deliveries (worker lost)"
             await self._fail(js, msg, event, error, attempt - 1, replay, log)
             return
-        m.in_flight.inc()
         started = time.perf_counter()
         started_at = utcnow()
         self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
             result = await self._call_handler(event, attempt, js, log, replay)
-            origin = Origin(
+            origin = Origin.model_construct(  # our own values: no validation on the hot path
                 arrived_at=arrival_time(event),
                 stage=self.name,
                 input_type=event.kind,
@@ -267,7 +268,7 @@ class StageRunner:
             for out in outputs:
                 await self._publish(js, out, replay=replay)
             await msg.ack()
-        except PermanentError as exc:
+        except (PermanentError, PathEscapeError) as exc:  # retrying cannot help
             await self._fail(
                 js, msg, event, f"{type(exc).__name__}: {exc}", attempt, replay, log, started_at
             )
@@ -302,7 +303,6 @@ class StageRunner:
         finally:
             self._in_flight.pop(id(msg), None)
             m.seconds.observe(time.perf_counter() - started)
-            m.in_flight.dec()
 
     async def _call_handler(
         self, event: Event, attempt: int, js: JetStreamContext, log, replay: str | None = None

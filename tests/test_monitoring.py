@@ -32,7 +32,13 @@ import yaml
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from messages import TileArrived, TileCoord
-from messages.events import SliceRegistered, SliceStitched, TileConverted, TilePosition
+from messages.events import (
+    Origin,
+    SliceRegistered,
+    SliceStitched,
+    TileConverted,
+    TilePosition,
+)
 from services import monitoring
 from services.bus import publish_event
 from services.metrics import ACQ_TILES_DONE
@@ -514,6 +520,16 @@ def _count(stage: str, event: str) -> float:
     return _sample(stage, event)
 
 
+class Unreachable:
+    """A JetStream context whose server never answers."""
+
+    async def get_last_msg(self, *a, **k):
+        raise RuntimeError("down")
+
+    async def stream_info(self, *a, **k):
+        raise RuntimeError("down")
+
+
 async def test_stage_monitor_latency_and_progress(js):
     t0 = datetime.now(UTC) - timedelta(seconds=30)
     tiles = [TileCoord(slice=0, row=r, col=c) for r in range(2) for c in range(2)]
@@ -567,6 +583,20 @@ async def test_stage_monitor_latency_and_progress(js):
     assert _sample("mon-convert", "tile_converted", "sum") == pytest.approx(40)
     assert ACQ_TILES_DONE.labels("mon1", "mon-convert")._value.get() == 2
 
+    # in sync now: an output carrying its arrival in `origin` is recorded without the stream
+    origin = Origin(
+        stage="mon-convert",
+        input_type="tile_arrived",
+        attempt=1,
+        started_at=t0,
+        arrived_at=t0 + timedelta(seconds=1),
+    )
+    fast = converted(tiles[1], seconds=50).model_copy(update={"origin": origin})
+    await monitor.handled(Unreachable(), converted(tiles[1]), [fast])
+    assert _count("mon-convert", "tile_converted") == 2
+    assert _sample("mon-convert", "tile_converted", "sum") == pytest.approx(40 + 49)
+    assert ACQ_TILES_DONE.labels("mon1", "mon-convert")._value.get() == 3
+
     # a later stage looks the arrival up in the stream; a replay is not a latency
     monitor2 = monitoring.StageMonitor("mon-process", "TILEPIPE")
     await monitor2.handled(js, converted(tiles[1]), [converted(tiles[1], seconds=61)])
@@ -597,13 +627,6 @@ async def test_stage_monitor_latency_and_progress(js):
     assert ACQ_TILES_DONE.labels("mon1", "mon-register")._value.get() == 4
 
     # never raises, even without a server answer
-    class Broken:
-        async def get_last_msg(self, *a, **k):
-            raise RuntimeError("down")
-
-        async def stream_info(self, *a, **k):
-            raise RuntimeError("down")
-
     await monitoring.StageMonitor("mon-x", "TILEPIPE").handled(
-        Broken(), converted(tiles[0]), [converted(tiles[0])]
+        Unreachable(), converted(tiles[0]), [converted(tiles[0])]
     )
