@@ -37,7 +37,10 @@ def resolve_in_root(root: Path, rel: str) -> Path:
     """Join `rel` onto `root`, following symlinks; refuse anything that lands outside `root`."""
     check_relative(rel)
     base = Path(root).resolve()
-    target = (base / rel).resolve()
+    try:
+        target = (base / rel).resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise PathEscapeError(f"{rel!r} cannot be resolved: {exc}") from None
     if target != base and base not in target.parents:
         raise PathEscapeError(f"{rel!r} resolves outside its root {base}")
     return target

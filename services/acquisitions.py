@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from messages.events import TileCoord
-from messages.paths import relative_to_root, resolve_in_root
+from messages.paths import resolve_in_root
 from messages.subjects import event_filter
 from services.eventlog import subjects_seen
 from services.manifest import Manifest, load_manifest
@@ -40,7 +40,7 @@ def find_manifests(raw_root: Path) -> list[str]:
         depth = len(Path(dirpath).relative_to(root).parts)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")] if depth < MAX_DEPTH else []
         if MANIFEST_NAME in filenames:
-            found.append(relative_to_root(root, Path(dirpath) / MANIFEST_NAME))
+            found.append((Path(dirpath) / MANIFEST_NAME).relative_to(root).as_posix())
     return sorted(found)
 
 

@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulate a small acquisition, show live progress, stop when done",
     )
     p.add_argument("--rate", type=float, default=3.0, help="demo tiles per second")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="NATS users with least-privilege permissions, one per service (passwords in "
+        "WORK/auth, mode 0600); operator commands then need the admin user",
+    )
     return parser
 
 

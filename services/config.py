@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from messages.paths import resolve_in_root
 from messages.subjects import STREAM
@@ -45,6 +53,50 @@ class NatsSettings(Strict):
     duplicate_window_s: Annotated[float, Field(gt=0)] = 3600.0
     max_age_days: Annotated[float, Field(ge=0)] = 0.0
     replicas: Annotated[int, Field(ge=1, le=5)] = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("password" in data or "token" in data):
+            raise ValueError(
+                "secrets are never inline: put the password in a file readable by the service "
+                "only (mode 600) and set password_file (or TILEPIPE_NATS__PASSWORD_FILE)"
+            )
+        return data
+
+    @field_validator("password_file", "creds_file")
+    @classmethod
+    def _private_file(cls, path: Path | None) -> Path | None:
+        return None if path is None else check_secret_file(path, forbidden=0o077)
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _private_key(cls, path: Path | None) -> Path | None:
+        return None if path is None else check_secret_file(path, forbidden=0o007)
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> NatsSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together (client certificate)")
+        return self
+
+
+def check_secret_file(path: Path, forbidden: int) -> Path:
+    """A secret file must exist, be a readable regular file, and have none of the `forbidden`
+    permission bits (0o077: group and others; 0o007: others)."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & forbidden:
+        who = "group or others" if forbidden & 0o070 else "others"
+        raise ValueError(f"{path}: mode {mode:04o} lets {who} at a secret; chmod 600 it")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: not readable by this user")
+    return path
 
 
 class Roots(Strict):
@@ -141,9 +193,13 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another {ENV_PREFIX} variable")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"{key}: conflicts with another {ENV_PREFIX} variable")
         try:
             node[parts[-1]] = json.loads(value)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON (or a number too long to convert): a string
             node[parts[-1]] = value
     return tree
 
@@ -178,18 +234,23 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
     base = Path(path).resolve().parent if path is not None else Path.cwd()
-    roots = {
-        name: (p if p.is_absolute() else (base / p)).resolve()
-        for name, p in config.roots.model_dump().items()
-    }
+    try:
+        roots = {
+            name: (p if p.is_absolute() else (base / p)).resolve()
+            for name, p in config.roots.model_dump().items()
+        }
+    except (ValueError, OSError, RuntimeError) as exc:  # NUL byte, symlink loop
+        raise ConfigError(f"{source}: invalid configuration\n  roots: {exc}") from None
     return config.model_copy(update={"roots": Roots(**roots)})
 
 

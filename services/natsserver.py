@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -36,8 +38,19 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def server_config(store_dir: Path, blocks: Sequence[str] = ()) -> str:
+    """A nats-server config: JetStream with its store under `store_dir`, plus `blocks` (e.g. an
+    `authorization` or `tls` block). Listen address and port stay on the command line."""
+    store = json.dumps(str(Path(store_dir) / "jetstream"))
+    return "\n".join([f"jetstream {{\n  store_dir: {store}\n}}", *blocks]) + "\n"
+
+
 class EmbeddedServer:
-    """A JetStream-enabled nats-server on loopback with its store under `store_dir`."""
+    """A JetStream-enabled nats-server on loopback with its store under `store_dir`.
+
+    `extra_config` (blocks such as `authorization { ... }` or `tls { ... }`) makes it run from a
+    generated config file `store_dir/nats-server.conf`, readable by its owner only.
+    """
 
     def __init__(
         self,
@@ -47,6 +60,7 @@ class EmbeddedServer:
         config_file: Path | None = None,
         log_file: Path | None = None,
         name: str = "tilepipe",
+        extra_config: Sequence[str] = (),
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -54,6 +68,9 @@ class EmbeddedServer:
         self.config_file = config_file
         self.log_file = log_file or self.store_dir / "nats-server.log"
         self.name = name
+        self.extra_config = tuple(extra_config)
+        if self.extra_config and config_file is None:
+            self.config_file = self.store_dir / "nats-server.conf"
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -71,6 +88,10 @@ class EmbeddedServer:
         if port_open(self.host, self.port):
             raise RuntimeError(f"port {self.host}:{self.port} is already in use")
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.extra_config and self.config_file is not None:
+            from services.natsauth import write_secret
+
+            write_secret(self.config_file, server_config(self.store_dir, self.extra_config))
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True

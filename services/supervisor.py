@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +41,17 @@ class Supervisor:
     """Starts services as child processes, restarts a crashed one, stops all on request."""
 
     def __init__(
-        self, config_path: Path, services: list[str], log_dir: Path, metrics_ports: dict[str, int]
+        self,
+        config_path: Path,
+        services: list[str],
+        log_dir: Path,
+        metrics_ports: dict[str, int],
+        child_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
+        """`child_env`: extra environment per service (e.g. its own NATS user)."""
         log_dir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.child_env = {name: dict(env) for name, env in (child_env or {}).items()}
         self.children = [
             Child(
                 name,
@@ -63,9 +71,12 @@ class Supervisor:
             for name in services
         ]
 
+    def env_of(self, child: Child) -> dict[str, str]:
+        return {**self.env, **self.child_env.get(child.name, {})}
+
     def start(self) -> None:
         for child in self.children:
-            child.start(self.env)
+            child.start(self.env_of(child))
 
     def check(self, notify=print) -> None:
         """Restart children that died (at most RESTART_LIMIT times a minute each)."""
@@ -81,7 +92,7 @@ class Supervisor:
                 continue
             notify(f"{child.name} exited with {code}; restarting")
             child.restarts.append(now)
-            child.start(self.env)
+            child.start(self.env_of(child))
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM every child (they drain), then SIGKILL what is left after `timeout`."""
@@ -107,13 +118,20 @@ def pick_port(preferred: int, taken: set[int]) -> int:
 
 
 def prepare(
-    config: Config, work: Path, services: list[str], nats_url: str | None
+    config: Config,
+    work: Path,
+    services: list[str],
+    nats_url: str | None,
+    server_blocks: Sequence[str] = (),
 ) -> tuple[EmbeddedServer | None, Config, dict[str, int]]:
-    """Start the embedded server unless `nats_url` is given; fix ports; return the config."""
+    """Start the embedded server (with `server_blocks`, e.g. authorization) unless `nats_url`
+    is given; fix ports; return the config."""
     server = None
     if nats_url is None:
         taken: set[int] = set()
-        server = EmbeddedServer(work / "nats", port=pick_port(4222, taken))
+        server = EmbeddedServer(
+            work / "nats", port=pick_port(4222, taken), extra_config=server_blocks
+        )
         server.start()
         nats_url = server.url
     config = config.model_copy(update={"nats": config.nats.model_copy(update={"url": nats_url})})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import signal
+import sys
 
 from services.cli import _config, provision
 from services.config import Config, Roots
@@ -19,6 +21,9 @@ def all_services(config: Config) -> list[str]:
 
 
 def up(args: argparse.Namespace) -> int:
+    if getattr(args, "auth", False) and args.nats_url:
+        print("--auth configures the embedded server; not with --nats-url", file=sys.stderr)
+        return 2
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     config = _config(args)
@@ -29,23 +34,36 @@ def up(args: argparse.Namespace) -> int:
     for root in (config.roots.raw, config.roots.work, config.roots.output):
         root.mkdir(parents=True, exist_ok=True)
     services = args.services.split(",") if args.services else all_services(config)
-    server, config, ports = prepare(config, work, services, args.nats_url)
+    auth = None
+    if getattr(args, "auth", False):
+        from services.natsauth import local_auth
+
+        auth = local_auth(config, services, work / "auth")
+    blocks = [auth.server_block] if auth else []
+    server, config, ports = prepare(config, work, services, args.nats_url, blocks)
+    # the written config holds no credentials: each child gets its own user in its environment
+    operator = config.model_copy(update={"nats": auth.settings(config.nats)}) if auth else config
     supervisor = None
     try:
-        for line in asyncio.run(provision(config)):
+        for line in asyncio.run(provision(operator)):
             print(f"  {line}")
         config_path = write_config(config, work / "tilepipe.toml")
-        supervisor = Supervisor(config_path, services, work / "logs", ports)
+        child_env = {name: auth.env(name) for name in services} if auth else None
+        supervisor = Supervisor(config_path, services, work / "logs", ports, child_env)
         supervisor.start()
         print(f"NATS: {config.nats.url}" + (" (embedded)" if server else ""))
         for name in services:
             print(
-                f"  {name:<10} metrics http://127.0.0.1:{ports[name]}/metrics"
+                f"  {name:<10} metrics http://{config.metrics.host}:{ports[name]}/metrics"
                 f"  log {work / 'logs' / (name + '.log')}"
             )
+        if auth:
+            print("NATS authorization on: one user per service. Operator commands need admin:")
+            for key, value in auth.env("admin").items():
+                print(f"  export {key}={shlex.quote(value)}")
         print("Ctrl-C stops everything.")
         if args.demo:
-            _demo(config, supervisor, services, args.rate, work)
+            _demo(operator, supervisor, services, args.rate, work)
         else:
             asyncio.run(_wait(supervisor))
     finally:

@@ -22,7 +22,7 @@ import watchfiles
 from nats.js import JetStreamContext
 
 from messages.events import AcquisitionFinished, AcquisitionStarted, TileArrived, TileCoord
-from messages.paths import relative_to_root
+from messages.paths import PathEscapeError, resolve_in_root
 from messages.subjects import event_filter
 from services.acquisitions import (
     MANIFEST_NAME,
@@ -102,7 +102,7 @@ class Watcher:
             return self.acqs[base]
         try:
             manifest = manifest_at(self.root, manifest_rel)
-        except (ManifestError, OSError) as exc:
+        except (ManifestError, OSError, PathEscapeError) as exc:
             if manifest_rel not in self.reported:
                 self.reported.add(manifest_rel)
                 self.log.error("manifest_invalid", manifest=manifest_rel, error=str(exc))
@@ -141,7 +141,7 @@ class Watcher:
         )
         acq_root = self.root / base
         self.pending.update(  # files that arrived before their manifest
-            relative_to_root(self.root, p)
+            self.rel(p)
             for p in acq_root.rglob("*")
             if p.is_file() and p.name != MANIFEST_NAME
         )
@@ -163,6 +163,11 @@ class Watcher:
         return best
 
     # ------------------------------------------------------------------ files
+    def rel(self, path: Path) -> str:
+        """`path` relative to the raw root as listed, links not followed (`consider` refuses
+        a file whose link leads out of the root)."""
+        return path.relative_to(self.root).as_posix()
+
     def _skip(self, rel: str, outcome: str, **details: object) -> str:
         WATCHER_FILES.labels(outcome).inc()
         if rel not in self.reported:
@@ -194,7 +199,9 @@ class Watcher:
         if tile_key(tile) in acq.emitted:
             return self._skip(rel, "duplicate", reason="tile already has its event")
         try:
-            st = (self.root / rel).stat()
+            st = resolve_in_root(self.root, rel).stat()
+        except PathEscapeError as exc:
+            return self._skip(rel, "outside_root", reason=str(exc))
         except FileNotFoundError:
             return "vanished"
         layout = acq.manifest.raw
@@ -255,7 +262,7 @@ class Watcher:
         for manifest_rel in find_manifests(self.root):
             await self.discover(manifest_rel)
         for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
-            rel = relative_to_root(self.root, path)
+            rel = self.rel(path)
             if Path(rel).name != MANIFEST_NAME:
                 self.pending.add(rel)
         await self.check_pending()
@@ -290,13 +297,13 @@ class Watcher:
             if change == watchfiles.Change.deleted:
                 continue
             try:
-                rel = relative_to_root(self.root, Path(path))
+                rel = self.rel(Path(path))
             except ValueError:
                 continue
             if Path(path).is_dir():
                 # files created in a new directory before its watch was set up
                 self.pending.update(
-                    relative_to_root(self.root, p) for p in Path(path).rglob("*") if p.is_file()
+                    self.rel(p) for p in Path(path).rglob("*") if p.is_file()
                 )
                 continue
             self.pending.add(rel)
