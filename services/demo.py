@@ -1,9 +1,14 @@
-"""`tilepipe up --demo`: a small simulated acquisition end to end, with live progress."""
+"""`tilepipe up --demo`: a small simulated acquisition end to end, with live progress.
+
+The demo writes 2 slices of 3x3 small tiles into the raw root, shows the status lattice while
+every service works on them, and stops once every tile is processed and every slice stitched,
+registered and (when the upload stage runs) uploaded. Its figures come from the event log
+(`services.timeline`), the same computation as `bench/realtime.py`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import statistics
 import threading
 import time
 from datetime import UTC, datetime
@@ -12,21 +17,71 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
-from messages.codec import decode_event
+from messages.subjects import PREFIX
 from services.bus import connect
-from services.config import Config
+from services.config import Config, StageSettings
+from services.eventlog import subjects_seen
 from services.layout import volume_path
+from services.manifest import Manifest
 from services.simulate import PhantomParams, simulate, small_manifest, write_manifest
-from services.status import read_events, snapshot
+from services.status import Status, snapshot
 from services.status_view import render
 from services.supervisor import Supervisor
+from services.timeline import BacklogSampler, Timeline, figures, read_timeline, tail_slack
+
+DEMO_SETTLE_S = 0.3
+OBJECT_STORE = "object-store"
 
 
-def demo_acquisition(raw_root: Path) -> tuple[Path, object]:
+def demo_acquisition(raw_root: Path) -> tuple[Path, Manifest]:
     """Write a fresh demo manifest (2 slices of 3x3 tiles, 64x64 A-lines x 512 samples)."""
     acq = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    manifest = small_manifest(acq, slices=2, rows=3, cols=3, settle_s=0.3)
+    manifest = small_manifest(acq, slices=2, rows=3, cols=3, settle_s=DEMO_SETTLE_S)
     return write_manifest(manifest, raw_root / acq), manifest
+
+
+def demo_config(config: Config, work: Path) -> Config:
+    """`config` with the upload stage on, into a local object store under `work`, unless
+    upload is already configured or explicitly off (the demo needs no external service)."""
+    given = config.stages.get("upload")
+    if given is not None and (
+        given.options.get("url") or ("enabled" in given.model_fields_set and not given.enabled)
+    ):
+        return config
+    store = (work / OBJECT_STORE).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    base = given.model_dump(exclude_unset=True) if given is not None else {}
+    upload = StageSettings.model_validate(
+        {**base, "enabled": True, "options": {"url": store.as_uri()}}
+    )
+    return config.model_copy(update={"stages": {**config.stages, "upload": upload}})
+
+
+def expected_uploads(manifest: Manifest, stages: list[str]) -> int:
+    """artifact_uploaded events of a complete acquisition: tiles, mosaics, volume planes."""
+    if "upload" not in stages:
+        return 0
+    lat = manifest.lattice
+    per_slice = lat.mosaics * ("stitch" in stages) + ("register" in stages)
+    return lat.tiles * ("process" in stages) + lat.slices * per_slice
+
+
+def finished(status: Status, manifest: Manifest, stages: list[str], uploaded: int) -> bool:
+    """Every tile through the tile stages, every slice through stitch, register and upload."""
+    lat = manifest.lattice
+    last = "tile_processed" if "process" in stages else "tile_converted"
+    return (
+        status.count(last) + len(status.failed_tiles) >= lat.tiles
+        and (
+            "stitch" not in stages
+            or len(status.mosaics.get("slice_stitched", ())) >= lat.slices * lat.mosaics
+        )
+        and (
+            "register" not in stages
+            or len(status.mosaics.get("slice_registered", ())) >= lat.slices
+        )
+        and uploaded >= expected_uploads(manifest, stages)
+    )
 
 
 async def run_demo(
@@ -37,7 +92,7 @@ async def run_demo(
     stop: asyncio.Event,
     console: Console | None = None,
 ) -> dict:
-    """Simulate, show the live lattice until every tile has passed every tile stage."""
+    """Simulate, show the live lattice until the acquisition is done; return the figures."""
     console = console or Console()
     path, manifest = demo_acquisition(Path(config.roots.raw))
     lat = manifest.lattice
@@ -49,56 +104,72 @@ async def run_demo(
     sim.start()
     nc = await connect(config.nats, name="tilepipe-demo")
     js = nc.jetstream()
-    last = "tile_processed" if "process" in stages else "tile_converted"
+    services = list(stages)
     stages = [s for s in stages if s != "watcher"]
+    backlog = BacklogSampler(stages)
+    stream = config.nats.stream
+    status: Status | None = None
+    uploaded = 0
     try:
         with Live(console=console, refresh_per_second=4) as live:
             while not stop.is_set():
-                status = await snapshot(js, config.nats.stream, manifest.id, stages)
+                status = await snapshot(js, stream, manifest.id, stages)
+                uploaded = await _uploaded(js, stream, manifest.id)
+                for name, counts in status.stages.items():
+                    if counts.waiting is not None and name in backlog.samples:
+                        backlog.record(name, counts.waiting + (counts.in_progress or 0))
+                if "upload" in status.stages:
+                    status.stages["upload"].done = uploaded
                 live.update(render(status, (lat.rows, lat.cols, lat.slices, lat.mosaics)))
-                tiles_done = status.count(last) + len(status.failed_tiles) >= lat.tiles
-                mosaics_done = (
-                    "stitch" not in stages
-                    or len(status.mosaics.get("slice_stitched", ())) >= lat.slices * lat.mosaics
-                )
-                registered = (
-                    "register" not in stages
-                    or len(status.mosaics.get("slice_registered", ())) >= lat.slices
-                )
-                if tiles_done and mosaics_done and registered:
+                if finished(status, manifest, stages, uploaded):
                     break
                 supervisor.check(console.print)
                 await asyncio.sleep(0.5)
-        figures = await _figures(js, config.nats.stream, manifest.id, last)
-        figures["wall_s"] = time.monotonic() - started
-        volume = Path(config.roots.output) / volume_path(manifest.id)
-        figures["volume"] = str(volume) if volume.exists() else None
-        figures["mosaics"] = sorted(
-            str(Path(config.roots.output) / decode_event(m.data).path)
-            for m in await read_events(js, config.nats.stream, f"tp.slice_stitched.{manifest.id}.>")
-        )
-        figures["acq"] = manifest.id
-        return figures
+        timeline = await read_timeline(js, stream, manifest.id)
     finally:
         await nc.close()
-
-
-async def _figures(js, stream: str, acq: str, last: str) -> dict:
-    arrived = {
-        e.tile.token() + str(e.tile.slice): e
-        for e in map(
-            lambda m: decode_event(m.data),
-            await read_events(js, stream, f"tp.tile_arrived.{acq}.>"),
-        )
+    output = Path(config.roots.output)
+    volume = output / volume_path(manifest.id)
+    return {
+        "acq": manifest.id,
+        "wall_s": time.monotonic() - started,
+        "timeline": timeline,
+        "complete": status is not None and finished(status, manifest, stages, uploaded),
+        "figures": figures(timeline, tail_slack(manifest.settle_s, services), backlog.max()),
+        "mosaics": sorted(str(output / s.path) for s in timeline.slices.values() if s.path),
+        "volume": str(volume) if volume.exists() else None,
+        "object_store": config.stage("upload").options.get("url") if "upload" in stages else None,
     }
-    done = [decode_event(m.data) for m in await read_events(js, stream, f"tp.{last}.{acq}.>")]
-    latency = sorted(
-        (e.emitted_at - arrived[e.tile.token() + str(e.tile.slice)].completed_at).total_seconds()
-        for e in done
-        if e.tile.token() + str(e.tile.slice) in arrived
-    )
-    out = {"tiles_done": len(done), "last_stage": last}
-    if latency:
-        out["latency_p50_s"] = statistics.median(latency)
-        out["latency_max_s"] = latency[-1]
-    return out
+
+
+async def _uploaded(js, stream: str, acq: str) -> int:
+    return sum((await subjects_seen(js, stream, f"{PREFIX}.artifact_uploaded.{acq}.>")).values())
+
+
+def summary(figures: dict, config: Config, work: Path) -> list[str]:
+    """The lines the demo prints at the end: where everything is, then the figures."""
+    tl: Timeline = figures["timeline"]
+    rows = figures["figures"]
+    state = "done" if figures["complete"] else "stopped before the end"
+    lines = [
+        f"\ndemo {figures['acq']}: {len(tl.tiles)} tiles, {len(tl.slices)} slices, "
+        f"{state} in {figures['wall_s']:.1f} s",
+        f"  raw tiles:      {config.roots.raw / figures['acq']}",
+        f"  tile products:  {config.roots.work / figures['acq']}",
+        *(f"  mosaic:         {m}" for m in figures["mosaics"]),
+    ]
+    if figures["volume"]:
+        lines.append(f"  volume:         {figures['volume']}")
+    if figures["object_store"]:
+        lines.append(f"  uploaded to:    {figures['object_store']}")
+    else:
+        lines.append("  uploaded to:    (upload stage not running: no upload figures)")
+    lines += [
+        f"  event log:      stream {config.nats.stream} (store {work / 'nats'})",
+        f"  service logs:   {work / 'logs'}",
+        "",
+        "real time (seconds; 'complete' = the tile file's last write):",
+    ]
+    width = max(len(label) for label in rows)
+    lines += [f"  {label:<{width}}  {value}" for label, value in rows.items()]
+    return lines

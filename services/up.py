@@ -33,6 +33,10 @@ def up(args: argparse.Namespace) -> int:
         )
     for root in (config.roots.raw, config.roots.work, config.roots.output):
         root.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        from services.demo import demo_config
+
+        config = demo_config(config, work)  # uploads to a local object store
     services = args.services.split(",") if args.services else all_services(config)
     auth = None
     if getattr(args, "auth", False):
@@ -88,26 +92,10 @@ async def _wait(supervisor: Supervisor) -> None:
 
 
 def _demo(config: Config, supervisor: Supervisor, services: list[str], rate: float, work) -> None:
-    from services.demo import run_demo
+    from services.demo import run_demo, summary
 
     async def main() -> dict:
         return await run_demo(config, supervisor, services, rate, _stop_on_signals())
 
-    figures = asyncio.run(main())
-    print(
-        f"\ndemo {figures['acq']}: {figures['tiles_done']} tiles reached "
-        f"{figures['last_stage']} in {figures['wall_s']:.1f} s"
-    )
-    if "latency_p50_s" in figures:
-        print(
-            f"  file complete -> {figures['last_stage']}: p50 {figures['latency_p50_s']:.2f} s,"
-            f" max {figures['latency_max_s']:.2f} s"
-        )
-    print(f"  raw tiles:      {config.roots.raw / figures['acq']}")
-    print(f"  tile products:  {config.roots.work / figures['acq']}")
-    for mosaic in figures.get("mosaics", []):
-        print(f"  mosaic:         {mosaic}")
-    if figures.get("volume"):
-        print(f"  volume:         {figures['volume']}")
-    print(f"  event log:      stream {config.nats.stream} (store {work / 'nats'})")
-    print(f"  service logs:   {work / 'logs'}")
+    for line in summary(asyncio.run(main()), config, work):
+        print(line)
