@@ -247,11 +247,15 @@ class SliceRegistered(SliceEvent):
     transform: list[list[float]] = Field(min_length=3, max_length=3)
     quality: float
     accepted: bool
+    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="digest of the inputs (own mosaic, predecessor, options)"
+    )
 
     def msg_id(self) -> str:
-        """Includes the result: a slice redone with other inputs is a new event, a
-        redelivery of the same work a duplicate."""
-        body = json.dumps([self.path, self.transform, self.quality, self.accepted])
+        """Includes the inputs and the result: a slice redone with other inputs (a late tile
+        restitched into it) is a new event even when the transform is the same; a
+        redelivery of the same work is a duplicate."""
+        body = json.dumps([self.path, self.transform, self.quality, self.accepted, self.basis])
         return f"{self.subject()}:{hashlib.sha256(body.encode()).hexdigest()[:16]}"
 
 

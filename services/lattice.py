@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
@@ -51,13 +52,14 @@ class MosaicState:
 class MosaicBook:
     """Read and write one mosaic's keys."""
 
-    def __init__(self, kv, acq: str, slice_index: int, mosaic: int) -> None:
+    def __init__(self, kv, acq: str, slice_index: int, mosaic: int, js=None) -> None:
         self.kv = kv
+        self.js = js
         self.prefix = f"{acq}.{slice_index}.m{mosaic}"
 
     @staticmethod
     async def open(js: JetStreamContext, acq: str, slice_index: int, mosaic: int) -> MosaicBook:
-        return MosaicBook(await js.key_value(LATTICE_BUCKET), acq, slice_index, mosaic)
+        return MosaicBook(await js.key_value(LATTICE_BUCKET), acq, slice_index, mosaic, js)
 
     async def mark_tile(self, row: int, col: int, state: str, **details: object) -> None:
         await self.kv.put(
@@ -72,27 +74,57 @@ class MosaicBook:
     async def mark_stitched(self, digest: str) -> None:
         await self.kv.put(f"{self.prefix}.stitched", json.dumps({"digest": digest}).encode())
 
-    async def state(self) -> MosaicState:
-        """Every key of this mosaic (a server-side filtered watch, not a bucket scan)."""
+    async def state(self, timeout: float = 15.0) -> MosaicState:
+        """Every key of this mosaic, through a server-side filtered watch (not a bucket scan).
+
+        The keys are counted first and the watch is read until that many arrived: its
+        "no more initial values" marker alone is not enough, because nats-py can queue it
+        before entries already on the wire (seen under load: a mosaic read as empty, a
+        pair never aligned, a slice never stitched). Raises TimeoutError (the stage retries)
+        rather than return a partial state.
+        """
+        expected = await self._count_keys()
         state = MosaicState()
-        watcher = await self.kv.watch(f"{self.prefix}.>", ignore_deletes=True)
+        seen: set[str] = set()
+        watcher = await self.kv.watch(f"{self.prefix}.>")
         try:
-            async for entry in watcher:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout)
+                except nats.errors.TimeoutError:
+                    raise TimeoutError(
+                        f"lattice {self.prefix}: read {len(seen)} of {expected} keys"
+                    ) from None
                 if entry is None:
-                    break
-                parts = entry.key[len(self.prefix) + 1 :].split(".")
-                value = json.loads(entry.value) if entry.value else {}
+                    if len(seen) >= expected:
+                        break
+                    continue
+                seen.add(entry.key)
+                if entry.operation in ("DEL", "PURGE"):
+                    parts = [""]  # a deleted key counts as read, holds nothing
+                else:
+                    parts = entry.key[len(self.prefix) + 1 :].split(".")
+                value = json.loads(entry.value) if entry.value and parts[0] else {}
                 if parts[0] == "tile":
                     state.tiles[_rc(parts[1])] = value
                 elif parts[0] == "pair":
                     state.pairs[(_rc(parts[1]), _rc(parts[2]))] = value
                 elif parts[0] == "stitched":
                     state.stitched_digest = value.get("digest")
-                if entry.delta == 0:
+                if entry.delta == 0 and len(seen) >= expected:
                     break
         finally:
             await watcher.stop()
         return state
+
+    async def _count_keys(self) -> int:
+        """How many keys this mosaic has now (subjects of the bucket's stream)."""
+        if self.js is None:
+            return 0
+        info = await self.js.stream_info(
+            f"KV_{LATTICE_BUCKET}", subjects_filter=f"$KV.{LATTICE_BUCKET}.{self.prefix}.>"
+        )
+        return len(info.state.subjects or {})
 
 
 def _rc(name: str) -> tuple[int, int]:

@@ -29,6 +29,12 @@ EVENTS_DUPLICATE = Counter(
 REDELIVERIES = Counter(
     "tilepipe_redeliveries_total", "Input events received more than once.", ["stage"]
 )
+NO_SPACE_WAITS = Counter(
+    "tilepipe_no_space_waits_total",
+    "Handler calls that failed for want of disk space (ENOSPC, EDQUOT); the input is kept and "
+    "handled again after a pause, without using up its deliveries.",
+    ["stage"],
+)
 HANDLE_SECONDS = Histogram(
     "tilepipe_handle_duration_seconds",
     "Time a stage spends handling one event.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,7 @@ from services.metrics import (
     EVENTS_PUBLISHED,
     HANDLE_SECONDS,
     IN_FLIGHT,
+    NO_SPACE_WAITS,
     REDELIVERIES,
 )
 from services.monitoring import StageMonitor
@@ -74,6 +76,19 @@ def arrival_time(event: Event):
     if isinstance(event, TileArrived):
         return event.completed_at
     return event.origin.arrived_at if event.origin is not None else None
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is a full disk or quota."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def retry_delay(settings: StageSettings, attempt: int) -> float:
@@ -126,10 +141,12 @@ class StageRunner:
         self.monitor = StageMonitor(self.name, config.nats.stream, stage.produces)
         self.held: set[str] = set()  # acquisitions on hold (`tilepipe pause --acq`)
         self.ready = asyncio.Event()
+        self.stopping = asyncio.Event()
         self.nc: Client | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then drain in-flight work and close."""
+        self.stopping = stop
         nc = await connect(self.config.nats, name=f"tilepipe-{self.worker}")
         self.nc = nc
         js = nc.jetstream()
@@ -253,7 +270,7 @@ class StageRunner:
         started_at = utcnow()
         self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
-            result = await self._call_handler(event, attempt, js, log, replay)
+            result = await self._call_waiting_for_space(event, attempt, js, log, replay)
             origin = Origin.model_construct(  # our own values: no validation on the hot path
                 arrived_at=arrival_time(event),
                 stage=self.name,
@@ -303,6 +320,25 @@ class StageRunner:
         finally:
             self._in_flight.pop(id(msg), None)
             m.seconds.observe(time.perf_counter() - started)
+
+    async def _call_waiting_for_space(
+        self, event: Event, attempt: int, js: JetStreamContext, log, replay: str | None
+    ) -> Result:
+        """The handler, called again after a pause while it fails for want of disk space: a
+        full disk is no fault of the input, so it must not use up the input's deliveries (the
+        heartbeats keep the delivery alive). When stopping, the error takes the normal path."""
+        waits = 0
+        while True:
+            try:
+                return await self._call_handler(event, attempt, js, log, replay)
+            except Exception as exc:
+                if not out_of_space(exc) or self.stopping.is_set():
+                    raise
+                waits += 1
+                delay = retry_delay(self.settings, waits)
+                NO_SPACE_WAITS.labels(self.name).inc()
+                log.warning("no_space_waiting", error=str(exc), waits=waits, retry_in_s=delay)
+                await _sleep_or_stop(self.stopping, delay)
 
     async def _call_handler(
         self, event: Event, attempt: int, js: JetStreamContext, log, replay: str | None = None

@@ -283,6 +283,7 @@ class Register(Stage):
             transform=rec["transform"],
             quality=rec["quality"],
             accepted=rec["accepted"],
+            basis=rec.get("basis", ""),
             producer=self.name,
         )
 

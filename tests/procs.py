@@ -1,0 +1,127 @@
+"""Services as real processes for fault tests: `tilepipe run NAME` children of the production
+`Supervisor` (the same restart logic as `tilepipe up`), with kill -9, logs and /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.config import Config, StageSettings
+from services.natsserver import free_port
+from services.simulate import small_manifest
+from services.supervisor import Child, Supervisor, write_config
+
+TILE_STAGES = ("convert", "process", "stitch")
+ALL_STAGES = ("convert", "process", "stitch", "register")
+
+
+def fault_config(
+    config: Config,
+    stages: tuple[str, ...] = ALL_STAGES,
+    per_stage: dict[str, dict] | None = None,
+    **settings,
+) -> Config:
+    """`config` with short ack waits and retries so that faults resolve in seconds; every
+    stage runs one delivery at a time unless `per_stage` says otherwise."""
+    base = {"ack_wait_s": 3.0, "max_deliver": 5, "backoff_s": [0.5, 1.0, 2.0], **settings}
+    per_stage = per_stage or {}
+    return config.model_copy(
+        update={
+            "stages": {
+                name: StageSettings(**{**base, **per_stage.get(name, {})}) for name in stages
+            },
+            "watcher": config.watcher.model_copy(update={"settle_s": 0.2, "rescan_s": 5.0}),
+        }
+    )
+
+
+def tiny_acquisition(acq: str, slices: int = 2, rows: int = 2, cols: int = 2, **kw):
+    """A small simulated acquisition (48x48 A-lines x 512 samples: ~0.4 s per tile to process)."""
+    sizes = {"alines": 48, "bscans": 48, "samples": 512, "settle_s": 0.2, **kw}
+    return small_manifest(acq, slices=slices, rows=rows, cols=cols, **sizes)
+
+
+class Services:
+    """`names` run as `python -m services.cli run NAME --config F --metrics-port P`."""
+
+    def __init__(self, config: Config, work: Path, names: list[str] | tuple[str, ...]) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.config_path = write_config(config, work / "tilepipe.toml")
+        self.ports = {name: free_port() for name in names}
+        self.log_dir = work / "logs"
+        self.supervisor = Supervisor(self.config_path, list(names), self.log_dir, self.ports)
+        self.messages: list[str] = []
+
+    def __enter__(self) -> Services:
+        self.supervisor.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.supervisor.children if c.name == name)
+
+    def pid(self, name: str) -> int:
+        proc = self.child(name).proc
+        assert proc is not None
+        return proc.pid
+
+    def alive(self, name: str) -> bool:
+        proc = self.child(name).proc
+        return proc is not None and proc.poll() is None
+
+    def kill9(self, name: str) -> int:
+        """SIGKILL the service (no drain, no clean-up), as a crash or the OOM killer would."""
+        proc = self.child(name).proc
+        assert proc is not None and proc.poll() is None, f"{name} is not running"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return proc.pid
+
+    def restart_crashed(self) -> None:
+        """What `tilepipe up` does every second: restart children that died."""
+        self.supervisor.check(self.messages.append)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.supervisor.stop(timeout)
+
+    def log(self, name: str) -> list[dict]:
+        """The service's JSON log records (every run appends to the same file)."""
+        path = self.log_dir / f"{name}.log"
+        records = []
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+        return records
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def metrics(self, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The service's /metrics samples: (name, sorted labels) -> value; {} if unreachable."""
+        url = f"http://127.0.0.1:{self.ports[name]}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def metric(self, name: str, metric: str, **labels: str) -> float:
+        """One sample of the service's /metrics (0 when absent or unreachable)."""
+        return self.metrics(name).get((metric, tuple(sorted(labels.items()))), 0.0)
