@@ -163,6 +163,7 @@ def next_event(hop: int, e, producer: str) -> Event:
             transform=IDENTITY,
             quality=1.0,
             accepted=True,
+            basis=e.inputs,
             producer=producer,
         )
     if hop == 5:
@@ -278,9 +279,12 @@ def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
             "transform": IDENTITY,
             "quality": 1.0,
             "accepted": True,
+            "basis": d["inputs"],
         }
         subject = f"tp.{kind}.{acq}.{d['slice']}.m{d['mosaic']}"
-        body = json.dumps([out["path"], out["transform"], out["quality"], out["accepted"]])
+        body = json.dumps(
+            [out["path"], out["transform"], out["quality"], out["accepted"], out["basis"]]
+        )
         return subject, f"{subject}:{hashlib.sha256(body.encode()).hexdigest()[:16]}", out
     if hop == 5:
         kind = "artifact_uploaded"
