@@ -159,10 +159,10 @@ async def wait_done(js, stream: str, manifest: Manifest, timeout: float) -> None
         await asyncio.sleep(0.5)
 
 
-async def simulate(manifest_path: Path, env: dict[str, str]) -> None:
-    """`tilepipe simulate` as fast as it can (the tiles are generated once, off the clock)."""
+async def run_cli(env: dict[str, str], *args: str) -> None:
+    """One `tilepipe` command, output discarded; raises with its stderr when it fails."""
     proc = await asyncio.create_subprocess_exec(
-        *cli("simulate", str(manifest_path), "--rate", "0"),
+        *cli(*args),
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -170,7 +170,12 @@ async def simulate(manifest_path: Path, env: dict[str, str]) -> None:
     )
     _, err = await proc.communicate()
     if proc.returncode:
-        raise RuntimeError(f"tilepipe simulate failed: {err.decode()[-2000:]}")
+        raise RuntimeError(f"tilepipe {' '.join(args)} failed: {err.decode()[-2000:]}")
+
+
+async def simulate(manifest_path: Path, env: dict[str, str]) -> None:
+    """`tilepipe simulate` as fast as it can (the tiles are generated once, off the clock)."""
+    await run_cli(env, "simulate", str(manifest_path), "--rate", "0")
 
 
 def feed(source: Path, manifest_path: Path, manifest: Manifest, rate: float) -> None:
@@ -188,16 +193,7 @@ def feed(source: Path, manifest_path: Path, manifest: Manifest, rate: float) -> 
 
 
 async def operator(config: Path, env: dict[str, str], *args: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *cli(*args, "--config", str(config)),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode:
-        raise RuntimeError(f"tilepipe {' '.join(args)} failed: {err.decode()[-2000:]}")
+    await run_cli(env, *args, "--config", str(config))
 
 
 def acquisition(raw: Path, name: str, args: argparse.Namespace) -> tuple[Path, Manifest]:
