@@ -17,10 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
-from messages.subjects import PREFIX
 from services.bus import connect
 from services.config import Config, StageSettings
-from services.eventlog import subjects_seen
 from services.layout import volume_path
 from services.manifest import Manifest
 from services.simulate import PhantomParams, simulate, small_manifest, write_manifest
@@ -114,12 +112,10 @@ async def run_demo(
         with Live(console=console, refresh_per_second=4) as live:
             while not stop.is_set():
                 status = await snapshot(js, stream, manifest.id, stages)
-                uploaded = await _uploaded(js, stream, manifest.id)
+                uploaded = status.stages["upload"].done if "upload" in status.stages else 0
                 for name, counts in status.stages.items():
                     if counts.waiting is not None and name in backlog.samples:
                         backlog.record(name, counts.waiting + (counts.in_progress or 0))
-                if "upload" in status.stages:
-                    status.stages["upload"].done = uploaded
                 live.update(render(status, (lat.rows, lat.cols, lat.slices, lat.mosaics)))
                 if finished(status, manifest, stages, uploaded):
                     break
@@ -140,10 +136,6 @@ async def run_demo(
         "volume": str(volume) if volume.exists() else None,
         "object_store": config.stage("upload").options.get("url") if "upload" in stages else None,
     }
-
-
-async def _uploaded(js, stream: str, acq: str) -> int:
-    return sum((await subjects_seen(js, stream, f"{PREFIX}.artifact_uploaded.{acq}.>")).values())
 
 
 def summary(figures: dict, config: Config, work: Path) -> list[str]:

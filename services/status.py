@@ -107,9 +107,12 @@ async def snapshot(
     seen = await subjects_seen(js, stream, f"{PREFIX}.*.{acq}.>")
     status = Status(acq)
     rank = {kind: i for i, kind in enumerate(TILE_PROGRESS)}
-    for subject in seen:
+    uploaded = 0
+    for subject, count in seen.items():
         kind, key = _key(subject)
-        if kind in rank:
+        if kind == "artifact_uploaded":
+            uploaded += count  # every verified artifact: tiles, mosaics, volume planes
+        elif kind in rank:
             current = status.tiles.get(key)
             if current is None or rank[kind] > rank.get(current, -1):
                 status.tiles[key] = kind
@@ -126,6 +129,8 @@ async def snapshot(
     for stage, kind in SLICE_STAGES.items():
         if stages is None or stage in stages:
             status.stages[stage] = StageCounts(done=len(status.mosaics.get(kind, ())))
+    if uploaded or (stages is not None and "upload" in stages):
+        status.stages["upload"] = StageCounts(done=uploaded)
     if status.failed_tiles:
         for event in await _failed_events(js, stream, acq):
             counts = status.stages.setdefault(event.stage, StageCounts())

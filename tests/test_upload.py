@@ -30,6 +30,7 @@ from services.config import ConfigError, StageSettings
 from services.metrics import EVENTS_HANDLED, UPLOAD_FAILURES
 from services.runtime import StageRunner
 from services.stages.upload import Upload, parse_options
+from services.status import snapshot
 from services.storage import MARKER, digest_file, upload_phases
 from tests.conftest import stream_messages, wait_for
 
@@ -280,6 +281,8 @@ async def test_s3_multipart_verified_then_replay_skipped(config, js, moto, aws_e
         await wait_for(three, timeout=30)
         done = {e.product: e for e in await events(js, "artifact_uploaded")}
         assert await events(js, "stage_failed") == []
+        status = await snapshot(js, "TILEPIPE", tile.acq, ["upload"])  # `tilepipe status`
+        assert status.stages["upload"].done == 3
 
         # the tile's Zarr group: every file stored byte for byte, the big chunk as 7 parts
         psoct = done["psoct"]
