@@ -62,7 +62,7 @@ def _diagnose(data: bytes, accept: Iterable[str] | None) -> Event:
     if accepted is not None and kind not in accepted:
         raise InvalidEvent("unexpected_type", f"{kind} is not consumed here")
     version = raw.get("v")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise InvalidEvent("unsupported_version", f"v={str(version)[:16]!r}, want {SCHEMA_VERSION}")
     try:
         return EVENT_TYPES[kind].model_validate(raw)

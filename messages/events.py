@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from messages.paths import RelPath
 from messages.subjects import ANY, subject
@@ -76,6 +76,14 @@ class Event(BaseModel):
     origin: Origin | None = Field(
         default=None, description="the delivery that produced this event (stamped by the runtime)"
     )
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _exact_version(cls, value: object) -> object:
+        """`1` only: lax mode would also read `true` or `1.0` as version 1."""
+        if type(value) is not int:
+            raise ValueError(f"v must be the integer {SCHEMA_VERSION}")
+        return value
 
     def slice_token(self) -> str:
         return ANY
