@@ -11,15 +11,18 @@ import re
 PREFIX = "tp"
 STREAM = "TILEPIPE"
 ANY = "_"
-TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # whole token (fullmatch: no trailing newline)
+_TOKENS_RE = re.compile(r"[A-Za-z0-9_-]{1,64}(?:\.[A-Za-z0-9_-]{1,64}){3}")  # four, one match
 
 
 def subject(event_type: str, acq: str, slice_token: str = ANY, tile_token: str = ANY) -> str:
     """Build the subject of one event; every token is checked so no wildcard can slip in."""
-    for token in (event_type, acq, slice_token, tile_token):
-        if not TOKEN_RE.match(token):
-            raise ValueError(f"invalid subject token {token!r}")
-    return f"{PREFIX}.{event_type}.{acq}.{slice_token}.{tile_token}"
+    tail = f"{event_type}.{acq}.{slice_token}.{tile_token}"
+    if not _TOKENS_RE.fullmatch(tail):
+        tokens = (event_type, acq, slice_token, tile_token)
+        bad = next(t for t in tokens if not TOKEN_RE.fullmatch(t))
+        raise ValueError(f"invalid subject token {bad!r}")
+    return f"{PREFIX}.{tail}"
 
 
 def event_filter(event_type: str, acq: str | None = None, slice_index: int | None = None) -> str:

@@ -47,7 +47,7 @@ def test_subject_scheme_filters_by_acquisition_and_slice():
     assert stitched.subject() == "tp.slice_stitched.A1.3.m1"
 
 
-@pytest.mark.parametrize("token", ["a.b", "*", ">", "", "x y", "a" * 65])
+@pytest.mark.parametrize("token", ["a.b", "*", ">", "", "x y", "a" * 65, "acq\n", "\nacq"])
 def test_subject_tokens_cannot_smuggle_wildcards(token):
     with pytest.raises(ValueError, match="invalid subject token"):
         subject("tile_arrived", token)
