@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 
 import nats
@@ -17,6 +18,14 @@ from services.metrics import RECONNECTS
 
 MSG_ID = "Nats-Msg-Id"
 REPLAY_HEADER = "Tp-Replay"
+
+
+def inbox_prefix(user: str | None) -> str:
+    """Reply subjects of a connection: `_INBOX_<user>` for a named user (its permissions allow
+    only its own inbox), nats-py's `_INBOX` otherwise."""
+    if user and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", user):
+        return f"_INBOX_{user}"
+    return "_INBOX"
 
 
 def _tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
@@ -63,6 +72,7 @@ async def connect(settings: NatsSettings, name: str, retry_for_s: float = 60.0) 
         "user": settings.user,
         "password": password,
         "user_credentials": str(settings.creds_file) if settings.creds_file else None,
+        "inbox_prefix": inbox_prefix(settings.user),
     }
     # With unlimited reconnects nats-py would also retry the first connection forever: bound it.
     try:

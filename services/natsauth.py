@@ -12,7 +12,9 @@ pipeline, then enforced by tests/test_security.py):
   `tp-acquisitions` (where an acquisition's manifest is).
 - the watcher publishes `acq_started`, `tile_arrived`, `acq_finished`, reads stream info and
   writes `tp-acquisitions`. It has no consumer.
-- every service subscribes to `_INBOX.>` only (replies of requests and pull deliveries).
+- every service subscribes to its own inbox only, `_INBOX_<user>.>` (replies of requests and
+  pull deliveries; `services.bus.connect` sets that prefix for a named user), so no service
+  can read another's replies.
 - `admin` (provisioning, `tilepipe` operator commands) may do anything.
 
 No service may publish another stage's events, use another stage's consumer, or manage
@@ -30,12 +32,12 @@ from pathlib import Path
 
 from messages.subjects import PREFIX, STREAM
 from services.acquisitions import ACQ_BUCKET
+from services.bus import inbox_prefix
 from services.config import Config, NatsSettings
 from services.lattice import LATTICE_BUCKET
 
 ADMIN = "admin"
 WATCHER = "watcher"
-INBOX = "_INBOX.>"
 
 # stage -> event kinds it publishes (besides stage_failed, attempt and its own hold subject)
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -97,7 +99,7 @@ def stage_permissions(
             f"$JS.API.DIRECT.GET.{lattice}.>",
             *_read_kv(ACQ_BUCKET),
         ]
-    return {"publish": publish, "subscribe": [INBOX]}
+    return {"publish": publish, "subscribe": [f"{inbox_prefix(name)}.>"]}
 
 
 def watcher_permissions(stream: str = STREAM) -> Permissions:
@@ -109,7 +111,7 @@ def watcher_permissions(stream: str = STREAM) -> Permissions:
             f"$KV.{ACQ_BUCKET}.>",
             *(f"{PREFIX}.{kind}.>" for kind in WATCHER_OUTPUTS),
         ],
-        "subscribe": [INBOX],
+        "subscribe": [f"{inbox_prefix(WATCHER)}.>"],
     }
 
 

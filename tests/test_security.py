@@ -27,7 +27,7 @@ from prometheus_client import REGISTRY
 
 from messages import TileArrived, TileCoord, utcnow
 from messages.events import EVENT_TYPES
-from services.bus import connect, publish_event
+from services.bus import connect, inbox_prefix, publish_event
 from services.config import Config, ConfigError, NatsSettings, Roots, StageSettings, load_config
 from services.natsauth import (
     ADMIN,
@@ -61,7 +61,7 @@ def test_permission_table_one_user_per_service_and_tight():
     for user, perms in table.items():
         if user == ADMIN:
             continue
-        assert perms["subscribe"] == ["_INBOX.>"], user
+        assert perms["subscribe"] == [f"_INBOX_{user}.>"], user  # its own inbox only
         for subject in perms["publish"]:
             assert subject not in (">", "tp.>", "$JS.API.>", "$JS.>"), (user, subject)
             assert "redo_" not in subject and ".DELETE." not in subject, (user, subject)
@@ -74,8 +74,10 @@ def test_docs_list_every_permission():
     text = (REPO / "docs" / "security.md").read_text()
     for user, perms in service_permissions().items():
         for subject in perms["publish"] + perms["subscribe"]:
-            generic = subject.replace(f".{user}.", ".<stage>.").replace(
-                f"hold_{user}", "hold_<stage>"
+            generic = (
+                subject.replace(f".{user}.", ".<stage>.")
+                .replace(f"hold_{user}", "hold_<stage>")
+                .replace(f"_INBOX_{user}", "_INBOX_<user>")
             )
             generic = generic.removesuffix(f".{user}")
             generic = generic + ".<stage>" if subject.endswith(f".{user}") else generic
@@ -144,6 +146,7 @@ async def open_as(auth: AuthServer, user: str, errors: list[str]):
         password=auth.files[user].read_text(),
         error_cb=on_error,
         allow_reconnect=False,
+        inbox_prefix=inbox_prefix(user),
     )
 
 
@@ -232,8 +235,16 @@ async def test_stage_user_cannot_forge_consume_or_manage(auth, admin_js, tmp_pat
     with pytest.raises(nats.errors.TimeoutError):
         await js.delete_consumer("TILEPIPE", "process")
     assert (await admin_js.stream_info("TILEPIPE")).state.messages == 1
+    # another service's replies and deliveries: its inbox cannot be subscribed to
+    await nc.subscribe("_INBOX_process.>")
+    await nc.flush()
+    await wait_for(lambda: "_INBOX_process.>" in auth.log(), timeout=10)
     await nc.close()
     log = auth.log()
+    assert any(
+        "Subscription Violation" in line and "_INBOX_process.>" in line and "convert" in line
+        for line in log.splitlines()
+    )
     for subject in (
         "$JS.API.CONSUMER.INFO.TILEPIPE.process",
         "$JS.API.CONSUMER.MSG.NEXT.TILEPIPE.process",
