@@ -150,8 +150,7 @@ class StageMonitor:
             else:
                 arrived = [a for a in await self._arrivals_of(js, out.acq, tiles) if a is not None]
             if arrived:
-                seconds = max(0.0, out.emitted_at.timestamp() - max(arrived))
-                self._histogram(out.kind).observe(seconds)
+                self._observe(out, max(arrived))
 
     def _observed_in_memory(self, out: Event, replay: str | None) -> bool:
         """The common case without I/O: a tile output of an acquisition whose progress is
@@ -169,18 +168,22 @@ class StageMonitor:
         done = self._done.get(acq)
         if synced is None or done is None or time.monotonic() - synced >= self.resync_s:
             return False
-        done.add(f"{tile.slice}.{tile.token()}")
-        self._done_gauge(acq).set(len(done))
+        self._add_done(acq, done, (tile,))
         if not replay:
-            seconds = out.emitted_at.timestamp() - origin.arrived_at.timestamp()
-            self._histogram(out.kind).observe(max(0.0, seconds))
+            self._observe(out, origin.arrived_at.timestamp())
         return True
 
-    def _done_gauge(self, acq: str):
+    def _add_done(self, acq: str, done: set[str], tiles: Iterable[TileCoord]) -> None:
+        """Count `tiles` as done for `acq` and export the count."""
+        done.update(f"{t.slice}.{t.token()}" for t in tiles)
         gauge = self._gauges.get(acq)
         if gauge is None:
             gauge = self._gauges[acq] = ACQ_TILES_DONE.labels(acq, self.stage)
-        return gauge
+        gauge.set(len(done))
+
+    def _observe(self, out: Event, arrived: float) -> None:
+        """End-to-end latency of `out`: its emission minus the (latest) arrival behind it."""
+        self._histogram(out.kind).observe(max(0.0, out.emitted_at.timestamp() - arrived))
 
     async def tiles_of(self, js, out: Event, source: Event | None = None) -> list[TileCoord]:
         """The tiles an output stands for (empty for events that are no tile deliverable)."""
@@ -261,8 +264,7 @@ class StageMonitor:
             except BaseException:
                 self._synced.pop(key, None)
                 raise
-        done.update(f"{t.slice}.{t.token()}" for t in tiles)
-        self._done_gauge(acq).set(len(done))
+        self._add_done(acq, done, tiles)
 
     async def _published(self, js, acq: str, kind: str) -> set[str]:
         """Tile keys ("<slice>.<tile>") already published as `kind` (from the stream)."""
