@@ -52,14 +52,14 @@ class MosaicState:
 class MosaicBook:
     """Read and write one mosaic's keys."""
 
-    def __init__(self, kv, acq: str, slice_index: int, mosaic: int, js=None) -> None:
-        self.kv = kv
+    def __init__(self, js: JetStreamContext, kv, acq: str, slice_index: int, mosaic: int) -> None:
         self.js = js
+        self.kv = kv
         self.prefix = f"{acq}.{slice_index}.m{mosaic}"
 
     @staticmethod
     async def open(js: JetStreamContext, acq: str, slice_index: int, mosaic: int) -> MosaicBook:
-        return MosaicBook(await js.key_value(LATTICE_BUCKET), acq, slice_index, mosaic, js)
+        return MosaicBook(js, await js.key_value(LATTICE_BUCKET), acq, slice_index, mosaic)
 
     async def mark_tile(self, row: int, col: int, state: str, **details: object) -> None:
         await self.kv.put(
@@ -119,8 +119,6 @@ class MosaicBook:
 
     async def _count_keys(self) -> int:
         """How many keys this mosaic has now (subjects of the bucket's stream)."""
-        if self.js is None:
-            return 0
         info = await self.js.stream_info(
             f"KV_{LATTICE_BUCKET}", subjects_filter=f"$KV.{LATTICE_BUCKET}.{self.prefix}.>"
         )
