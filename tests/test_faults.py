@@ -212,10 +212,19 @@ async def test_nats_server_killed_and_restarted_mid_acquisition(config, js, nats
     path = write_manifest(manifest, config.roots.raw / "srv")
     await provision(cfg)
     with Services(cfg, tmp_path / "svc", names) as services:
+
+        async def fetching() -> bool:  # every stage connected and waiting on its consumer
+            infos = [await js.consumer_info(STREAM, name) for name in TILE_STAGES]
+            return all((info.num_waiting or 0) >= 1 for info in infos)
+
+        await wait_for(fetching, timeout=120, interval=0.5)
         writer = asyncio.create_task(
-            asyncio.to_thread(simulate, path, manifest, 2.0, params=PARAMS)
+            asyncio.to_thread(simulate, path, manifest, 1.0, params=PARAMS)
         )
-        await wait_for(lambda: count_kind(js, "tile_processed"), timeout=120)
+        # the first tile announced: the acquisition is under way (8 tiles take >= 7 s to write;
+        # waiting for a processed tile instead made the kill land after the last write on a
+        # loaded 2-core CI machine)
+        await wait_for(lambda: count_kind(js, "tile_arrived"), timeout=120)
         assert not writer.done()  # mid-acquisition
         nats_server.kill()
         await asyncio.sleep(1.0)  # tiles keep landing while the server is down
