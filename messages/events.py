@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextvars import ContextVar
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -63,6 +63,16 @@ class Origin(BaseModel):
     )
 
 
+# The origin of the delivery being handled in this context (set by the stage runtime while
+# a handler runs): an event built there carries it without a copy after the handler returns.
+CURRENT_ORIGIN: ContextVar[Origin | None] = ContextVar("tilepipe_current_origin", default=None)
+
+
+def current_origin() -> Origin | None:
+    """The origin of the delivery being handled in this context, if any."""
+    return CURRENT_ORIGIN.get()
+
+
 class Event(BaseModel):
     """Common header of every event."""
 
@@ -74,7 +84,8 @@ class Event(BaseModel):
     emitted_at: datetime = Field(default_factory=utcnow)
     producer: Annotated[str, StringConstraints(max_length=200)] = ""
     origin: Origin | None = Field(
-        default=None, description="the delivery that produced this event (stamped by the runtime)"
+        default_factory=current_origin,
+        description="the delivery that produced this event (stamped by the runtime)",
     )
 
     @field_validator("v", mode="before")
@@ -92,23 +103,28 @@ class Event(BaseModel):
         return ANY
 
     def subject(self) -> str:
-        """`tp.<event>.<acq>.<slice>.<tile>`."""
-        return self._subject
-
-    @cached_property
-    def _subject(self) -> str:
-        return subject(self.kind, self.acq, self.slice_token(), self.tile_token())
+        """`tp.<event>.<acq>.<slice>.<tile>`, computed once per event (fields are frozen)."""
+        cache = self.__dict__
+        try:
+            return cache["_subject"]
+        except KeyError:
+            value = cache["_subject"] = subject(
+                self.kind, self.acq, self.slice_token(), self.tile_token()
+            )
+            return value
 
     def msg_id(self) -> str:
         """Identity used for `Nats-Msg-Id` de-duplication: same work, same id."""
         return self.subject()
 
     def log_context(self) -> dict[str, object]:
-        """Structured-log context: acquisition and lattice coordinates."""
-        return {"acq": self.acq, "event": self.kind}
+        """Structured-log context: acquisition, event kind and lattice coordinates (`kind`,
+        not `event`: structlog puts the log message's name there)."""
+        return {"acq": self.acq, "kind": self.kind}
 
     def to_json(self) -> bytes:
-        return self.model_dump_json().encode()
+        """The event's JSON, as bytes straight from pydantic's serializer."""
+        return self.__pydantic_serializer__.to_json(self)
 
 
 class TileEvent(Event):

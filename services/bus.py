@@ -8,6 +8,7 @@ import ssl
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
@@ -18,6 +19,17 @@ from services.metrics import RECONNECTS
 
 MSG_ID = "Nats-Msg-Id"
 REPLAY_HEADER = "Tp-Replay"
+_V1_ACK_TOKENS = 9  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+
+
+def delivery_count(msg: Msg) -> int:
+    """How many times JetStream has delivered `msg` (1 on the first delivery).
+
+    Read from the ack subject's tokens (as nats-py splits them) without building the whole
+    `msg.metadata`, which parses every field and a timestamp on the hot path.
+    """
+    tokens = Msg.Metadata._get_metadata_fields(msg.reply)
+    return int(tokens[4] if len(tokens) == _V1_ACK_TOKENS else tokens[Msg.Ack.NumDelivered])
 
 
 def inbox_prefix(user: str | None) -> str:

@@ -67,6 +67,14 @@ from services.metrics import (
 JOB_PREFIX = "tilepipe-"
 _TILE_OUTPUTS = (TileEvent, ArtifactUploaded)
 _SLICE_OUTPUTS = (SliceStitched, SliceRegistered)
+_ROLE: dict[type, str] = {}  # event class -> "tile", "slice" or "none" (what an output stands for)
+
+
+def _role(cls: type) -> str:
+    """What an output of class `cls` stands for, looked up once per class."""
+    role = "tile" if issubclass(cls, _TILE_OUTPUTS) else "slice"
+    _ROLE[cls] = role if issubclass(cls, _TILE_OUTPUTS + _SLICE_OUTPUTS) else "none"
+    return _ROLE[cls]
 
 
 # ---------------------------------------------------------------------------- stage hook
@@ -116,11 +124,16 @@ class StageMonitor:
             if issubclass(kind, (TileEvent, ArtifactUploaded, SliceStitched, SliceRegistered)):
                 self._histogram(kind.kind)
 
+    def observed(self, outputs: Sequence[Event], replay: str | None = None) -> list[Event]:
+        """Record the outputs that need no I/O (the common case); return the others, for
+        `handled`."""
+        return [out for out in outputs if not self._observed_in_memory(out, replay)]
+
     async def handled(
         self, js, event: Event, outputs: Sequence[Event], replay: str | None = None
     ) -> None:
         """Record what publishing `outputs` for `event` means; never raises."""
-        slow = [out for out in outputs if not self._observed_in_memory(out, replay)]
+        slow = self.observed(outputs, replay)
         if not slow:
             return
         if isinstance(event, TileArrived):
@@ -154,32 +167,41 @@ class StageMonitor:
 
     def _observed_in_memory(self, out: Event, replay: str | None) -> bool:
         """The common case without I/O: a tile output of an acquisition whose progress is
-        in sync and whose arrival time travels in `origin`. False: take the general path."""
-        if not isinstance(out, _TILE_OUTPUTS):
-            return not isinstance(out, _SLICE_OUTPUTS)  # stands for no tiles: nothing to do
+        in sync and whose arrival time travels in `origin`. False: take the general path.
+        Runs for every output, so it looks at the class once (`_role`) and at little else."""
+        role = _ROLE.get(type(out)) or _role(type(out))
+        if role != "tile":
+            return role == "none"  # a slice output takes the general path
         tile = out.tile
         if tile is None:
             return True
         origin = out.origin
-        if not replay and (origin is None or origin.arrived_at is None):
+        arrived = None if origin is None else origin.arrived_at
+        if arrived is None and not replay:
             return False
         acq = out.acq
         synced = self._synced.get((acq, out.kind))
         done = self._done.get(acq)
         if synced is None or done is None or time.monotonic() - synced >= self.resync_s:
             return False
-        self._add_done(acq, done, (tile,))
+        done.add(f"{tile.slice}.{tile.token()}")
+        if acq not in self._gauges:
+            self._export_done(acq, done)
         if not replay:
-            self._observe(out, origin.arrived_at.timestamp())
+            self._observe(out, arrived.timestamp())
         return True
 
     def _add_done(self, acq: str, done: set[str], tiles: Iterable[TileCoord]) -> None:
-        """Count `tiles` as done for `acq` and export the count."""
+        """Count `tiles` as done for `acq`."""
         done.update(f"{t.slice}.{t.token()}" for t in tiles)
-        gauge = self._gauges.get(acq)
-        if gauge is None:
-            gauge = self._gauges[acq] = ACQ_TILES_DONE.labels(acq, self.stage)
-        gauge.set(len(done))
+        if acq not in self._gauges:
+            self._export_done(acq, done)
+
+    def _export_done(self, acq: str, done: set[str]) -> None:
+        """Export the size of `done` as the acquisition's tiles-done gauge, read at scrape
+        time (nothing to update per tile)."""
+        gauge = self._gauges[acq] = ACQ_TILES_DONE.labels(acq, self.stage)
+        gauge.set_function(done.__len__)
 
     def _observe(self, out: Event, arrived: float) -> None:
         """End-to-end latency of `out`: its emission minus the (latest) arrival behind it."""
@@ -252,8 +274,10 @@ class StageMonitor:
         if done is None:
             done = self._done[acq] = set()
             while len(self._done) > self.max_acqs:
-                gone, _ = self._done.popitem(last=False)
-                self._gauges.pop(gone, None)
+                gone, tiles_done = self._done.popitem(last=False)
+                gauge = self._gauges.pop(gone, None)
+                if gauge is not None:  # keeps its last value, not the set
+                    gauge.set_function(partial(float, len(tiles_done)))
         self._done.move_to_end(acq)
         now = time.monotonic()
         key = (acq, out.kind)

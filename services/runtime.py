@@ -25,6 +25,7 @@ from nats.js.errors import NotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import (
+    CURRENT_ORIGIN,
     Attempt,
     Event,
     Origin,
@@ -34,7 +35,7 @@ from messages.events import (
 )
 from messages.paths import PathEscapeError
 from messages.subjects import hold_subject
-from services.bus import REPLAY_HEADER, connect, publish_event
+from services.bus import REPLAY_HEADER, connect, delivery_count, publish_event
 from services.config import Config, StageSettings
 from services.lattice import HOLD_PREFIX, LATTICE_BUCKET
 from services.logs import get_logger
@@ -133,7 +134,10 @@ class StageRunner:
             max_workers=self.settings.concurrency, thread_name_prefix=f"tp-{self.name}"
         )
         self._accepts = {kind.kind for kind in stage.consumes}
-        self._inline = not inspect.iscoroutinefunction(stage.handle) and not stage.blocking
+        if inspect.iscoroutinefunction(stage.handle):
+            self._mode = "async"
+        else:
+            self._mode = "thread" if stage.blocking else "inline"
         # id(message) -> (message, monotonic time of its last beat)
         self._in_flight: dict[int, tuple[Msg, float]] = {}
         self.m = _StageMetrics(self.name)
@@ -240,7 +244,7 @@ class StageRunner:
     async def _deliver(self, js: JetStreamContext, msg: Msg) -> None:
         """Handle one delivery end to end; never raises."""
         m = self.m
-        attempt = msg.metadata.num_delivered
+        attempt = delivery_count(msg)
         if attempt > 1:
             m.redeliveries.inc()
         try:
@@ -258,7 +262,7 @@ class StageRunner:
             await _quietly(msg.term())
             return
         log = self.log.bind(**event.log_context(), attempt=attempt)
-        replay = (msg.headers or {}).get(REPLAY_HEADER)
+        replay = msg.headers.get(REPLAY_HEADER) if msg.headers else None
         if event.acq in self.held:
             await self._park(js, msg, event, replay, log)
             return
@@ -268,20 +272,29 @@ class StageRunner:
             return
         started = time.perf_counter()
         started_at = utcnow()
+        origin = Origin(
+            arrived_at=arrival_time(event),
+            stage=self.name,
+            input_type=event.kind,
+            attempt=attempt,
+            host=HOSTNAME,
+            worker=self.worker,
+            started_at=started_at,
+            replay=replay or "",
+        )
         self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
-            result = await self._call_waiting_for_space(event, attempt, js, log, replay)
-            origin = Origin(
-                arrived_at=arrival_time(event),
-                stage=self.name,
-                input_type=event.kind,
-                attempt=attempt,
-                host=HOSTNAME,
-                worker=self.worker,
-                started_at=started_at,
-                replay=replay or "",
-            )
-            outputs = [out.model_copy(update={"origin": origin}) for out in result.events]
+            try:
+                result = await self._call_handler(event, attempt, js, log, replay, origin)
+            except Exception as exc:
+                if not out_of_space(exc) or self.stopping.is_set():
+                    raise
+                result = await self._wait_for_space(event, attempt, js, log, replay, origin, exc)
+            # events built in the handler already carry `origin`; others get a stamped copy
+            outputs = [
+                out if out.origin is origin else out.model_copy(update={"origin": origin})
+                for out in result.events
+            ]
             for out in outputs:
                 await self._publish(js, out, replay=replay)
             await msg.ack()
@@ -307,7 +320,9 @@ class StageRunner:
                 m.bytes_read.inc(result.bytes_read)
             if result.bytes_written:
                 m.bytes_written.inc(result.bytes_written)
-            await self.monitor.handled(js, event, outputs, replay=replay)
+            slow = self.monitor.observed(outputs, replay)
+            if slow:  # outputs whose progress or latency needs a look at the stream
+                await self.monitor.handled(js, event, slow, replay=replay)
             log.info(
                 "event_handled",
                 seconds=round(seconds, 4),
@@ -321,28 +336,44 @@ class StageRunner:
             self._in_flight.pop(id(msg), None)
             m.seconds.observe(time.perf_counter() - started)
 
-    async def _call_waiting_for_space(
-        self, event: Event, attempt: int, js: JetStreamContext, log, replay: str | None
+    async def _wait_for_space(
+        self,
+        event: Event,
+        attempt: int,
+        js: JetStreamContext,
+        log,
+        replay: str | None,
+        origin: Origin,
+        exc: BaseException,
     ) -> Result:
-        """The handler, called again after a pause while it fails for want of disk space: a
-        full disk is no fault of the input, so it must not use up the input's deliveries (the
-        heartbeats keep the delivery alive). When stopping, the error takes the normal path."""
+        """The handler failed for want of disk space (`exc`): call it again after a pause
+        until it succeeds. A full disk is no fault of the input, so it must not use up the
+        input's deliveries (the heartbeats keep the delivery alive). When stopping, or on
+        another error, the error takes the normal path."""
         waits = 0
         while True:
+            waits += 1
+            delay = retry_delay(self.settings, waits)
+            NO_SPACE_WAITS.labels(self.name).inc()
+            log.warning("no_space_waiting", error=str(exc), waits=waits, retry_in_s=delay)
+            await _sleep_or_stop(self.stopping, delay)
             try:
-                return await self._call_handler(event, attempt, js, log, replay)
-            except Exception as exc:
-                if not out_of_space(exc) or self.stopping.is_set():
+                return await self._call_handler(event, attempt, js, log, replay, origin)
+            except Exception as again:
+                if not out_of_space(again) or self.stopping.is_set():
                     raise
-                waits += 1
-                delay = retry_delay(self.settings, waits)
-                NO_SPACE_WAITS.labels(self.name).inc()
-                log.warning("no_space_waiting", error=str(exc), waits=waits, retry_in_s=delay)
-                await _sleep_or_stop(self.stopping, delay)
+                exc = again
 
     async def _call_handler(
-        self, event: Event, attempt: int, js: JetStreamContext, log, replay: str | None = None
+        self,
+        event: Event,
+        attempt: int,
+        js: JetStreamContext,
+        log,
+        replay: str | None = None,
+        origin: Origin | None = None,
     ) -> Result:
+        """The stage's handler, with `origin` current so the events it builds carry it."""
         ctx = Context(
             config=self.config,
             settings=self.settings,
@@ -352,14 +383,20 @@ class StageRunner:
             log=log,
             replay=replay,
         )
-        if self._inline:
-            result = self.stage.handle(event, ctx)
-        elif inspect.iscoroutinefunction(self.stage.handle):
-            result = await self.stage.handle(event, ctx)
-        else:
-            loop = asyncio.get_running_loop()
-            run = contextvars.copy_context().run
-            result = await loop.run_in_executor(self._executor, run, self.stage.handle, event, ctx)
+        token = CURRENT_ORIGIN.set(origin)
+        try:
+            if self._mode == "inline":
+                result = self.stage.handle(event, ctx)
+            elif self._mode == "async":
+                result = await self.stage.handle(event, ctx)
+            else:
+                loop = asyncio.get_running_loop()
+                run = contextvars.copy_context().run
+                result = await loop.run_in_executor(
+                    self._executor, run, self.stage.handle, event, ctx
+                )
+        finally:
+            CURRENT_ORIGIN.reset(token)
         if not isinstance(result, Result):
             raise TypeError(f"{self.name}.handle returned {type(result).__name__}, not Result")
         return result
@@ -459,7 +496,7 @@ class StageRunner:
             return
         await _quietly(msg.ack())
         log.info("input_held")
-        await self._record(msg, event, msg.metadata.num_delivered, "held", utcnow(), replay)
+        await self._record(msg, event, delivery_count(msg), "held", utcnow(), replay)
 
     async def _watch_holds(self, js: JetStreamContext, stop: asyncio.Event) -> None:
         """Keep `held` in step with the hold keys in KV (pushed by the server)."""

@@ -41,7 +41,6 @@ from messages.events import (
 )
 from services import monitoring
 from services.bus import publish_event
-from services.metrics import ACQ_TILES_DONE
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -516,6 +515,15 @@ def _sample(stage: str, event: str, suffix: str = "count") -> float:
     return value or 0.0
 
 
+def _tiles_done(stage: str, acq: str = "mon1") -> float | None:
+    """The exported tiles-done gauge (as a scrape reads it: the gauge is a function)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(
+        "tilepipe_acquisition_tiles_done", {"acq": acq, "stage": stage}
+    )
+
+
 def _count(stage: str, event: str) -> float:
     return _sample(stage, event)
 
@@ -581,7 +589,7 @@ async def test_stage_monitor_latency_and_progress(js):
     await monitor.handled(js, arrived, [converted(tiles[0])])
     assert _count("mon-convert", "tile_converted") == 1
     assert _sample("mon-convert", "tile_converted", "sum") == pytest.approx(40)
-    assert ACQ_TILES_DONE.labels("mon1", "mon-convert")._value.get() == 2
+    assert _tiles_done("mon-convert") == 2
 
     # in sync now: an output carrying its arrival in `origin` is recorded without the stream
     origin = Origin(
@@ -595,7 +603,7 @@ async def test_stage_monitor_latency_and_progress(js):
     await monitor.handled(Unreachable(), converted(tiles[1]), [fast])
     assert _count("mon-convert", "tile_converted") == 2
     assert _sample("mon-convert", "tile_converted", "sum") == pytest.approx(40 + 49)
-    assert ACQ_TILES_DONE.labels("mon1", "mon-convert")._value.get() == 3
+    assert _tiles_done("mon-convert") == 3
 
     # a later stage looks the arrival up in the stream; a replay is not a latency
     monitor2 = monitoring.StageMonitor("mon-process", "TILEPIPE")
@@ -603,7 +611,7 @@ async def test_stage_monitor_latency_and_progress(js):
     assert _count("mon-process", "tile_converted") == 1
     await monitor2.handled(js, converted(tiles[2]), [converted(tiles[2])], replay="op")
     assert _count("mon-process", "tile_converted") == 1
-    assert ACQ_TILES_DONE.labels("mon1", "mon-process")._value.get() == 3  # seeded 3, then 1, 2
+    assert _tiles_done("mon-process") == 3  # seeded 3, then 1, 2
 
     # a stitched mosaic: from its last tile's arrival; registered: the same tiles
     stitched = SliceStitched(
@@ -616,7 +624,7 @@ async def test_stage_monitor_latency_and_progress(js):
     monitor3 = monitoring.StageMonitor("mon-stitch", "TILEPIPE")
     await monitor3.handled(js, converted(tiles[3]), [stitched])
     assert _sample("mon-stitch", "slice_stitched", "sum") == pytest.approx(10)  # last: t0 + 3 s
-    assert ACQ_TILES_DONE.labels("mon1", "mon-stitch")._value.get() == 4
+    assert _tiles_done("mon-stitch") == 4
     await publish_event(js, stitched)
     registered = SliceRegistered(
         acq="mon1", slice=0, path="v.zarr", transform=[[1, 0, 0]] * 3, quality=1, accepted=True
@@ -624,9 +632,35 @@ async def test_stage_monitor_latency_and_progress(js):
     monitor4 = monitoring.StageMonitor("mon-register", "TILEPIPE")
     await monitor4.handled(js, converted(tiles[0]), [registered])  # mosaic read back
     assert _count("mon-register", "slice_registered") == 1
-    assert ACQ_TILES_DONE.labels("mon1", "mon-register")._value.get() == 4
+    assert _tiles_done("mon-register") == 4
 
     # never raises, even without a server answer
     await monitoring.StageMonitor("mon-x", "TILEPIPE").handled(
         Unreachable(), converted(tiles[0]), [converted(tiles[0])]
     )
+
+
+async def test_tiles_done_gauge_keeps_its_value_when_an_acquisition_is_evicted(js):
+    """Only `max_acqs` acquisitions are tracked; an evicted one's gauge keeps its last count
+    (and no longer holds its tile set), a tracked one counts on."""
+    monitor = monitoring.StageMonitor("mon-evict", "TILEPIPE", max_acqs=1)
+
+    def converted(acq: str, col: int) -> TileConverted:
+        return TileConverted(
+            acq=acq,
+            tile=TileCoord(slice=0, row=0, col=col),
+            path="x.zarr",
+            raw_path="t.nii",
+            shape=[1],
+            dtype="u2",
+        )
+
+    for col in range(3):
+        await monitor.handled(js, converted("evA", col), [converted("evA", col)])
+    assert _tiles_done("mon-evict", "evA") == 3
+    await monitor.handled(js, converted("evB", 0), [converted("evB", 0)])
+    assert list(monitor._done) == ["evB"]  # evA evicted
+    assert _tiles_done("mon-evict", "evA") == 3
+    assert _tiles_done("mon-evict", "evB") == 1
+    await monitor.handled(js, converted("evB", 1), [converted("evB", 1)])
+    assert _tiles_done("mon-evict", "evB") == 2

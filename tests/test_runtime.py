@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from messages import TileArrived, TileCoord, decode_event, utcnow
+from messages import TileArrived, TileConverted, TileCoord, decode_event, utcnow
 from services.bus import publish_event
 from services.config import Config, StageSettings, dump_toml
 from services.natsserver import free_port
 from services.runtime import StageRunner
+from services.stage import Result
 from tests.conftest import stream_messages, wait_for
 from tests.stages_for_tests import ConvertLike, ProcessLike
 
@@ -73,6 +74,56 @@ async def test_two_stage_chain_end_to_end(config, js):
     processed = await kinds_on(js, "tp.tile_processed.acq1.>")
     assert sorted(e.tile.row * 10 + e.tile.col for e in processed) == list(range(30))
     assert all(e.producer == "process_like" for e in processed)
+
+
+class PrebuiltLike(ConvertLike):
+    """Returns an event built outside any delivery (at start-up), handled inline."""
+
+    name = "prebuilt_like"
+    blocking = False
+
+    def __init__(self, config, settings) -> None:
+        super().__init__(config, settings)
+        self.prebuilt = TileConverted(
+            acq="acq9",
+            tile=TileCoord(slice=0, row=0, col=0),
+            path="conv/prebuilt.zarr",
+            raw_path="raw/t0.nii",
+            shape=[1],
+            dtype="uint16",
+        )
+
+    def handle(self, event: TileArrived, ctx) -> Result:
+        return Result(events=[self.prebuilt])
+
+
+@pytest.mark.parametrize("stage_cls", [ConvertLike, PrebuiltLike])
+async def test_outputs_carry_the_origin_of_their_delivery(config, js, stage_cls):
+    """Built in the handler (a worker thread, an async handler) or before any delivery
+    (stamped on a copy): every output names the delivery that produced it, and the
+    origin does not leak into events built afterwards outside a delivery."""
+    tile_in = arrived(0, acq="acq9")
+    async with running(stage_cls, config), running(ProcessLike, config):
+        await publish_event(js, tile_in)
+
+        async def done():
+            return len(await stream_messages(js, "tp.tile_processed.acq9.>")) == 1
+
+        await wait_for(done, timeout=20)
+    (converted,) = await kinds_on(js, "tp.tile_converted.acq9.>")
+    (processed,) = await kinds_on(js, "tp.tile_processed.acq9.>")
+    for out, stage, input_type in (
+        (converted, stage_cls.name, "tile_arrived"),
+        (processed, "process_like", "tile_converted"),
+    ):
+        assert out.origin is not None
+        assert (out.origin.stage, out.origin.input_type, out.origin.attempt) == (
+            stage,
+            input_type,
+            1,
+        )
+        assert out.origin.arrived_at == tile_in.completed_at  # carried forward
+    assert arrived(1).origin is None
 
 
 async def test_handler_error_retried_with_backoff_then_stage_failed(config, js, tmp_path):
@@ -251,6 +302,7 @@ async def test_sigterm_drains_in_flight_work(config, js, tmp_path):
     handled = [rec for rec in logs if rec["event"] == "event_handled"]
     assert len(handled) == 3
     assert all({"acq", "slice", "row", "col", "stage"} <= rec.keys() for rec in handled)
+    assert {rec["kind"] for rec in handled} == {"tile_arrived"}  # the input's kind survives
 
 
 async def test_long_work_is_kept_alive_by_heartbeats(config, js, tmp_path):
@@ -265,3 +317,30 @@ async def test_long_work_is_kept_alive_by_heartbeats(config, js, tmp_path):
     assert len((marks / "start-m0-r0-c4").read_text().splitlines()) == 1
     assert info.num_redelivered == 0 and info.num_ack_pending == 0
     assert len(await stream_messages(js, "tp.tile_converted.>")) == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.TILEPIPE.convert.3.1024.17.1764108000000000000.5",  # v1: no domain
+        "$JS.ACK.hub.ACCHASH.TILEPIPE.convert.3.1024.17.1764108000000000000.5.tok",  # v2
+        "$JS.ACK._.ACCHASH.TILEPIPE.convert.3.1024.17.1764108000000000000.5",
+    ],
+)
+def test_delivery_count_reads_the_ack_subject_as_nats_py_does(reply):
+    from nats.aio.msg import Msg
+
+    from services.bus import delivery_count
+
+    msg = Msg(None, subject="tp.x", reply=reply, data=b"")
+    assert delivery_count(msg) == msg.metadata.num_delivered == 3
+
+
+def test_delivery_count_refuses_a_message_that_is_not_from_jetstream():
+    from nats.aio.msg import Msg
+    from nats.errors import NotJSMessageError
+
+    from services.bus import delivery_count
+
+    with pytest.raises(NotJSMessageError):
+        delivery_count(Msg(None, subject="tp.x", reply="_INBOX.abc", data=b""))
