@@ -16,6 +16,13 @@ each on a freshly created TILEPIPE stream (same config: file storage, `tp.>`, de
   batches up to the free slots, ``json.loads``, ``js.publish`` of the next event's JSON with a
   ``Nats-Msg-Id`` header (awaiting the PubAck), ``ack``; the same bounded number of in-flight
   handlers per hop. No validation, no metrics, no logging.
+* ``bare-checked``: the bare loop plus only the per-event work the runtime is asked to do,
+  without the runtime: ``decode_event`` (pydantic validation of the input), an ``Origin``
+  stamped on the next event built as a model, ``publish_event`` (its JSON and msg id), one
+  structlog JSON line with the event's context, a counter and a latency histogram. The
+  runtime's cost splits into these features (bare -> bare-checked) and its own plumbing
+  (bare-checked -> runtime: consumer set-up, in-flight tracking, retry/fail paths, handler
+  context, end-to-end monitoring).
 
 All variants publish equivalent events (checked at start-up: every bare payload
 validates as the tilepipe model of its kind, with the same keys, subject and msg id). All hops
@@ -50,9 +57,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from messages.codec import decode_event
 from messages.events import (
+    CURRENT_ORIGIN,
     ArtifactUploaded,
     Event,
+    Origin,
     SliceRegistered,
     SliceStitched,
     TileArrived,
@@ -64,10 +74,11 @@ from messages.events import (
 )
 from services.bus import publish_event
 from services.config import Config, NatsSettings, StageSettings
-from services.logs import configure_logging
+from services.logs import configure_logging, get_logger
+from services.metrics import EVENTS_HANDLED, HANDLE_SECONDS
 from services.natsserver import EmbeddedServer
 from services.provision import ensure_stream
-from services.runtime import StageRunner
+from services.runtime import StageRunner, arrival_time
 from services.stage import Context, Result, Stage
 
 CHAIN: tuple[type[Event], ...] = (
@@ -82,6 +93,7 @@ CHAIN: tuple[type[Event], ...] = (
 MAX_STAGES = len(CHAIN) - 1
 VARIANTS = {
     "bare": "bare nats-py",
+    "bare-checked": "bare nats-py + validation, log line, metrics",
     "runtime": "tilepipe runtime (inline handlers)",
     "runtime-thread": "tilepipe runtime (thread handlers)",
     "runtime-async": "tilepipe runtime (async handlers)",
@@ -503,9 +515,12 @@ def runtime_launcher(args, mode: str):
 
 
 # --------------------------------------------------------------------------- bare variant
-async def bare_hop(url: str, hop: int, args, stop: asyncio.Event, state: dict) -> None:
-    """One hop with plain nats-py: durable pull consumer, fetch, loads, publish, ack."""
-    name = f"bare{hop + 1}"
+async def bare_hop(
+    url: str, hop: int, args, stop: asyncio.Event, state: dict, checked: bool = False
+) -> None:
+    """One hop with plain nats-py: durable pull consumer, fetch, loads, publish, ack
+    (`checked`: with validation, a log line and metrics, see the module docstring)."""
+    name = f"{'checked' if checked else 'bare'}{hop + 1}"
     stream = NatsSettings().stream
     nc = await nats.connect(url, name=name)
     js = nc.jetstream()
@@ -526,7 +541,54 @@ async def bare_hop(url: str, hop: int, args, stop: asyncio.Event, state: dict) -
     raw_lat: list = state["raw_latencies"]
     tasks: set[asyncio.Task] = set()
 
+    accepts = {CHAIN[hop].kind}
+    log = get_logger(stage=name, worker=name)
+    handled = EVENTS_HANDLED.labels(name, "ok")
+    seconds = HANDLE_SECONDS.labels(name)
+    latencies: list = state["latencies"]
+
+    async def handle_checked(msg) -> None:
+        started = time.perf_counter()
+        try:
+            event = decode_event(msg.data, accept=accepts)
+            if hop > 0:
+                latencies.append(time.time() - event.emitted_at.timestamp())
+            token = CURRENT_ORIGIN.set(
+                Origin(
+                    arrived_at=arrival_time(event),
+                    stage=name,
+                    input_type=event.kind,
+                    attempt=1,
+                    host=HOST,
+                    worker=name,
+                    started_at=utcnow(),
+                )
+            )
+            try:
+                nxt = next_event(hop, event, name)
+            finally:
+                CURRENT_ORIGIN.reset(token)
+            await publish_event(js, nxt)
+            await msg.ack()
+        except Exception:
+            state["errors"] += 1
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
+        took = time.perf_counter() - started
+        handled.inc()
+        seconds.observe(took)
+        log.info(
+            "event_handled",
+            **event.log_context(),
+            attempt=1,
+            seconds=round(took, 4),
+            published=[nxt.kind],
+        )
+
     async def handle(msg) -> None:
+        if checked:
+            return await handle_checked(msg)
         try:
             data = json.loads(msg.data)
             if hop > 0:
@@ -563,11 +625,14 @@ async def bare_hop(url: str, hop: int, args, stop: asyncio.Event, state: dict) -
         await nc.close()
 
 
-def bare_launcher(args, state: dict):
+def bare_launcher(args, state: dict, checked: bool = False):
     async def launch(url: str, stop: asyncio.Event, result: Measure):
-        state.update(ready=[False] * args.stages, raw_latencies=[], errors=0)
+        state.update(
+            ready=[False] * args.stages, raw_latencies=[], latencies=result.latencies, errors=0
+        )
         tasks = [
-            asyncio.create_task(bare_hop(url, hop, args, stop, state)) for hop in range(args.stages)
+            asyncio.create_task(bare_hop(url, hop, args, stop, state, checked))
+            for hop in range(args.stages)
         ]
         ready = [lambda hop=hop: state["ready"][hop] for hop in range(args.stages)]
         return tasks, ready
@@ -645,6 +710,10 @@ async def main_async(args) -> int:
                 if variant == "bare":
                     m = await run_variant(variant, server, args, bare_launcher(args, state))
                     m.latencies = bare_latencies(state["raw_latencies"])
+                    m.failed += state["errors"]
+                elif variant == "bare-checked":
+                    launch = bare_launcher(args, state, checked=True)
+                    m = await run_variant(variant, server, args, launch)
                     m.failed += state["errors"]
                 else:
                     mode = {"runtime-async": "async", "runtime-thread": "thread"}.get(
