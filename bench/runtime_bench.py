@@ -515,6 +515,60 @@ def runtime_launcher(args, mode: str):
 
 
 # --------------------------------------------------------------------------- bare variant
+class CheckedHop:
+    """One hop of `bare-checked`: the runtime's per-event work without the runtime."""
+
+    def __init__(self, hop: int, name: str, latencies: list) -> None:
+        self.hop = hop
+        self.name = name
+        self.accepts = {CHAIN[hop].kind}
+        self.log = get_logger(stage=name, worker=name)
+        self.handled = EVENTS_HANDLED.labels(name, "ok")
+        self.seconds = HANDLE_SECONDS.labels(name)
+        self.latencies = latencies
+
+    async def handle(self, js, msg) -> bool:
+        """Validate, build the next event with an origin, publish, ack, count, log; False
+        (after a nak) if any of it failed."""
+        started = time.perf_counter()
+        try:
+            event = decode_event(msg.data, accept=self.accepts)
+            if self.hop > 0:
+                self.latencies.append(time.time() - event.emitted_at.timestamp())
+            token = CURRENT_ORIGIN.set(
+                Origin(
+                    arrived_at=arrival_time(event),
+                    stage=self.name,
+                    input_type=event.kind,
+                    attempt=1,
+                    host=HOST,
+                    worker=self.name,
+                    started_at=utcnow(),
+                )
+            )
+            try:
+                nxt = next_event(self.hop, event, self.name)
+            finally:
+                CURRENT_ORIGIN.reset(token)
+            await publish_event(js, nxt)
+            await msg.ack()
+        except Exception:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return False
+        took = time.perf_counter() - started
+        self.handled.inc()
+        self.seconds.observe(took)
+        self.log.info(
+            "event_handled",
+            **event.log_context(),
+            attempt=1,
+            seconds=round(took, 4),
+            published=[nxt.kind],
+        )
+        return True
+
+
 async def bare_hop(
     url: str, hop: int, args, stop: asyncio.Event, state: dict, checked: bool = False
 ) -> None:
@@ -541,54 +595,13 @@ async def bare_hop(
     raw_lat: list = state["raw_latencies"]
     tasks: set[asyncio.Task] = set()
 
-    accepts = {CHAIN[hop].kind}
-    log = get_logger(stage=name, worker=name)
-    handled = EVENTS_HANDLED.labels(name, "ok")
-    seconds = HANDLE_SECONDS.labels(name)
-    latencies: list = state["latencies"]
-
-    async def handle_checked(msg) -> None:
-        started = time.perf_counter()
-        try:
-            event = decode_event(msg.data, accept=accepts)
-            if hop > 0:
-                latencies.append(time.time() - event.emitted_at.timestamp())
-            token = CURRENT_ORIGIN.set(
-                Origin(
-                    arrived_at=arrival_time(event),
-                    stage=name,
-                    input_type=event.kind,
-                    attempt=1,
-                    host=HOST,
-                    worker=name,
-                    started_at=utcnow(),
-                )
-            )
-            try:
-                nxt = next_event(hop, event, name)
-            finally:
-                CURRENT_ORIGIN.reset(token)
-            await publish_event(js, nxt)
-            await msg.ack()
-        except Exception:
-            state["errors"] += 1
-            with contextlib.suppress(Exception):
-                await msg.nak()
-            return
-        took = time.perf_counter() - started
-        handled.inc()
-        seconds.observe(took)
-        log.info(
-            "event_handled",
-            **event.log_context(),
-            attempt=1,
-            seconds=round(took, 4),
-            published=[nxt.kind],
-        )
+    checked_hop = CheckedHop(hop, name, state["latencies"])
 
     async def handle(msg) -> None:
         if checked:
-            return await handle_checked(msg)
+            if not await checked_hop.handle(js, msg):
+                state["errors"] += 1
+            return
         try:
             data = json.loads(msg.data)
             if hop > 0:

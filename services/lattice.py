@@ -75,54 +75,64 @@ class MosaicBook:
         await self.kv.put(f"{self.prefix}.stitched", json.dumps({"digest": digest}).encode())
 
     async def state(self, timeout: float = 15.0) -> MosaicState:
-        """Every key of this mosaic, through a server-side filtered watch (not a bucket scan).
-
-        The keys are counted first and the watch is read until that many arrived: its
-        "no more initial values" marker alone is not enough, because nats-py can queue it
-        before entries already on the wire (seen under load: a mosaic read as empty, a
-        pair never aligned, a slice never stitched). Raises TimeoutError (the stage retries)
-        rather than return a partial state.
-        """
-        expected = await self._count_keys()
+        """Every key of this mosaic (`read_keys`: counted, never a partial read)."""
         state = MosaicState()
-        seen: set[str] = set()
-        watcher = await self.kv.watch(f"{self.prefix}.>")
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout)
-                except nats.errors.TimeoutError:
-                    raise TimeoutError(
-                        f"lattice {self.prefix}: read {len(seen)} of {expected} keys"
-                    ) from None
-                if entry is None:
-                    if len(seen) >= expected:
-                        break
-                    continue
-                seen.add(entry.key)
-                if entry.operation in ("DEL", "PURGE"):
-                    parts = [""]  # a deleted key counts as read, holds nothing
-                else:
-                    parts = entry.key[len(self.prefix) + 1 :].split(".")
-                value = json.loads(entry.value) if entry.value and parts[0] else {}
-                if parts[0] == "tile":
-                    state.tiles[_rc(parts[1])] = value
-                elif parts[0] == "pair":
-                    state.pairs[(_rc(parts[1]), _rc(parts[2]))] = value
-                elif parts[0] == "stitched":
-                    state.stitched_digest = value.get("digest")
-                if entry.delta == 0 and len(seen) >= expected:
-                    break
-        finally:
-            await watcher.stop()
+        for key, value in (await read_keys(self.js, self.kv, self.prefix, timeout)).items():
+            parts = key.split(".")
+            if parts[0] == "tile":
+                state.tiles[_rc(parts[1])] = value
+            elif parts[0] == "pair":
+                state.pairs[(_rc(parts[1]), _rc(parts[2]))] = value
+            elif parts[0] == "stitched":
+                state.stitched_digest = value.get("digest")
         return state
 
-    async def _count_keys(self) -> int:
-        """How many keys this mosaic has now (subjects of the bucket's stream)."""
-        info = await self.js.stream_info(
-            f"KV_{LATTICE_BUCKET}", subjects_filter=f"$KV.{LATTICE_BUCKET}.{self.prefix}.>"
-        )
-        return len(info.state.subjects or {})
+
+async def read_keys(js: JetStreamContext, kv, prefix: str, timeout: float = 15.0) -> dict:
+    """Every live key under `prefix` of the lattice bucket -> its JSON value, keys without
+    the prefix, through a server-side filtered watch (not a bucket scan).
+
+    The keys are counted first and the watch is read until that many arrived: its "no more
+    initial values" marker alone is not enough, because nats-py can queue it before entries
+    already on the wire (seen under load: a mosaic read as empty, a pair never aligned, a
+    slice never stitched or registered). Raises TimeoutError (the stage retries) rather
+    than return a partial state.
+    """
+    expected = await _count_keys(js, prefix)
+    values: dict[str, dict] = {}
+    seen: set[str] = set()
+    watcher = await kv.watch(f"{prefix}.>")
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout)
+            except nats.errors.TimeoutError:
+                raise TimeoutError(
+                    f"lattice {prefix}: read {len(seen)} of {expected} keys"
+                ) from None
+            if entry is None:
+                if len(seen) >= expected:
+                    break
+                continue
+            seen.add(entry.key)
+            key = entry.key[len(prefix) + 1 :]
+            if entry.operation in ("DEL", "PURGE"):  # counts as read, holds nothing
+                values.pop(key, None)
+            else:
+                values[key] = json.loads(entry.value) if entry.value else {}
+            if entry.delta == 0 and len(seen) >= expected:
+                break
+    finally:
+        await watcher.stop()
+    return values
+
+
+async def _count_keys(js: JetStreamContext, prefix: str) -> int:
+    """How many keys (live or deleted) the lattice bucket has under `prefix` now."""
+    info = await js.stream_info(
+        f"KV_{LATTICE_BUCKET}", subjects_filter=f"$KV.{LATTICE_BUCKET}.{prefix}.>"
+    )
+    return len(info.state.subjects or {})
 
 
 def _rc(name: str) -> tuple[int, int]:

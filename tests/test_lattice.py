@@ -33,3 +33,27 @@ async def test_state_reads_every_key_of_a_large_mosaic(js):
 async def test_state_of_an_empty_mosaic(js):
     state = await (await MosaicBook.open(js, "lat", 0, 0)).state()
     assert state.tiles == {} and state.pairs == {} and state.stitched_digest is None
+
+
+async def test_register_book_reads_every_slice_it_was_given(js):
+    """The register stage's book reads through the same counted watch: a slice whose
+    `stitched` key was just written is always seen (missing it left the slice unregistered
+    for good, seen in CI under load)."""
+    from services.stages.register import RegisterBook
+
+    book = await RegisterBook.open(js, "regbook", 0)
+    other = await RegisterBook.open(js, "regbook", 1)  # another mosaic index: not read
+    await asyncio.gather(
+        *(book.put(s, "stitched", {"path": f"s{s}.ome.zarr"}) for s in range(300)),
+        *(book.put(s, "registered", {"basis": f"b{s}"}) for s in range(0, 300, 2)),
+    )
+    await other.put(0, "stitched", {"path": "other"})
+    kv = await js.key_value(LATTICE_BUCKET)
+    await book.put(999, "stitched", {"path": "gone"})
+    await kv.delete(f"{book.prefix}.999.stitched")
+
+    readers = [book.state() for _ in range(40)]  # concurrent readers
+    for state in await asyncio.gather(*readers):
+        assert sorted(state) == list(range(300))
+        assert state[299] == {"stitched": {"path": "s299.ome.zarr"}}
+        assert state[298]["registered"] == {"basis": "b298"}

@@ -61,7 +61,7 @@ from kernels.register import (
 from messages.events import Event, SliceRegistered, SliceStitched
 from services.acquisitions import lookup_acquisition, manifest_at
 from services.atomic import COMPLETE_ATTR, zarr_attrs
-from services.lattice import LATTICE_BUCKET
+from services.lattice import LATTICE_BUCKET, read_keys
 from services.layout import volume_of, volume_path
 from services.omezarr import open_level, read_multiscale
 from services.stage import Context, PermanentError, Result, Stage
@@ -138,13 +138,14 @@ class Mosaic:
 class RegisterBook:
     """Registration state of one acquisition's mosaic index in KV `tp-lattice`."""
 
-    def __init__(self, kv, acq: str, mosaic: int) -> None:
+    def __init__(self, js: JetStreamContext, kv, acq: str, mosaic: int) -> None:
+        self.js = js
         self.kv = kv
         self.prefix = f"{acq}.register.m{mosaic}"
 
     @staticmethod
     async def open(js: JetStreamContext, acq: str, mosaic: int) -> RegisterBook:
-        return RegisterBook(await js.key_value(LATTICE_BUCKET), acq, mosaic)
+        return RegisterBook(js, await js.key_value(LATTICE_BUCKET), acq, mosaic)
 
     async def put(self, slice_index: int, part: str, record: dict) -> None:
         await self.kv.put(f"{self.prefix}.{slice_index}.{part}", json.dumps(record).encode())
@@ -157,19 +158,12 @@ class RegisterBook:
         return json.loads(entry.value) if entry and entry.value else None
 
     async def state(self) -> dict[int, dict[str, dict]]:
-        """slice -> {"stitched": ..., "registered": ...} (a filtered watch, not a scan)."""
+        """slice -> {"stitched": ..., "registered": ...} (`read_keys`: counted, never a
+        partial read, which would leave a slice waiting for good)."""
         out: dict[int, dict[str, dict]] = {}
-        watcher = await self.kv.watch(f"{self.prefix}.>", ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                s, part = entry.key[len(self.prefix) + 1 :].split(".", 1)
-                out.setdefault(int(s), {})[part] = json.loads(entry.value) if entry.value else {}
-                if entry.delta == 0:
-                    break
-        finally:
-            await watcher.stop()
+        for key, value in (await read_keys(self.js, self.kv, self.prefix)).items():
+            s, part = key.split(".", 1)
+            out.setdefault(int(s), {})[part] = value
         return out
 
 
