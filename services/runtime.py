@@ -80,6 +80,7 @@ def arrival_time(event: Event):
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+MAX_REPLAY_TAG = 64  # what `origin.replay` and attempt records hold
 
 
 def out_of_space(exc: BaseException) -> bool:
@@ -263,6 +264,8 @@ class StageRunner:
             return
         log = self.log.bind(**event.log_context(), attempt=attempt)
         replay = msg.headers.get(REPLAY_HEADER) if msg.headers else None
+        if replay is not None:
+            replay = replay[:MAX_REPLAY_TAG]  # a hand-made header must not fail the delivery
         if event.acq in self.held:
             await self._park(js, msg, event, replay, log)
             return
@@ -272,18 +275,18 @@ class StageRunner:
             return
         started = time.perf_counter()
         started_at = utcnow()
-        origin = Origin(
-            arrived_at=arrival_time(event),
-            stage=self.name,
-            input_type=event.kind,
-            attempt=attempt,
-            host=HOSTNAME,
-            worker=self.worker,
-            started_at=started_at,
-            replay=replay or "",
-        )
         self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
+            origin = Origin(  # inside: a bad value (an over-long replay tag) is a failure
+                arrived_at=arrival_time(event),
+                stage=self.name,
+                input_type=event.kind,
+                attempt=attempt,
+                host=HOSTNAME,
+                worker=self.worker,
+                started_at=started_at,
+                replay=replay or "",
+            )
             try:
                 result = await self._call_handler(event, attempt, js, log, replay, origin)
             except Exception as exc:

@@ -344,3 +344,19 @@ def test_delivery_count_refuses_a_message_that_is_not_from_jetstream():
 
     with pytest.raises(NotJSMessageError):
         delivery_count(Msg(None, subject="tp.x", reply="_INBOX.abc", data=b""))
+
+
+async def test_an_over_long_replay_tag_is_cut_not_a_stuck_delivery(config, js):
+    """A replay header set by hand (`nats pub -H`) longer than an origin holds: the input is
+    handled with the tag cut to 64 characters, not left unacknowledged."""
+    tag = "t" * 100
+    event = arrived(0, acq="acq8")
+    async with running(ConvertLike, config, record_attempts=True):
+        await js.publish(
+            event.subject(), event.to_json(), headers={"Nats-Msg-Id": "long", "Tp-Replay": tag}
+        )
+        await wait_for(lambda: kinds_on(js, "tp.tile_converted.acq8.>"), timeout=15)
+        info = await js.consumer_info("TILEPIPE", "convert_like")
+    (out,) = await kinds_on(js, "tp.tile_converted.acq8.>")
+    assert out.origin is not None and out.origin.replay == tag[:64]
+    assert info.num_ack_pending == 0 and info.num_redelivered == 0
