@@ -24,6 +24,10 @@ def _utc_timestamp(_logger: object, _method: str, event_dict: dict) -> dict:
     return event_dict
 
 
+_format_exc_info = structlog.processors.format_exc_info
+_LEVEL_OF = {"warn": "warning", "exception": "error"}  # as structlog's add_log_level names them
+
+
 def _json_line(logger: object, method: str, event_dict: dict) -> bytes:
     """The JSON line of a log call (runs for every line, so one function, not a chain):
     `level` and `timestamp` as structlog's add_log_level and TimeStamper write them, an
@@ -33,10 +37,6 @@ def _json_line(logger: object, method: str, event_dict: dict) -> bytes:
     if "exc_info" in event_dict:
         event_dict = _format_exc_info(logger, method, event_dict)
     return orjson.dumps(event_dict, default=repr)
-
-
-_format_exc_info = structlog.processors.format_exc_info
-_LEVEL_OF = {"warn": "warning", "exception": "error"}  # as structlog's add_log_level names them
 
 
 def configure_logging(level: str = "info", json_format: bool = True, stream=None) -> None:

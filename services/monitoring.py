@@ -72,9 +72,14 @@ _ROLE: dict[type, str] = {}  # event class -> "tile", "slice" or "none" (what an
 
 def _role(cls: type) -> str:
     """What an output of class `cls` stands for, looked up once per class."""
-    role = "tile" if issubclass(cls, _TILE_OUTPUTS) else "slice"
-    _ROLE[cls] = role if issubclass(cls, _TILE_OUTPUTS + _SLICE_OUTPUTS) else "none"
-    return _ROLE[cls]
+    if issubclass(cls, _TILE_OUTPUTS):
+        role = "tile"
+    elif issubclass(cls, _SLICE_OUTPUTS):
+        role = "slice"
+    else:
+        role = "none"
+    _ROLE[cls] = role
+    return role
 
 
 # ---------------------------------------------------------------------------- stage hook
@@ -126,7 +131,7 @@ class StageMonitor:
 
     def observed(self, outputs: Sequence[Event], replay: str | None = None) -> list[Event]:
         """Record the outputs that need no I/O (the common case); return the others, for
-        `handled`."""
+        `handled_slow`."""
         return [out for out in outputs if not self._observed_in_memory(out, replay)]
 
     async def handled(
@@ -134,13 +139,18 @@ class StageMonitor:
     ) -> None:
         """Record what publishing `outputs` for `event` means; never raises."""
         slow = self.observed(outputs, replay)
-        if not slow:
-            return
+        if slow:
+            await self.handled_slow(js, event, slow, replay)
+
+    async def handled_slow(
+        self, js, event: Event, outputs: Sequence[Event], replay: str | None = None
+    ) -> None:
+        """Record `outputs` that `observed` left, looking at the stream; never raises."""
         if isinstance(event, TileArrived):
             self._remember(_tile_key(event.acq, event.tile), event.completed_at.timestamp())
         try:
             # no task per call on the hot path: only the stream look-ups below are bounded
-            await self._handled(js, event, slow, replay)
+            await self._handled(js, event, outputs, replay)
         except Exception as exc:  # monitoring is best effort
             from services.logs import get_logger
 
@@ -184,9 +194,7 @@ class StageMonitor:
         done = self._done.get(acq)
         if synced is None or done is None or time.monotonic() - synced >= self.resync_s:
             return False
-        done.add(f"{tile.slice}.{tile.token()}")
-        if acq not in self._gauges:
-            self._export_done(acq, done)
+        self._add_done(acq, done, (tile,))
         if not replay:
             self._observe(out, arrived.timestamp())
         return True

@@ -325,7 +325,7 @@ class StageRunner:
                 m.bytes_written.inc(result.bytes_written)
             slow = self.monitor.observed(outputs, replay)
             if slow:  # outputs whose progress or latency needs a look at the stream
-                await self.monitor.handled(js, event, slow, replay=replay)
+                await self.monitor.handled_slow(js, event, slow, replay=replay)
             log.info(
                 "event_handled",
                 seconds=round(seconds, 4),
