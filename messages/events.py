@@ -14,6 +14,7 @@ from messages.paths import RelPath
 from messages.subjects import ANY, subject
 
 SCHEMA_VERSION = 1
+MAX_REPLAY_TAG = 64  # characters of a replay tag an event records (`origin`, attempts)
 MAX_LIST = 100_000
 
 AcqId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -57,7 +58,7 @@ class Origin(BaseModel):
     host: Annotated[str, StringConstraints(max_length=200)] = ""
     worker: Annotated[str, StringConstraints(max_length=200)] = ""
     started_at: datetime
-    replay: Annotated[str, StringConstraints(max_length=64)] = ""
+    replay: Annotated[str, StringConstraints(max_length=MAX_REPLAY_TAG)] = ""
     arrived_at: datetime | None = Field(
         default=None, description="when the tile file this work derives from was complete"
     )
@@ -345,7 +346,7 @@ class Attempt(TileOrSliceEvent):
     ended_at: datetime
     error: Text = ""
     detail: Text = ""
-    replay: Annotated[str, StringConstraints(max_length=64)] = ""
+    replay: Annotated[str, StringConstraints(max_length=MAX_REPLAY_TAG)] = ""
 
     def msg_id(self) -> str:
         return f"{self.subject()}:{self.stage}:{self.started_at.timestamp()}:{self.attempt}"

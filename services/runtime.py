@@ -26,6 +26,7 @@ from nats.js.errors import NotFoundError
 from messages.codec import InvalidEvent, decode_event
 from messages.events import (
     CURRENT_ORIGIN,
+    MAX_REPLAY_TAG,
     Attempt,
     Event,
     Origin,
@@ -80,7 +81,6 @@ def arrival_time(event: Event):
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-MAX_REPLAY_TAG = 64  # what `origin.replay` and attempt records hold
 
 
 def out_of_space(exc: BaseException) -> bool:
@@ -277,7 +277,7 @@ class StageRunner:
         started_at = utcnow()
         self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
-            origin = Origin(  # inside: a bad value (an over-long replay tag) is a failure
+            origin = Origin(  # inside the try: a value it refuses fails the delivery, not the task
                 arrived_at=arrival_time(event),
                 stage=self.name,
                 input_type=event.kind,
