@@ -25,6 +25,7 @@ from tests.test_faults import (
     assert_tile_outputs_complete,
     count_kind,
     events,
+    per_subject,
 )
 
 STREAM = "TILEPIPE"
@@ -156,6 +157,18 @@ async def test_node_killed_mid_acquisition_loses_nothing(cluster, tmp_path):
                     return False
 
             await wait_for(stitched, timeout=240, interval=0.5)
+
+            async def every_tile_processed() -> bool:
+                """A delivery whose publish fell into the election is retried (backoff) after
+                stitch, reading the lattice, may already be done: wait for it before stopping
+                the services; the exactly-once check below is unchanged."""
+                try:
+                    done = await per_subject(js, "tp.tile_processed.clu.>")
+                except (TimeoutError, nats.errors.Error):
+                    return False
+                return len(done) >= manifest.lattice.tiles
+
+            await wait_for(every_tile_processed, timeout=120, interval=0.5)
             moved = {name.removeprefix("tilepipe-") for name in where[victim.name]}
             reconnects = {
                 name: services.metric(
