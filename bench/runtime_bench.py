@@ -16,13 +16,17 @@ each on a freshly created TILEPIPE stream (same config: file storage, `tp.>`, de
   batches up to the free slots, ``json.loads``, ``js.publish`` of the next event's JSON with a
   ``Nats-Msg-Id`` header (awaiting the PubAck), ``ack``; the same bounded number of in-flight
   handlers per hop. No validation, no metrics, no logging.
+* ``bare-lean``: the bare loop on the transport the runtime uses instead of ``fetch`` and
+  ``js.publish``: standing pull requests for the free slots (``services.pullfeed.PullFeed``)
+  and publish acknowledgements matched on one subscription (``services.bus.pubacks``). It
+  shows how much of the runtime-vs-bare figure is the transport, not the runtime's features.
 * ``bare-checked``: the bare loop plus only the per-event work the runtime is asked to do,
   without the runtime: ``decode_event`` (pydantic validation of the input), an ``Origin``
-  stamped on the next event built as a model, ``publish_event`` (its JSON and msg id), one
-  structlog JSON line with the event's context, a counter and a latency histogram. The
-  runtime's cost splits into these features (bare -> bare-checked) and its own plumbing
-  (bare-checked -> runtime: consumer set-up, in-flight tracking, retry/fail paths, handler
-  context, end-to-end monitoring).
+  stamped on the next event built as a model, its JSON and msg id published with
+  ``js.publish`` as the bare loop does, one structlog JSON line with the event's context, a
+  counter and a latency histogram. bare -> bare-checked is what these features cost;
+  bare-checked -> runtime is the runtime's own plumbing (in-flight tracking, retry/fail
+  paths, handler context, end-to-end monitoring) less what its transport saves.
 
 All variants publish equivalent events (checked at start-up: every bare payload
 validates as the tilepipe model of its kind, with the same keys, subject and msg id). All hops
@@ -72,12 +76,13 @@ from messages.events import (
     TileProcessed,
     utcnow,
 )
-from services.bus import publish_event
+from services.bus import MSG_ID, pubacks, publish_event
 from services.config import Config, NatsSettings, StageSettings
 from services.logs import configure_logging, get_logger
 from services.metrics import EVENTS_HANDLED, HANDLE_SECONDS
 from services.natsserver import EmbeddedServer
 from services.provision import ensure_stream
+from services.pullfeed import PullFeed
 from services.runtime import StageRunner, arrival_time
 from services.stage import Context, Result, Stage
 
@@ -93,6 +98,7 @@ CHAIN: tuple[type[Event], ...] = (
 MAX_STAGES = len(CHAIN) - 1
 VARIANTS = {
     "bare": "bare nats-py",
+    "bare-lean": "bare nats-py on the runtime's transport",
     "bare-checked": "bare nats-py + validation, log line, metrics",
     "runtime": "tilepipe runtime (inline handlers)",
     "runtime-thread": "tilepipe runtime (thread handlers)",
@@ -550,7 +556,10 @@ class CheckedHop:
                 nxt = next_event(self.hop, event, self.name)
             finally:
                 CURRENT_ORIGIN.reset(token)
-            await publish_event(js, nxt)
+            # published as the bare loop does (nats-py's `js.publish`), not the runtime's way
+            await js.publish(
+                nxt.subject(), nxt.to_json(), timeout=10.0, headers={MSG_ID: nxt.msg_id()}
+            )
             await msg.ack()
         except Exception:
             with contextlib.suppress(Exception):
@@ -570,11 +579,13 @@ class CheckedHop:
 
 
 async def bare_hop(
-    url: str, hop: int, args, stop: asyncio.Event, state: dict, checked: bool = False
+    url: str, hop: int, args, stop: asyncio.Event, state: dict, flavour: str = "bare"
 ) -> None:
     """One hop with plain nats-py: durable pull consumer, fetch, loads, publish, ack
-    (`checked`: with validation, a log line and metrics, see the module docstring)."""
-    name = f"{'checked' if checked else 'bare'}{hop + 1}"
+    (`checked`: with validation, a log line and metrics; `lean`: the runtime's transport;
+    see the module docstring)."""
+    checked = flavour == "checked"
+    name = f"{flavour}{hop + 1}"
     stream = NatsSettings().stream
     nc = await nats.connect(url, name=name)
     js = nc.jetstream()
@@ -590,6 +601,9 @@ async def bare_hop(
             max_ack_pending=args.concurrency,
         ),
     )
+    if flavour == "lean":
+        await lean_hop(nc, js, hop, name, args, stop, state)
+        return
     sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
     state["ready"][hop] = True
     raw_lat: list = state["raw_latencies"]
@@ -638,13 +652,54 @@ async def bare_hop(
         await nc.close()
 
 
-def bare_launcher(args, state: dict, checked: bool = False):
+async def lean_hop(nc, js, hop: int, name: str, args, stop: asyncio.Event, state: dict) -> None:
+    """The bare hop on the runtime's transport: standing pull requests (`PullFeed`) and
+    publish acknowledgements matched on one subscription (`pubacks`); nothing else."""
+    tasks: set[asyncio.Task] = set()
+    raw_lat: list = state["raw_latencies"]
+    publisher = pubacks(js)
+
+    async def handle(msg) -> None:
+        try:
+            data = json.loads(msg.data)
+            if hop > 0:
+                raw_lat.append((time.time(), data["emitted_at"]))
+            subject, msg_id, out = bare_next(hop, data, name)
+            await publisher.publish(subject, json.dumps(out).encode(), {MSG_ID: msg_id}, 10.0)
+            await msg.ack()
+        except Exception:
+            state["errors"] += 1
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        finally:
+            await feed.release()
+
+    def spawn(msg) -> None:
+        task = asyncio.create_task(handle(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    feed = PullFeed(nc, NatsSettings().stream, name, args.concurrency, on_message=spawn)
+    try:
+        await feed.start()
+        state["ready"][hop] = True
+        await feed.watch(stop)
+    finally:
+        await feed.stop()
+        if tasks:
+            await asyncio.wait(set(tasks), timeout=30)
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=5)
+        await nc.close()
+
+
+def bare_launcher(args, state: dict, flavour: str = "bare"):
     async def launch(url: str, stop: asyncio.Event, result: Measure):
         state.update(
             ready=[False] * args.stages, raw_latencies=[], latencies=result.latencies, errors=0
         )
         tasks = [
-            asyncio.create_task(bare_hop(url, hop, args, stop, state, checked))
+            asyncio.create_task(bare_hop(url, hop, args, stop, state, flavour))
             for hop in range(args.stages)
         ]
         ready = [lambda hop=hop: state["ready"][hop] for hop in range(args.stages)]
@@ -720,12 +775,13 @@ async def main_async(args) -> int:
         for rep in range(args.repeat):
             order = variants if rep % 2 == 0 else variants[::-1]
             for variant in order:
-                if variant == "bare":
-                    m = await run_variant(variant, server, args, bare_launcher(args, state))
+                if variant in ("bare", "bare-lean"):
+                    launch = bare_launcher(args, state, variant.removeprefix("bare-"))
+                    m = await run_variant(variant, server, args, launch)
                     m.latencies = bare_latencies(state["raw_latencies"])
                     m.failed += state["errors"]
                 elif variant == "bare-checked":
-                    launch = bare_launcher(args, state, checked=True)
+                    launch = bare_launcher(args, state, "checked")
                     m = await run_variant(variant, server, args, launch)
                     m.failed += state["errors"]
                 else:

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from nats.aio.msg import Msg
+from nats.nuid import NUID
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runtime_bench as rb
 
 from messages.events import Origin, utcnow
+from services.bus import pubacks
 from services.config import Config, NatsSettings, StageSettings
 from services.logs import configure_logging
 from services.runtime import StageRunner
@@ -64,18 +66,39 @@ class _PubAck:
     duplicate = False
 
 
-class InstantJetStream:
-    """Answers a publish at once, as if the server had stored it."""
-
-    async def publish(self, subject, payload=b"", timeout=None, headers=None):
-        return _PubAck()
+PUBACK = b'{"stream":"TILEPIPE","seq":1}'
 
 
 class InstantClient:
-    """Takes an ack (a core publish) and does nothing with it."""
+    """A connection that takes every publish at once: an ack (a core publish) goes nowhere,
+    a JetStream publish (one with a reply subject, from `services.bus.PubAcks`) is answered
+    with a PubAck before `publish` returns, as if the server had stored it."""
+
+    _inbox_prefix = bytearray(b"_INBOX")
+    _nuid = NUID()
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.pubacks = None
+
+    async def subscribe(self, subject, cb=None):
+        return None
 
     async def publish(self, subject, payload=b"", reply="", headers=None):
-        return None
+        if reply and self.pubacks is not None:
+            await self.pubacks._on_reply(Msg(self, subject=reply, data=PUBACK))
+
+
+class InstantJetStream:
+    """The JetStream context of an `InstantClient`; `publish` (the bare loop's) answers at
+    once."""
+
+    def __init__(self, nc: InstantClient) -> None:
+        self._nc = nc
+        nc.pubacks = pubacks(self)
+
+    async def publish(self, subject, payload=b"", timeout=None, headers=None):
+        return _PubAck()
 
 
 class _Off:
@@ -157,7 +180,8 @@ async def run(variant: str, deliveries: int, rounds: int) -> float:
     """Best CPU µs per delivery over `rounds` rounds of `deliveries` deliveries."""
     deliver = make(variant)
     subject, data = input_payload()
-    js, nc = InstantJetStream(), InstantClient()
+    nc = InstantClient()
+    js = InstantJetStream(nc)
 
     def msg(i: int) -> Msg:
         reply = f"$JS.ACK.TILEPIPE.noop2.1.{i + 1}.{i + 1}.1764108000000000000.0"

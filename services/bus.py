@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import re
 import ssl
+import time
+import weakref
 
 import nats
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -98,6 +103,85 @@ async def connect(settings: NatsSettings, name: str, retry_for_s: float = 60.0) 
     return nc
 
 
+class PubAcks:
+    """JetStream publishes of one connection, their acknowledgements matched on one wildcard
+    reply subscription.
+
+    What `js.publish` does, without its per-call costs: a fresh random inbox token and an
+    `asyncio.wait_for` per publish. Tokens are a counter; one sweeper task fails the
+    publishes whose acknowledgement is overdue (a lost connection, a server that never
+    answered) with `nats.errors.TimeoutError`, as `js.publish` would.
+    """
+
+    SWEEP_S = 0.25  # how late past its timeout an unanswered publish may fail
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.prefix = f"{nc._inbox_prefix.decode()}.{nc._nuid.next().decode()}."
+        self._tokens = itertools.count()
+        self._waiting: dict[str, tuple[asyncio.Future, float]] = {}
+        self._sub = None
+        self._sweeper: asyncio.Task | None = None
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str], timeout: float
+    ) -> PubAck:
+        if self._sub is None:
+            self._sub = await self.nc.subscribe(self.prefix + "*", cb=self._on_reply)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep())
+        token = str(next(self._tokens))
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[token] = (future, time.monotonic() + timeout)
+        try:
+            await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
+            return await future
+        finally:
+            self._waiting.pop(token, None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        waiting = self._waiting.get(msg.subject[len(self.prefix) :])
+        if waiting is None or waiting[0].done():
+            return  # answered after its timeout
+        future = waiting[0]
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            resp = json.loads(msg.data)
+            if "error" in resp:
+                nats.js.errors.APIError.from_error(resp["error"])  # raises the typed error
+            future.set_result(PubAck.from_response(resp))
+        except Exception as exc:  # handed to the publisher
+            future.set_exception(exc)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.SWEEP_S)
+            closed, now = self.nc.is_closed, time.monotonic()
+            for future, deadline in list(self._waiting.values()):
+                if future.done():
+                    continue
+                if closed:
+                    future.set_exception(nats.errors.ConnectionClosedError())
+                elif deadline < now:
+                    future.set_exception(nats.errors.TimeoutError())
+            if closed:
+                return
+
+
+_PUBACKS: weakref.WeakKeyDictionary[Client, PubAcks] = weakref.WeakKeyDictionary()
+
+
+def pubacks(js: JetStreamContext) -> PubAcks:
+    """The acknowledgement matcher of `js`'s connection (one per connection)."""
+    nc = js._nc
+    found = _PUBACKS.get(nc)
+    if found is None:
+        found = _PUBACKS[nc] = PubAcks(nc)
+    return found
+
+
 async def publish_event(
     js: JetStreamContext,
     event: Event,
@@ -114,4 +198,4 @@ async def publish_event(
     if replay:
         headers[MSG_ID] += f":replay:{replay}"
         headers[REPLAY_HEADER] = replay
-    return await js.publish(event.subject(), event.to_json(), timeout=timeout, headers=headers)
+    return await pubacks(js).publish(event.subject(), event.to_json(), headers, timeout)

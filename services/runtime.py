@@ -1,6 +1,7 @@
 """The one runtime every stage runs in.
 
-A durable pull consumer per stage (explicit ack, `max_ack_pending` = concurrency x workers),
+A durable pull consumer per stage (explicit ack, `max_ack_pending` = concurrency x workers)
+read through standing pull requests for this worker's free slots (`services.pullfeed`),
 validation on receipt (`term` with a logged, counted reason), handler in a worker thread with
 in-progress heartbeats, retries by negative ack with backoff up to `max_deliver`, then a
 stage-failed event; outputs published with `Nats-Msg-Id` de-duplication before the input is
@@ -58,6 +59,7 @@ from services.metrics import (
 )
 from services.monitoring import StageMonitor
 from services.provision import ensure_consumer
+from services.pullfeed import PullFeed
 from services.stage import HOSTNAME, Context, PermanentError, Result, Stage
 
 TRANSIENT_NATS_ERRORS = (
@@ -123,13 +125,12 @@ def failure_event(stage: str, event: Event, subject: str, error: str, attempts: 
 class StageRunner:
     """Runs one stage against NATS until `stop` is set."""
 
-    def __init__(self, stage: Stage, config: Config, worker: str = "", fetch_timeout: float = 1.0):
+    def __init__(self, stage: Stage, config: Config, worker: str = ""):
         self.stage = stage
         self.config = config
         self.settings = stage.settings
         self.name = stage.name
         self.worker = worker or stage.name
-        self.fetch_timeout = fetch_timeout
         self.log = get_logger(stage=self.name, worker=self.worker)
         self._executor = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix=f"tp-{self.name}"
@@ -157,12 +158,20 @@ class StageRunner:
         js = nc.jetstream()
         tasks: set[asyncio.Task] = set()
         background: list[asyncio.Task] = []
+        feed: PullFeed | None = None
         try:
             await self._bind_consumer(js, stop)
             if stop.is_set():
                 return
             await self.stage.setup(js)
-            sub = await js.pull_subscribe_bind(consumer=self.name, stream=self.config.nats.stream)
+            feed = PullFeed(
+                nc,
+                self.config.nats.stream,
+                self.name,
+                self.settings.concurrency,
+                on_message=lambda msg: self._spawn(js, msg, feed, tasks),
+            )
+            await feed.start()
             background = [
                 asyncio.create_task(job)
                 for job in (
@@ -173,8 +182,10 @@ class StageRunner:
             ]
             self.ready.set()
             self.log.info("stage_started", concurrency=self.settings.concurrency)
-            await self._consume(js, sub, stop, tasks)
+            await feed.watch(stop)
         finally:
+            if feed is not None:
+                await feed.stop()  # no new deliveries; one still arriving is handed back
             await self._drain(tasks)
             for job in background:
                 job.cancel()
@@ -206,30 +217,16 @@ class StageRunner:
             await _sleep_or_stop(stop, delay)
             delay = min(delay * 2, 5.0)
 
-    async def _consume(
-        self, js: JetStreamContext, sub, stop: asyncio.Event, tasks: set[asyncio.Task]
-    ) -> None:
-        stop_wait = asyncio.create_task(stop.wait())
+    def _spawn(self, js: JetStreamContext, msg: Msg, feed: PullFeed, tasks: set) -> None:
+        task = asyncio.create_task(self._deliver_and_release(js, msg, feed))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _deliver_and_release(self, js: JetStreamContext, msg: Msg, feed: PullFeed) -> None:
         try:
-            while not stop.is_set():
-                free = self.settings.concurrency - len(tasks)
-                if free <= 0:
-                    await asyncio.wait({*tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                try:
-                    msgs = await sub.fetch(batch=free, timeout=self.fetch_timeout)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
-                except TRANSIENT_NATS_ERRORS as exc:
-                    self.log.warning("fetch_failed", error=str(exc) or type(exc).__name__)
-                    await _sleep_or_stop(stop, 0.5)
-                    continue
-                for msg in msgs:
-                    task = asyncio.create_task(self._deliver(js, msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+            await self._deliver(js, msg)
         finally:
-            stop_wait.cancel()
+            await feed.release()
 
     async def _drain(self, tasks: set[asyncio.Task]) -> None:
         """Let in-flight work finish (bounded); what is cut off is redelivered later."""

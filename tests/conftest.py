@@ -110,7 +110,6 @@ async def pipeline(config: Config, js, stages, options: dict | None = None, **se
                 StageSettings(**{**cls.defaults, **settings, "options": options.get(cls, {})}),
             ),
             config,
-            fetch_timeout=0.5,
         )
         for cls in stages
     ]

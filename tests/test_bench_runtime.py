@@ -33,17 +33,18 @@ def test_runtime_bench_every_variant_delivers_every_event():
         "--repeat",
         "1",
         "--variants",
-        "bare,bare-checked,runtime,runtime-async",
+        "bare,bare-lean,bare-checked,runtime,runtime-async",
     )
     for label in (
         "| bare nats-py |",
+        "| bare nats-py on the runtime's transport |",
         "| bare nats-py + validation, log line, metrics |",
         "| tilepipe runtime (inline handlers) |",
         "| tilepipe runtime (async handlers) |",
     ):
         assert label in out
     failures = re.findall(r"failures (\d+)", out)
-    assert len(failures) == 4 and set(failures) == {"0"}
+    assert len(failures) == 5 and set(failures) == {"0"}
 
 
 def test_runtime_hotpath_table():

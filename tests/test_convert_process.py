@@ -119,7 +119,7 @@ async def test_corrupt_and_truncated_tiles_fail_cleanly(config, js):
     before = {p: sha(p) for p in (corrupt, truncated)}
     stop = asyncio.Event()
     stage = Convert(config, StageSettings(max_deliver=2, backoff_s=[0.1]))
-    runner = StageRunner(stage, config, fetch_timeout=0.5)
+    runner = StageRunner(stage, config)
     task = asyncio.create_task(runner.run(stop))
     await wait_for(lambda: runner.ready.is_set())
     for coord, path in zip(coords, (corrupt, truncated), strict=True):

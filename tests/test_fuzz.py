@@ -437,7 +437,7 @@ async def _through_stage(server: EmbeddedServer, tmp: Path, batch: list[bytes]) 
     await ensure_kv(js)
     marks = tmp / "marks"
     stage = ConvertLike(config, StageSettings(ack_wait_s=1, options={"marker_dir": str(marks)}))
-    runner = StageRunner(stage, config, fetch_timeout=0.5)
+    runner = StageRunner(stage, config)
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     try:
@@ -492,7 +492,7 @@ async def test_symlink_out_of_the_raw_root_fails_at_once(config, js, tmp_path):
         completed_at=utcnow(),
     )
     settings = StageSettings(max_deliver=3, backoff_s=[0.2, 0.2])
-    runner = StageRunner(Convert(config, settings), config, fetch_timeout=0.5)
+    runner = StageRunner(Convert(config, settings), config)
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     try:

@@ -45,7 +45,7 @@ def arrived(slice_index: int, col: int, acq: str = "ops") -> TileArrived:
 async def running(config, **settings):
     stage = ConvertLike(config, StageSettings(**settings))
     stop = asyncio.Event()
-    runner = StageRunner(stage, config, fetch_timeout=0.3)
+    runner = StageRunner(stage, config)
     task = asyncio.create_task(runner.run(stop))
     await wait_for(lambda: runner.ready.is_set() or task.done())
     try:
@@ -267,7 +267,7 @@ async def test_command_stage_runs_a_program_per_tile_with_history(config, js, tm
     cls = stage_for(cfg, "qc")
     stage = cls(cfg, cfg.stage("qc"), name="qc")
     stop = asyncio.Event()
-    runner = StageRunner(stage, cfg, fetch_timeout=0.3)
+    runner = StageRunner(stage, cfg)
     task = asyncio.create_task(runner.run(stop))
     await wait_for(lambda: runner.ready.is_set())
     await publish_event(js, arrived(0, 1))

@@ -260,7 +260,7 @@ def test_volume_grows_without_rewriting_earlier_planes(tmp_path):
 async def running(config, **options):
     stop = asyncio.Event()
     settings = StageSettings(**{**Register.defaults, "options": options})
-    runner = StageRunner(Register(config, settings), config, fetch_timeout=0.3)
+    runner = StageRunner(Register(config, settings), config)
     task = asyncio.create_task(runner.run(stop))
     await wait_for(runner.ready.is_set)
     try:
@@ -418,7 +418,6 @@ async def test_real_pipeline_registers_simulated_slices(config, js):
         StageRunner(
             cls(config, StageSettings(**{**cls.defaults, "options": options.get(cls, {})})),
             config,
-            fetch_timeout=0.3,
         )
         for cls in (Convert, Process, Stitch, Register)
     ]

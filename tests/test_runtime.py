@@ -46,7 +46,7 @@ def metric(name: str, **labels: str) -> float:
 async def running(stage_cls, config: Config, **settings):
     stage = stage_cls(config, StageSettings(**settings))
     stop = asyncio.Event()
-    runner = StageRunner(stage, config, fetch_timeout=0.5)
+    runner = StageRunner(stage, config)
     task = asyncio.create_task(runner.run(stop))
     await wait_for(lambda: runner.ready.is_set() or task.done())
     if task.done():

@@ -287,7 +287,7 @@ async def test_stage_runs_under_its_own_user_without_violations(auth, admin_js, 
         config,
         StageSettings(max_deliver=3, backoff_s=[0.1], options={"fail_until_attempt": 1}),
     )
-    runner = StageRunner(stage, config, fetch_timeout=0.5)
+    runner = StageRunner(stage, config)
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     try:
@@ -534,7 +534,7 @@ async def test_tls_with_client_certificates(tmp_path):
         await ensure_stream(js, tls)
         await ensure_kv(js)
         config = Config(nats=tls, roots=Roots(work=tmp_path))
-        runner = StageRunner(ConvertLike(config, StageSettings()), config, fetch_timeout=0.5)
+        runner = StageRunner(ConvertLike(config, StageSettings()), config)
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop))
         try:

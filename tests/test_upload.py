@@ -189,7 +189,7 @@ async def upload_stage(config, options: dict, **settings):
         "options": options,
     }
     stage = Upload(config, StageSettings(**merged))
-    runner = StageRunner(stage, config, fetch_timeout=0.5)
+    runner = StageRunner(stage, config)
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     await wait_for(lambda: runner.ready.is_set())
