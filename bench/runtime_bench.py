@@ -367,6 +367,16 @@ async def publish_inputs(js, acq: str, tiles: int, window: int = 256) -> None:
         await asyncio.gather(*(publish_event(js, e) for e in batch))
 
 
+async def publish_paced(js, acq: str, tiles: int, rate: float) -> None:
+    """Inputs at `rate` per second while the hops run (`--rate`), on schedule, not in bursts."""
+    start = time.perf_counter()
+    for i in range(tiles):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await publish_event(js, first_event(acq, i))
+
+
 async def counter(js, stream: str, name: str, subject: str):
     """A consumer never fetched from: its num_pending counts the stream's `subject` messages."""
     await js.add_consumer(
@@ -432,17 +442,23 @@ async def run_variant(variant: str, server: EmbeddedServer, args, launch) -> Mea
     js = nc.jetstream()
     finals = await counter(js, stream, "bench_finals", f"tp.{final}.>")
     failures = await counter(js, stream, "bench_failed", "tp.stage_failed.>")
-    await publish_inputs(js, acq, args.tiles)
+    if not args.rate:
+        await publish_inputs(js, acq, args.tiles)
     result = Measure(variant, args.tiles, args.stages)
     stop = asyncio.Event()
     cpu0, srv0 = time.process_time(), server_cpu_s(server)
     t0 = time.perf_counter()
     tasks, ready = await launch(server.url, stop, result)
+    feeder = asyncio.create_task(
+        publish_paced(js, acq, args.tiles, args.rate) if args.rate else asyncio.sleep(0)
+    )
     try:
         deadline = t0 + args.timeout
         while await finals() < args.tiles:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"{variant}: {await finals()} of {args.tiles} finals")
+            if feeder.done():
+                feeder.result()
             for task in tasks:
                 if task.done():
                     task.result()
@@ -454,6 +470,7 @@ async def run_variant(variant: str, server: EmbeddedServer, args, launch) -> Mea
         result.cpu_s = time.process_time() - cpu0
         result.server_cpu_s = server_cpu_s(server) - srv0
     finally:
+        feeder.cancel()
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
     result.failed = await failures()
@@ -818,6 +835,12 @@ async def main_async(args) -> int:
         f"  hops/s - 1. Runtime JSON log: {log_bytes:,} bytes"
         f"{'' if args.keep or args.log_file else ' (temp dir removed; --keep keeps it)'}."
     )
+    if args.rate:
+        print(
+            f"--rate {args.rate:g}: the inputs were published at that rate during the run (the\n"
+            "  publisher's CPU is in every row), so hops/s is bounded by it: compare latency\n"
+            "  and CPU per hop, and hop 1 is no backlog."
+        )
     print(f"machine: {machine()}; Python {platform.python_version()}")
     bad = sum(m.failed for runs in results.values() for m in runs)
     return 1 if bad else 0
@@ -837,6 +860,13 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="publish the inputs at this many per second during the run instead of all "
+        "beforehand (for latency below saturation; default: beforehand)",
     )
     parser.add_argument("--log-file", default="", help="runtime JSON log (default: temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (store, log)")

@@ -49,6 +49,7 @@ class PullFeed:
         on_message: Callable[[Msg], None],
         expires_s: float = 30.0,
         heartbeat_s: float = 5.0,
+        log=None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -65,7 +66,7 @@ class PullFeed:
         self.requested = 0
         self.in_hand = 0
         self.stopped = False
-        self.log = get_logger(consumer=consumer)
+        self.log = log or get_logger(stage=consumer)
         self._sub = None
         self._seen = time.monotonic()
         self._reconnects = nc.stats["reconnects"]

@@ -170,6 +170,7 @@ class StageRunner:
                 self.name,
                 self.settings.concurrency,
                 on_message=lambda msg: self._spawn(js, msg, feed, tasks),
+                log=self.log,
             )
             await feed.start()
             background = [

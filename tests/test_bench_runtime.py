@@ -53,3 +53,23 @@ def test_runtime_hotpath_table():
     from bench.runtime_hotpath import VARIANTS
 
     assert [r.split("|")[1].strip() for r in rows[1:]] == list(VARIANTS)
+
+
+def test_runtime_bench_paced_inputs():
+    """`--rate`: inputs published during the run; every one still reaches the end."""
+    out = run(
+        "runtime_bench.py",
+        "--tiles",
+        "40",
+        "--stages",
+        "2",
+        "--repeat",
+        "1",
+        "--rate",
+        "200",
+        "--variants",
+        "bare-lean,runtime",
+    )
+    assert "--rate 200: the inputs were published at that rate" in out
+    failures = re.findall(r"failures (\d+)", out)
+    assert len(failures) == 2 and set(failures) == {"0"}

@@ -153,3 +153,33 @@ def test_pullfeed_rejects_bad_settings(js):
         PullFeed(js._nc, STREAM, "x", 0, print)
     with pytest.raises(ValueError, match="heartbeat"):
         PullFeed(js._nc, STREAM, "x", 4, print, expires_s=1.0, heartbeat_s=0.6)
+
+
+async def test_pullfeed_recovers_when_the_server_ends_its_requests(js):
+    """A deleted and re-created consumer: the server ends the standing requests (409), the
+    feed starts its bookkeeping over and, once the consumer is back, receives again."""
+    await consumer(js, "reborn")
+    got = []
+    feed = PullFeed(js._nc, STREAM, "reborn", 4, got.append, expires_s=5.0, heartbeat_s=0.5)
+    statuses = []
+    on_msg = feed._on_msg
+
+    async def spy(msg):
+        if msg.headers and msg.headers.get("Status"):
+            statuses.append(msg.headers["Status"])
+        await on_msg(msg)
+
+    feed._on_msg = spy
+    await feed.start()
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(feed.watch(stop, every_s=0.1))
+    assert feed.requested == 4
+    await js.delete_consumer(STREAM, "reborn")
+    await wait_for(lambda: "409" in statuses, timeout=5)
+    await consumer(js, "reborn")
+    await publish_n(js, 2)
+    await wait_for(lambda: len(got) == 2, timeout=15)
+    assert feed.in_hand == 2 and feed.requested <= 2
+    stop.set()
+    await watcher
+    await feed.stop()
