@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from nats.aio.msg import Msg
+from nats.js.api import PubAck
 from nats.nuid import NUID
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,10 +61,6 @@ VARIANTS = (
     "runtime -metrics",
 )
 HOP = 1  # tile_converted -> tile_processed
-
-
-class _PubAck:
-    duplicate = False
 
 
 PUBACK = b'{"stream":"TILEPIPE","seq":1}'
@@ -90,15 +87,16 @@ class InstantClient:
 
 
 class InstantJetStream:
-    """The JetStream context of an `InstantClient`; `publish` (the bare loop's) answers at
-    once."""
+    """The JetStream context of an `InstantClient`; `publish` (the bare loop's `js.publish`)
+    answers at once, reading the PubAck as nats-py does (the runtime's `PubAcks` reads the
+    same reply), without nats-py's request machinery (inbox token, `wait_for`)."""
 
     def __init__(self, nc: InstantClient) -> None:
         self._nc = nc
         nc.pubacks = pubacks(self)
 
     async def publish(self, subject, payload=b"", timeout=None, headers=None):
-        return _PubAck()
+        return PubAck.from_response(json.loads(PUBACK))
 
 
 class _Off:
