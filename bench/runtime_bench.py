@@ -595,6 +595,22 @@ class CheckedHop:
         return True
 
 
+async def bare_step(hop: int, name: str, msg, state: dict, publish) -> None:
+    """The bare hop's work on one message: loads, the next event as JSON, `publish(subject,
+    payload, msg_id)` awaiting the PubAck, ack (a nak and a counted error if any fails)."""
+    try:
+        data = json.loads(msg.data)
+        if hop > 0:
+            state["raw_latencies"].append((time.time(), data["emitted_at"]))
+        subject, msg_id, out = bare_next(hop, data, name)
+        await publish(subject, json.dumps(out).encode(), msg_id)
+        await msg.ack()
+    except Exception:
+        state["errors"] += 1
+        with contextlib.suppress(Exception):
+            await msg.nak()
+
+
 async def bare_hop(
     url: str, hop: int, args, stop: asyncio.Event, state: dict, flavour: str = "bare"
 ) -> None:
@@ -623,29 +639,19 @@ async def bare_hop(
         return
     sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
     state["ready"][hop] = True
-    raw_lat: list = state["raw_latencies"]
     tasks: set[asyncio.Task] = set()
 
     checked_hop = CheckedHop(hop, name, state["latencies"])
+
+    def publish(subject: str, payload: bytes, msg_id: str):
+        return js.publish(subject, payload, timeout=10.0, headers={MSG_ID: msg_id})
 
     async def handle(msg) -> None:
         if checked:
             if not await checked_hop.handle(js, msg):
                 state["errors"] += 1
             return
-        try:
-            data = json.loads(msg.data)
-            if hop > 0:
-                raw_lat.append((time.time(), data["emitted_at"]))
-            subject, msg_id, out = bare_next(hop, data, name)
-            await js.publish(
-                subject, json.dumps(out).encode(), timeout=10.0, headers={"Nats-Msg-Id": msg_id}
-            )
-            await msg.ack()
-        except Exception:
-            state["errors"] += 1
-            with contextlib.suppress(Exception):
-                await msg.nak()
+        await bare_step(hop, name, msg, state, publish)
 
     try:
         while not stop.is_set():
@@ -673,21 +679,14 @@ async def lean_hop(nc, js, hop: int, name: str, args, stop: asyncio.Event, state
     """The bare hop on the runtime's transport: standing pull requests (`PullFeed`) and
     publish acknowledgements matched on one subscription (`pubacks`); nothing else."""
     tasks: set[asyncio.Task] = set()
-    raw_lat: list = state["raw_latencies"]
     publisher = pubacks(js)
+
+    def publish(subject: str, payload: bytes, msg_id: str):
+        return publisher.publish(subject, payload, {MSG_ID: msg_id}, 10.0)
 
     async def handle(msg) -> None:
         try:
-            data = json.loads(msg.data)
-            if hop > 0:
-                raw_lat.append((time.time(), data["emitted_at"]))
-            subject, msg_id, out = bare_next(hop, data, name)
-            await publisher.publish(subject, json.dumps(out).encode(), {MSG_ID: msg_id}, 10.0)
-            await msg.ack()
-        except Exception:
-            state["errors"] += 1
-            with contextlib.suppress(Exception):
-                await msg.nak()
+            await bare_step(hop, name, msg, state, publish)
         finally:
             await feed.release()
 
