@@ -120,14 +120,24 @@ class PubAcks:
         self.prefix = f"{nc._inbox_prefix.decode()}.{nc._nuid.next().decode()}."
         self._tokens = itertools.count()
         self._waiting: dict[str, tuple[asyncio.Future, float]] = {}
-        self._sub = None
+        self._sub: asyncio.Future | None = None  # the reply subscription, once made
         self._sweeper: asyncio.Task | None = None
 
     async def publish(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout: float
     ) -> PubAck:
-        if self._sub is None:
-            self._sub = await self.nc.subscribe(self.prefix + "*", cb=self._on_reply)
+        sub = self._sub
+        if sub is None:  # one subscription, however many publishes come first at once
+            sub = self._sub = asyncio.ensure_future(
+                self.nc.subscribe(self.prefix + "*", cb=self._on_reply)
+            )
+        if not sub.done():
+            try:
+                await asyncio.shield(sub)
+            except Exception:
+                if self._sub is sub:
+                    self._sub = None  # the next publish subscribes again
+                raise
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep())
         token = str(next(self._tokens))

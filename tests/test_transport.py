@@ -174,6 +174,11 @@ async def test_pullfeed_recovers_when_the_server_ends_its_requests(js):
     stop = asyncio.Event()
     watcher = asyncio.create_task(feed.watch(stop, every_s=0.1))
     assert feed.requested == 4
+
+    async def standing() -> int:
+        return (await js.consumer_info(STREAM, "reborn")).num_waiting
+
+    await wait_for(standing)  # the request is on the server before the consumer goes
     await js.delete_consumer(STREAM, "reborn")
     await wait_for(lambda: "409" in statuses, timeout=5)
     await consumer(js, "reborn")
@@ -183,3 +188,24 @@ async def test_pullfeed_recovers_when_the_server_ends_its_requests(js):
     stop.set()
     await watcher
     await feed.stop()
+
+
+async def test_pubacks_first_publishes_at_once_make_one_subscription(config, js):
+    """Subscribing can yield (nats-py waits when its flush queue is full): publishes that
+    start meanwhile must not subscribe again (each reply would be read once per copy)."""
+    nc = await nats.connect(config.nats.url)
+    subscribe = nc.subscribe
+
+    async def slow_subscribe(*args, **kwargs):
+        await asyncio.sleep(0.05)
+        return await subscribe(*args, **kwargs)
+
+    nc.subscribe = slow_subscribe
+    before = len(nc._subs)
+    publisher = PubAcks(nc)
+    acks = await asyncio.gather(
+        *(publisher.publish(f"tp.tile_arrived.b.0.c{i}", b"x", {}, 5.0) for i in range(20))
+    )
+    assert len({a.seq for a in acks}) == 20
+    assert len(nc._subs) == before + 1
+    await nc.close()
