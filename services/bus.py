@@ -24,6 +24,7 @@ from services.metrics import RECONNECTS
 
 MSG_ID = "Nats-Msg-Id"
 REPLAY_HEADER = "Tp-Replay"
+STATUS = "Status"  # the header nats-py puts a server status line in (408, 409, 503, ...)
 _V1_ACK_TOKENS = 9  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
 
 
@@ -154,7 +155,7 @@ class PubAcks:
         if waiting is None or waiting[0].done():
             return  # answered after its timeout
         future = waiting[0]
-        if msg.headers and msg.headers.get("Status") == "503":
+        if msg.headers and msg.headers.get(STATUS) == "503":  # no stream takes the subject
             future.set_exception(nats.js.errors.NoStreamResponseError())
             return
         try:

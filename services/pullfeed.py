@@ -29,9 +29,9 @@ from collections.abc import Callable
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from services.bus import STATUS
 from services.logs import get_logger
 
-STATUS = "Status"
 PENDING_MESSAGES = "Nats-Pending-Messages"
 HEARTBEAT = "100"
 ENDED = {"404", "408", "409"}  # no messages / expired / ended by the server (with a reason)
@@ -83,8 +83,11 @@ class PullFeed:
             return
         if time.monotonic() < self._retry_after:
             return
-        request = {"batch": free, "expires": self.expires_ns}
-        request["idle_heartbeat"] = int(self.heartbeat_s * 1e9)
+        request = {
+            "batch": free,
+            "expires": self.expires_ns,
+            "idle_heartbeat": int(self.heartbeat_s * 1e9),
+        }
         self.requested += free
         try:
             await self.nc.publish(self.request_subject, json.dumps(request).encode(), self.inbox)
@@ -102,11 +105,10 @@ class PullFeed:
         status = msg.headers.get(STATUS) if msg.headers else None
         if status is None:
             self.requested = max(0, self.requested - 1)
-            self.in_hand += 1
             if self.stopped:  # left over from a standing request: someone else takes it
-                self.in_hand -= 1
                 await _nak(msg)
                 return
+            self.in_hand += 1
             self.on_message(msg)
             return
         if status == HEARTBEAT:
