@@ -9,6 +9,7 @@ from .enface import (
     EnfaceImages,
     detect_surface,
     enface_products,
+    gradient_surface_candidates,
     median_filter_2d,
     retardance_slope,
     slope_to_delta_n,
@@ -25,7 +26,15 @@ from .forward import (
 from .pipeline import ProcessingParams, TileProducts, process_tile
 from .psoct import PSVolumes, orientation_deg, ps_products, reflectivity_db, retardance_deg
 from .resampling import ResamplingTable, resampling_table
-from .spectral import bscans_to_complex, estimate_background, spectra_to_complex, validate_raw
+from .spectral import (
+    bscans_to_complex,
+    estimate_background,
+    jones_depth,
+    jones_to_output_depth,
+    spectra_to_complex,
+    validate_input,
+    validate_raw,
+)
 
 __all__ = [
     "EnfaceImages",
@@ -46,6 +55,9 @@ __all__ = [
     "estimate_background",
     "get_xp",
     "gpu_available",
+    "gradient_surface_candidates",
+    "jones_depth",
+    "jones_to_output_depth",
     "median_filter_2d",
     "orientation_deg",
     "process_tile",
@@ -60,5 +72,6 @@ __all__ = [
     "spectra_to_complex",
     "surface_candidates",
     "to_host",
+    "validate_input",
     "validate_raw",
 ]

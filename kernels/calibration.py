@@ -29,6 +29,8 @@ Interpolation = Literal["linear", "cubic"]
 Window = Literal["hann", "none"]
 Background = Literal["mean", "median"]
 BackgroundScope = Literal["bscan", "tile"]
+BackgroundAfter = Literal["none", "median"]
+OrientationWrap = Literal["full", "once"]
 
 # 1220-1385 nm over 2048 pixels with 5 nm of mid-band curvature (see ``from_band``).
 DEFAULT_WAVELENGTH_POLY_NM = (1220.0, 0.090376, -4.7731e-6)
@@ -47,13 +49,20 @@ class SpectrometerCalibration:
         dispersion_phase: measured phase [rad] per resampled-k sample; overrides the polynomial.
         autocorr_bins: FFT bins dropped at zero depth.
         depth_range: (start, stop) bins kept after dropping, None keeps up to n_samples // 2.
-        interpolation: "linear" or "cubic" (4-point Lagrange) lambda->k resampling.
+        interpolation: "linear" (extrapolating past the last pixel, like MATLAB's
+            ``interp1(..., 'linear', 'extrap')``) or "cubic" (4-point Lagrange) resampling.
         window: "hann" apodization of the resampled spectrum, or "none".
         flip_z: reverse the output depth axis.
         orientation_offset_deg: system optic-axis offset added to the orientation.
         orientation_sign: +1 or -1, sign applied to the channel phase difference.
         background: per-pixel "mean" or "median" over A-lines subtracted from each channel.
         background_scope: background over the A-lines of each B-line ("bscan") or of the tile.
+        background_after: "median" also subtracts, after resampling, the per-sample median over
+            the A-lines of each B-line (psoct-toolbox's second DC removal); "none" skips it.
+        orientation_wrap: "full" wraps the doubled angle into [-180, 180) (orientation in
+            [-90, 90)); "once" wraps sign*(arg J1 - arg J2) + 2*offset by a single +-360 deg
+            step, as psoct-toolbox's complex2volumes does (orientation can reach 90 + offset
+            for a few voxels).
     """
 
     n_samples: int = 2048
@@ -70,6 +79,8 @@ class SpectrometerCalibration:
     orientation_sign: int = 1
     background: Background = "mean"
     background_scope: BackgroundScope = "bscan"
+    background_after: BackgroundAfter = "none"
+    orientation_wrap: OrientationWrap = "full"
 
     def __post_init__(self) -> None:
         def freeze(name: str, value: Any) -> None:
@@ -110,6 +121,8 @@ class SpectrometerCalibration:
             ("window", ("hann", "none")),
             ("background", ("mean", "median")),
             ("background_scope", ("bscan", "tile")),
+            ("background_after", ("none", "median")),
+            ("orientation_wrap", ("full", "once")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

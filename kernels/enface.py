@@ -1,8 +1,20 @@
 """Surface detection and en-face projections over a window below the surface.
 
-Volumes are ``[..., A, Z]`` float32 (depth last); the surface is an int depth index per A-line.
-The en-face window of an A-line is [surface + offset, surface + offset + thickness), clipped to
-the volume; A-lines whose window is empty get NaN.
+Volumes are ``[..., A, Z]`` float32 (depth last); the surface is a 0-based int depth index per
+A-line. Two surface finders: "threshold" (tilepipe's, :func:`surface_candidates`) and
+"gradient" (psoct-toolbox's ``psoct.surface.gradient``, :func:`gradient_surface_candidates`).
+
+En-face windows (``window``):
+
+* "half-open" (tilepipe): [surface + offset, surface + offset + thickness), clipped to the
+  volume; an A-line whose window is empty gets NaN, a birefringence fit with < 3 samples NaN.
+* "inclusive" (psoct-toolbox's enfaceReduce): z1 = max(0, surface + offset) to
+  z2 = min(nz - 1, z1 + thickness) inclusive, i.e. up to thickness + 1 samples; the
+  birefringence fit stops at the first retardance that is exactly 0 and is 0 when it has < 3
+  samples (the toolbox's fitLinear).
+
+Birefringence is delta-n (dimensionless): the least-squares slope of retardance [deg] over depth
+[bins] converted with the wavelength and axial pixel size, dn = slope / 360 * lambda / dz.
 """
 
 from __future__ import annotations
@@ -14,11 +26,15 @@ from typing import Any
 from .backend import ArrayModule, resolve_xp
 
 _EDGE_DROP_DB = 3.0
+_GRADIENT_SIGMA = 5.0  # psoct.surface.gradient: imgaussfilt(line, 5), 21 taps, replicate edges
+_GRADIENT_HALF = 5  # its step kernel: [-ones(1, 5)/5, ones(1, 5)/5]
+_GRADIENT_VALID_DB = 0.01  # samples above this count towards an A-line's valid length
 
 __all__ = [
     "EnfaceImages",
     "detect_surface",
     "enface_products",
+    "gradient_surface_candidates",
     "median_filter_2d",
     "retardance_slope",
     "slope_to_delta_n",
@@ -30,7 +46,7 @@ __all__ = [
 @dataclass(frozen=True)
 class EnfaceImages:
     """En-face maps ``[..., A]``: dB AIP/MIP, mean retardance [deg], circular-mean orientation
-    [deg, -90..90), birefringence as retardance slope [deg/bin]."""
+    [deg, -90..90), birefringence as delta-n (dimensionless)."""
 
     aip: Any
     mip: Any
@@ -91,6 +107,60 @@ def surface_candidates(
     return xp.where(found, surface, 0).astype(xp.int32)
 
 
+def _gaussian_taps(sigma: float) -> list[float]:
+    radius = math.ceil(2 * sigma)  # MATLAB imgaussfilt's default size 2*ceil(2*sigma)+1
+    taps = [math.exp(-(t * t) / (2 * sigma * sigma)) for t in range(-radius, radius + 1)]
+    total = sum(taps)
+    return [t / total for t in taps]
+
+
+def _gradient_line(line: Any, xp: ArrayModule) -> int:
+    """The toolbox's gradient surface (0-based) of one A-line with a short valid length."""
+    n = int((line > _GRADIENT_VALID_DB).sum())
+    w = _GRADIENT_HALF
+    if n <= 2 * w:
+        return 0
+    return int(gradient_surface_candidates(line[None, :n], xp=xp, full_length=True)[0])
+
+
+def gradient_surface_candidates(
+    db: Any, xp: ArrayModule | None = None, full_length: bool = False
+) -> Any:
+    """psoct-toolbox's gradient surface per A-line, 0-based ``int32[...]``, before the median.
+
+    Per A-line: valid length n = number of samples above 0.01 dB; the first n samples smoothed
+    by a Gaussian (sigma 5, 21 taps, edges replicated); grad[i] = mean(data[i+5 : i+10]) -
+    mean(data[i : i+5]); surface = i + 5 at the first maximum of grad (the first sample of the
+    brighter half of the steepest rise); 0 when n <= 10. ``full_length`` skips the valid-length
+    count (every sample valid), as the count is n = Z for any volume above 0.01 dB.
+    """
+    xp = resolve_xp(xp, db)
+    n_z = db.shape[-1]
+    w = _GRADIENT_HALF
+    if n_z <= 2 * w:
+        return xp.zeros(db.shape[:-1], dtype=xp.int32)
+    taps = _gaussian_taps(_GRADIENT_SIGMA)
+    radius = len(taps) // 2
+    pad = [(0, 0)] * (db.ndim - 1) + [(radius, radius)]
+    padded = xp.pad(db.astype(xp.float32, copy=False), pad, mode="edge")
+    smooth = padded[..., 0:n_z] * taps[0]
+    for t in range(1, len(taps)):
+        smooth += padded[..., t : t + n_z] * taps[t]
+    cs = xp.cumsum(smooth, axis=-1, dtype=xp.float32)
+    box = _window_sums(cs, w)  # box[i] = sum(smooth[i : i + w])
+    grad = box[..., w:] - box[..., :-w]
+    surface = (xp.argmax(grad, axis=-1) + w).astype(xp.int32)
+    if full_length:
+        return surface
+    short = (db <= _GRADIENT_VALID_DB).any(axis=-1)
+    if bool(short.any()):
+        flat_db, flat_s = db.reshape(-1, n_z), surface.reshape(-1)
+        for i in [int(v) for v in xp.nonzero(short.reshape(-1))[0]]:
+            flat_s[i] = _gradient_line(flat_db[i], xp)
+        surface = flat_s.reshape(surface.shape)
+    return surface
+
+
 def _pick(a: Any, index: Any, xp: ArrayModule) -> Any:
     """a[..., index[...]] along the last axis."""
     return xp.take_along_axis(a, index[..., None], axis=-1)[..., 0]
@@ -124,13 +194,28 @@ def detect_surface(
     return median_filter_2d(surface_candidates(db, threshold_db, smoothing, xp=xp), median_size, xp)
 
 
+Window = str  # "half-open" or "inclusive" (see the module docstring)
+
+
 def window_samples(
-    vol: Any, surface: Any, offset: int, thickness: int, xp: ArrayModule | None = None
+    vol: Any,
+    surface: Any,
+    offset: int,
+    thickness: int,
+    xp: ArrayModule | None = None,
+    window: Window = "half-open",
 ) -> tuple[Any, Any]:
     """(values ``[..., A, T]``, valid mask) of the en-face window of every A-line."""
     xp = resolve_xp(xp, vol, surface)
     n_z = vol.shape[-1]
-    z = surface[..., None].astype(xp.int64) + (int(offset) + xp.arange(int(thickness)))
+    start = surface[..., None].astype(xp.int64) + int(offset)
+    if window == "inclusive":
+        start = xp.maximum(start, 0)
+        z = start + xp.arange(int(thickness) + 1)
+    elif window == "half-open":
+        z = start + xp.arange(int(thickness))
+    else:
+        raise ValueError(f"window must be 'half-open' or 'inclusive', got {window!r}")
     valid = (z >= 0) & (z < n_z)
     vals = xp.take_along_axis(vol, xp.clip(z, 0, n_z - 1), axis=-1)
     return vals, valid
@@ -141,7 +226,7 @@ def _masked_mean(vals: Any, valid: Any, count: Any, xp: ArrayModule) -> Any:
     return xp.where(count > 0, total / xp.maximum(count, 1), math.nan).astype(xp.float32)
 
 
-def _slope(vals: Any, valid: Any, count: Any, xp: ArrayModule) -> Any:
+def _slope(vals: Any, valid: Any, count: Any, xp: ArrayModule, invalid: float = math.nan) -> Any:
     t = xp.arange(vals.shape[-1], dtype=xp.float32)
     w = valid.astype(xp.float32)
     n = xp.maximum(count, 1).astype(xp.float32)
@@ -151,7 +236,7 @@ def _slope(vals: Any, valid: Any, count: Any, xp: ArrayModule) -> Any:
     num = (tc * (vals - v_mean[..., None])).sum(axis=-1)
     den = (tc * tc).sum(axis=-1)
     ok = (count >= 3) & (den > 0)
-    return xp.where(ok, num / xp.where(ok, den, 1), math.nan).astype(xp.float32)
+    return xp.where(ok, num / xp.where(ok, den, 1), invalid).astype(xp.float32)
 
 
 def retardance_slope(
@@ -184,25 +269,35 @@ def enface_products(
     offset: int = 0,
     thickness: int = 70,
     xp: ArrayModule | None = None,
+    window: Window = "half-open",
+    wavelength_um: float = 1.3,
+    axial_pixel_um: float = 2.5,
 ) -> EnfaceImages:
     """AIP and MIP of dB, mean retardance, doubled-angle circular mean orientation and the
-    retardance slope over each A-line's window; float32 ``[..., A]``."""
+    birefringence (delta-n from the retardance slope) over each A-line's window; float32
+    ``[..., A]``. ``window`` is "half-open" or "inclusive" (module docstring)."""
     xp = resolve_xp(xp, db, surface)
-    vals, valid = window_samples(db, surface, offset, thickness, xp)
+    vals, valid = window_samples(db, surface, offset, thickness, xp, window)
     count = valid.sum(axis=-1)
     aip = _masked_mean(vals, valid, count, xp)
     mip = xp.where(count > 0, xp.where(valid, vals, -xp.inf).max(axis=-1), math.nan)
-    ret, _ = window_samples(retardance, surface, offset, thickness, xp)
-    ori, _ = window_samples(orientation, surface, offset, thickness, xp)
+    ret, _ = window_samples(retardance, surface, offset, thickness, xp, window)
+    ori, _ = window_samples(orientation, surface, offset, thickness, xp, window)
     doubled = xp.deg2rad(ori) * 2.0
     c = xp.where(valid, xp.cos(doubled), 0).sum(axis=-1)
     s = xp.where(valid, xp.sin(doubled), 0).sum(axis=-1)
     mean_ori = xp.rad2deg(xp.arctan2(s, c)) * 0.5
     mean_ori = xp.where(mean_ori >= 90.0, mean_ori - 180.0, mean_ori)
+    if window == "inclusive":  # fitLinear: stop at (and keep) the first exact zero
+        zero_before = xp.cumsum((ret == 0) & valid, axis=-1) - ((ret == 0) & valid)
+        fit_valid = valid & (zero_before == 0)
+        slope = _slope(ret, fit_valid, fit_valid.sum(axis=-1), xp, invalid=0.0)
+    else:
+        slope = _slope(ret, valid, count, xp)
     return EnfaceImages(
         aip=aip,
         mip=mip.astype(xp.float32),
         retardance=_masked_mean(ret, valid, count, xp),
         orientation=xp.where(count > 0, mean_ori, math.nan).astype(xp.float32),
-        birefringence=_slope(ret, valid, count, xp),
+        birefringence=slope_to_delta_n(slope, wavelength_um, axial_pixel_um).astype(xp.float32),
     )

@@ -1,4 +1,4 @@
-"""Whole-tile processing: raw spectra -> PS volumes -> surface -> en-face maps.
+"""Whole-tile processing: raw spectra (or complex Jones tiles) -> PS volumes -> surface -> en-face.
 
 One maths path (:func:`batch_volumes`) runs on every batch of B-lines. On NumPy batches are
 spread over a thread pool (the kernels release the GIL). On CuPy the tile is streamed through
@@ -11,15 +11,26 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .backend import ArrayModule, array_module, device_name, is_numpy, resolve_xp, to_host
 from .calibration import SpectrometerCalibration
-from .enface import enface_products, median_filter_2d, surface_candidates
+from .enface import (
+    enface_products,
+    gradient_surface_candidates,
+    median_filter_2d,
+    surface_candidates,
+)
 from .psoct import ps_products
-from .spectral import as_background, bscans_to_complex, estimate_background, validate_raw
+from .spectral import (
+    as_background,
+    bscans_to_complex,
+    estimate_background,
+    jones_to_output_depth,
+    validate_input,
+)
 
 __all__ = [
     "ProcessingParams",
@@ -37,10 +48,14 @@ class ProcessingParams:
 
     Attributes:
         enface_offset: first en-face bin relative to the surface.
-        enface_thickness: en-face window length in bins.
+        enface_thickness: en-face window length in bins ("inclusive" windows hold one more).
+        enface_window: "half-open" (tilepipe) or "inclusive" (psoct-toolbox), see kernels.enface.
+        surface_method: "threshold" (tilepipe) or "gradient" (psoct-toolbox).
         surface_threshold_db: surface = first depth this far above the A-line's noise floor.
         surface_smoothing: axial moving-average length for surface detection (bins).
         surface_median: lateral median filter size applied to the surface map.
+        wavelength_um: centre wavelength for birefringence as delta-n [um].
+        axial_pixel_um: depth per output bin for birefringence as delta-n [um].
         batch_bscans: B-lines per batch; None picks one (CPU: 1, GPU: from the memory budget).
         gpu_memory_budget_bytes: device memory the GPU path may use.
         cpu_threads: worker threads on the CPU path; None uses all cores.
@@ -48,9 +63,13 @@ class ProcessingParams:
 
     enface_offset: int = 0
     enface_thickness: int = 70
+    enface_window: Literal["half-open", "inclusive"] = "half-open"
+    surface_method: Literal["threshold", "gradient"] = "threshold"
     surface_threshold_db: float = 20.0
     surface_smoothing: int = 7
     surface_median: int = 3
+    wavelength_um: float = 1.3
+    axial_pixel_um: float = 2.5
     batch_bscans: int | None = None
     gpu_memory_budget_bytes: int = 4 << 30
     cpu_threads: int | None = None
@@ -58,7 +77,8 @@ class ProcessingParams:
 
 @dataclass(frozen=True)
 class TileProducts:
-    """Host results of one tile: volumes float32 ``[B, A, Z]``, maps ``[B, A]``."""
+    """Host results of one tile: volumes float32 ``[B, A, Z]``, maps ``[B, A]`` (birefringence
+    as delta-n, surface as a 0-based depth index)."""
 
     db: np.ndarray
     retardance: np.ndarray
@@ -79,10 +99,20 @@ def batch_volumes(
     background: Any | None = None,
     xp: ArrayModule | None = None,
 ) -> tuple[Any, Any, Any, Any]:
-    """(dB, retardance, orientation ``[b, A, Z]``, surface candidates ``[b, A]``) of a batch."""
+    """(dB, retardance, orientation ``[b, A, Z]``, surface candidates ``[b, A]``) of a batch of
+    raw spectra ``uint16[b, 2, A, S]`` or of complex Jones B-lines ``complex64[b, 2, A, Z]``."""
     xp = resolve_xp(xp, x)
-    vols = ps_products(bscans_to_complex(x, cal, background, xp), cal, xp)
-    cand = surface_candidates(vols.db, params.surface_threshold_db, params.surface_smoothing, xp=xp)
+    if x.dtype.kind == "c":
+        jones = jones_to_output_depth(x, cal, xp)
+    else:
+        jones = bscans_to_complex(x, cal, background, xp)
+    vols = ps_products(jones, cal, xp)
+    if params.surface_method == "gradient":
+        cand = gradient_surface_candidates(vols.db, xp=xp)
+    else:
+        cand = surface_candidates(
+            vols.db, params.surface_threshold_db, params.surface_smoothing, xp=xp
+        )
     return vols.db, vols.retardance, vols.orientation, cand
 
 
@@ -104,7 +134,18 @@ def _finish(
     db: Any, ret: Any, ori: Any, cand: Any, params: ProcessingParams, xp: ArrayModule
 ) -> tuple[Any, Any]:
     surface = median_filter_2d(cand, params.surface_median, xp)
-    maps = enface_products(db, ret, ori, surface, params.enface_offset, params.enface_thickness, xp)
+    maps = enface_products(
+        db,
+        ret,
+        ori,
+        surface,
+        params.enface_offset,
+        params.enface_thickness,
+        xp,
+        window=params.enface_window,
+        wavelength_um=params.wavelength_um,
+        axial_pixel_um=params.axial_pixel_um,
+    )
     return surface, maps
 
 
@@ -127,6 +168,8 @@ def _background_for(
     raw: Any, cal: SpectrometerCalibration, background: Any | None, xp: ArrayModule
 ) -> Any | None:
     """Explicit background as ``float32[2, 1, S]`` on ``xp``, the tile estimate, or None."""
+    if raw.dtype.kind == "c":
+        return None  # complex tiles: the spectral step (and its background) already ran
     if background is not None:
         return as_background(background, cal, xp)
     if cal.background_scope == "tile":
@@ -169,6 +212,7 @@ def _process_device(
     import cupyx  # only reached with CuPy
 
     n_b, _, n_a, n_s = raw.shape
+    in_dtype = raw.dtype
     shape = (n_b, n_a, cal.n_depth)
     vol_bytes = 3 * 4 * n_b * n_a * cal.n_depth
     budget = int(params.gpu_memory_budget_bytes)
@@ -193,8 +237,8 @@ def _process_device(
     copied = [xp.cuda.Event(disable_timing=True) for _ in range(slots)]
     released = [xp.cuda.Event(disable_timing=True) for _ in range(slots)]
     if not on_device_input:
-        pinned = [cupyx.empty_pinned((step, 2, n_a, n_s), np.uint16) for _ in range(slots)]
-        staged = [xp.empty((step, 2, n_a, n_s), xp.uint16) for _ in range(slots)]
+        pinned = [cupyx.empty_pinned((step, 2, n_a, n_s), in_dtype) for _ in range(slots)]
+        staged = [xp.empty((step, 2, n_a, n_s), in_dtype) for _ in range(slots)]
 
     def stage(i: int) -> Any:
         b0, b1 = bounds[i]
@@ -242,13 +286,15 @@ def process_tile(
     xp: ArrayModule | None = None,
     background: Any | None = None,
 ) -> TileProducts:
-    """Full chain for one tile ``uint16[B, 2, A, S]``; results are host NumPy arrays.
+    """Full chain for one tile: raw spectra ``uint16[B, 2, A, S]`` or complex Jones B-lines
+    ``complex64[B, 2, A, Z]`` (a complex tile: Z = the calibration's full depth, FFT bin order,
+    see :func:`kernels.spectral.jones_to_output_depth`); results are host NumPy arrays.
 
     ``xp`` selects the backend (default: the module of ``raw``; pass ``get_xp("auto")`` to use a
     GPU when present). ``background`` is an optional measured per-channel spectrum ``[2, S]``
     subtracted instead of the estimate from the A-lines. Results do not depend on batch size.
     """
-    validate_raw(raw, cal)
+    validate_input(raw, cal)
     params = params or ProcessingParams()
     xp = resolve_xp(xp, raw)
     if is_numpy(xp):

@@ -5,6 +5,8 @@
 * optic-axis orientation [deg] = wrap(sign*(arg J1 - arg J2) + 2*offset) / 2, in [-90, 90):
   the channel phase difference is twice the axis angle, as in psoct-toolbox's complex2volumes
   (``phi = angle(J1) - angle(J2)``, negated by flipPhase, plus 2*phaseOffset, wrapped, halved).
+  With ``cal.orientation_wrap == "once"`` the wrap is the toolbox's single +-2*pi step applied
+  to the difference of the two phases, so a few voxels stay above 90 deg (up to 90 + offset).
 
 All outputs are float32 with the channel axis removed: J ``[..., 2, A, Z]`` -> ``[..., A, Z]``.
 """
@@ -75,6 +77,19 @@ def _orientation(
     return half_angle(re, im, modulus, xp, degrees=True)
 
 
+def _orientation_wrapped_once(j1: Any, j2: Any, offset_deg: float, sign: int, xp: Any) -> Any:
+    """psoct-toolbox's orientation: (sign*(arg J1 - arg J2) + 2*offset), one wrap step, / 2."""
+    phi = xp.arctan2(j1.imag, j1.real)
+    phi -= xp.arctan2(j2.imag, j2.real)
+    if sign < 0:
+        phi = -phi
+    phi += math.radians(2 * offset_deg)
+    phi = xp.where(phi > math.pi, phi - 2 * math.pi, phi)
+    phi = xp.where(phi < -math.pi, phi + 2 * math.pi, phi)
+    phi *= 90.0 / math.pi
+    return phi.astype(xp.float32)
+
+
 def reflectivity_db(j1: Any, j2: Any, xp: ArrayModule | None = None) -> Any:
     """10*log10(|J1|^2 + |J2|^2), float32."""
     xp = resolve_xp(xp, j1, j2)
@@ -109,8 +124,12 @@ def ps_products(
     p1, p2 = channel_power(j1), channel_power(j2)
     offset = cal.orientation_offset_deg if cal is not None else 0.0
     sign = cal.orientation_sign if cal is not None else 1
+    if cal is not None and cal.orientation_wrap == "once":
+        orientation = _orientation_wrapped_once(j1, j2, offset, sign, xp)
+    else:
+        orientation = _orientation(j1, j2, p1, p2, offset, sign, xp)
     return PSVolumes(
         db=_db(p1, p2, xp),
         retardance=atan_ratio_of_powers(p1, p2, xp, degrees=True),
-        orientation=_orientation(j1, j2, p1, p2, offset, sign, xp),
+        orientation=orientation,
     )

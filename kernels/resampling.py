@@ -47,7 +47,11 @@ class ResamplingTable:
 
 
 def fractional_pixels(cal: SpectrometerCalibration, channel: int) -> np.ndarray:
-    """Fractional pixel position of each k-grid sample for ``channel`` (float64, host)."""
+    """Fractional pixel position of each k-grid sample for ``channel`` (float64, host).
+
+    Not clipped: a grid sample just outside the pixels (rounding at the ends of the band) gets a
+    position below 0 or above n_samples - 1, which "linear" extrapolates and "cubic" clamps.
+    """
     poly = np.asarray(cal.wavelength_poly(channel), dtype=np.float64)
     dpoly = np.polynomial.polynomial.polyder(poly)
     lam_pix = cal.wavelengths_nm(channel)
@@ -58,7 +62,7 @@ def fractional_pixels(cal: SpectrometerCalibration, channel: int) -> np.ndarray:
     for _ in range(4):  # Newton refinement on the exact polynomial
         resid = np.polynomial.polynomial.polyval(p, poly) - lam_target
         p = p - resid / np.polynomial.polynomial.polyval(p, dpoly)
-    return np.clip(p, 0.0, cal.n_samples - 1.0)
+    return p
 
 
 def _lagrange4(f: np.ndarray) -> np.ndarray:
@@ -76,14 +80,16 @@ def _lagrange4(f: np.ndarray) -> np.ndarray:
 def tap_weights(pos: np.ndarray, n: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(indices [taps, S], weights [taps, S]) interpolating at fractional positions ``pos``.
 
-    "linear": two taps; "cubic": four-point Lagrange (exact for cubics; lower leakage than Keys
-    cubic convolution on near-Nyquist fringes), indices edge-replicated.
+    "linear": two taps, extrapolating the end segments for positions outside [0, n - 1];
+    "cubic": four-point Lagrange (exact for cubics; lower leakage than Keys cubic convolution on
+    near-Nyquist fringes), positions clamped to the pixels and indices edge-replicated.
     """
     if kind == "linear":
         i0 = np.clip(np.floor(pos).astype(np.intp), 0, n - 2)
         f = pos - i0
         return np.stack([i0, i0 + 1]), np.stack([1.0 - f, f])
     if kind == "cubic":
+        pos = np.clip(pos, 0.0, n - 1.0)
         i0 = np.floor(pos).astype(np.intp)
         f = pos - i0
         idx = np.clip(i0[None, :] + np.arange(-1, 3)[:, None], 0, n - 1)

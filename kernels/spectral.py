@@ -3,9 +3,10 @@
 Raw layout (C-order view of the microscope's NIfTI file): ``uint16[B, 2, A, S]``
 (B-lines, polarisation channels, A-lines per B-line, spectral samples).
 
-Per channel: background subtraction -> lambda->k resampling (gather tables) -> dispersion
-compensation exp(-i*phase) and optional Hann window -> FFT along samples -> keep
-``cal.fft_bins`` (autocorrelation dropped, depth range) -> optional z flip.
+Per channel: background subtraction -> lambda->k resampling (gather tables) -> optional median
+over the A-lines subtracted per k sample (``cal.background_after``) -> dispersion compensation
+exp(-i*phase) and optional Hann window -> FFT along samples -> keep ``cal.fft_bins``
+(autocorrelation dropped, depth range) -> optional z flip.
 Output ``complex64[B, 2, A, Z]``.
 """
 
@@ -23,7 +24,10 @@ __all__ = [
     "as_background",
     "bscans_to_complex",
     "estimate_background",
+    "jones_depth",
+    "jones_to_output_depth",
     "spectra_to_complex",
+    "validate_input",
     "validate_raw",
 ]
 
@@ -41,6 +45,42 @@ def validate_raw(raw: Any, cal: SpectrometerCalibration) -> None:
         )
     if shape[0] < 1 or shape[2] < 1:
         raise ValueError(f"raw spectra need at least one B-line and one A-line, got {shape}")
+
+
+def jones_depth(cal: SpectrometerCalibration) -> int:
+    """Depth samples of a complex (Jones) tile: every FFT bin from ``autocorr_bins`` to
+    n_samples / 2, before any depth range or flip."""
+    return cal.n_samples // 2 - cal.autocorr_bins
+
+
+def validate_input(data: Any, cal: SpectrometerCalibration) -> None:
+    """Raw spectra (:func:`validate_raw`) or complex Jones B-lines ``complex64[B, 2, A, Z]``
+    with Z = :func:`jones_depth`; ValueError otherwise."""
+    dtype = getattr(data, "dtype", None)
+    if dtype is None or np.dtype(dtype).kind != "c":
+        validate_raw(data, cal)
+        return
+    shape = tuple(data.shape)
+    depth = jones_depth(cal)
+    if len(shape) != 4 or shape[1] != 2 or shape[3] != depth or shape[0] < 1 or shape[2] < 1:
+        raise ValueError(
+            f"complex tiles must have shape (B, 2, A, {depth}) = (B-lines, channels, A-lines, "
+            f"FFT bins {cal.autocorr_bins}..{cal.n_samples // 2 - 1}), got {shape}"
+        )
+
+
+def jones_to_output_depth(
+    jones: Any, cal: SpectrometerCalibration, xp: ArrayModule | None = None
+) -> Any:
+    """Complex Jones B-lines in FFT bin order (bins ``autocorr_bins`` .. n/2 - 1, tilepipe's
+    sign: the FFT of the resampled spectra) -> the calibration's output depth (depth range
+    kept, flipped with ``flip_z``), complex64 ``[b, 2, A, Z_out]``."""
+    xp = resolve_xp(xp, jones)
+    first, stop = cal.fft_bins
+    seg = jones[..., first - cal.autocorr_bins : stop - cal.autocorr_bins]
+    if cal.flip_z:
+        seg = seg[..., ::-1]
+    return xp.ascontiguousarray(seg, dtype=xp.complex64)
 
 
 def _background(x: Any, kind: str, xp: ArrayModule) -> Any:
@@ -105,6 +145,8 @@ def bscans_to_complex(
         idx, w = table.indices[ch], table.weights[ch]
         y = resample(x[:, ch], idx, w, xp)
         y -= resample(bg[..., ch, :, :], idx, w, xp)
+        if cal.background_after == "median":
+            y -= xp.median(y, axis=-2, keepdims=True)
         if table.real_post:
             y *= table.post
         else:

@@ -18,6 +18,7 @@ from kernels import (
     enface_products,
     get_xp,
     gpu_available,
+    gradient_surface_candidates,
     median_filter_2d,
     process_tile,
     ps_amplitudes,
@@ -314,9 +315,72 @@ def test_enface_products_match_direct_loops():
             r = ret[b, a, sl]
             if r.size >= 3:
                 slope = np.polyfit(np.arange(r.size), r, 1)[0]
-                assert maps.birefringence[b, a] == pytest.approx(slope, rel=1e-4, abs=1e-4)
+                dn = slope_to_delta_n(slope, 1.3, 2.5)  # the defaults: lambda 1.3 um, 2.5 um bins
+                assert maps.birefringence[b, a] == pytest.approx(dn, rel=1e-4, abs=1e-7)
             else:
                 assert np.isnan(maps.birefringence[b, a])
+
+
+def test_inclusive_window_matches_the_toolbox_loop():
+    """psoct-toolbox's enfaceReduce/fitLinear: z1 = max(1, surf + offset), z2 = min(nz, z1 +
+    depth), z1..z2 inclusive; the fit stops at the first exact zero and is 0 below 3 samples."""
+    rng = np.random.default_rng(17)
+    n_b, n_a, n_z = 3, 6, 40
+    db = rng.uniform(40, 90, (n_b, n_a, n_z)).astype(np.float32)
+    ret = rng.uniform(1, 90, (n_b, n_a, n_z)).astype(np.float32)
+    ori = rng.uniform(-90, 90, (n_b, n_a, n_z)).astype(np.float32)
+    surface = rng.integers(0, n_z, (n_b, n_a)).astype(np.int32)
+    surface[0, 0], surface[0, 1], surface[0, 2] = n_z + 2, n_z + 1, 0  # 1 and 2 samples; start
+    ret[1, 1, surface[1, 1] + 4] = 0.0  # fit stops here
+    offset, depth, lam, dz = -3, 10, 1.31, 2.4
+    maps = enface_products(
+        db, ret, ori, surface, offset, depth, window="inclusive", wavelength_um=lam,
+        axial_pixel_um=dz,
+    )
+    for b in range(n_b):
+        for a in range(n_a):
+            z1 = max(0, surface[b, a] + offset)
+            z2 = min(n_z - 1, z1 + depth)
+            sl = slice(z1, z2 + 1)
+            assert maps.aip[b, a] == pytest.approx(db[b, a, sl].mean(), rel=1e-5)
+            assert maps.mip[b, a] == db[b, a, sl].max()
+            assert maps.retardance[b, a] == pytest.approx(ret[b, a, sl].mean(), rel=1e-5)
+            r = ret[b, a, sl].astype(np.float64)
+            zeros = np.flatnonzero(r == 0)
+            if zeros.size:
+                r = r[: zeros[0] + 1]
+            if r.size >= 3:
+                want = np.polyfit(dz * np.arange(r.size), r / 360 * lam, 1)[0]
+            else:
+                want = 0.0
+            assert maps.birefringence[b, a] == pytest.approx(want, rel=1e-4, abs=1e-8)
+    assert maps.birefringence[0, 0] == 0.0  # one sample: the toolbox writes 0, not NaN
+
+
+def test_gradient_surface_matches_a_per_line_transcription():
+    """psoct.surface.gradient, written out per A-line with SciPy (sigma 5 truncated at 2 sigma
+    with nearest edges = imgaussfilt's 21 taps and replicate padding; conv 'valid')."""
+    from scipy.ndimage import gaussian_filter1d
+
+    rng = np.random.default_rng(11)
+    n_b, n_a, n_z = 3, 7, 120
+    edge = rng.integers(12, 100, (n_b, n_a))
+    z = np.arange(n_z)
+    db = 40 + 30 * (z >= edge[..., None]) * np.exp(-(z - edge[..., None]).clip(0) / 60.0)
+    db = (db + rng.normal(0, 2.0, db.shape)).astype(np.float32)
+    db[2, 6, 50:] = 0.0  # a line whose valid length is 50 samples (> 0.01 dB counted)
+    got = gradient_surface_candidates(db)
+    kernel = np.r_[-np.ones(5) / 5, np.ones(5) / 5]
+    for b in range(n_b):
+        for a in range(n_a):
+            line = db[b, a].astype(np.float64)
+            n = int((line > 0.01).sum())
+            data = gaussian_filter1d(line[:n], 5.0, mode="nearest", truncate=2.0)
+            grad = -np.convolve(data, kernel, mode="valid")
+            assert got[b, a] == int(np.argmax(grad)) + 5, (b, a)
+    found = np.ones_like(got, bool)
+    found[2, 6] = False  # its edge lies past its valid length
+    assert abs(got - edge)[found].max() <= 2
 
 
 def test_circular_mean_wraps_across_plus_minus_90():
@@ -366,7 +430,8 @@ def test_layer_surface_and_enface_maps():
     assert np.abs(err).max() <= 3.0, err
     candidates = surface_candidates(out.db)
     assert candidates[1, 10] < surface[1, 10] - 15  # the outlier fooled the per-A-line step
-    assert abs(np.median(out.birefringence) / 0.45 - 1.0) < 0.05
+    dn = slope_to_delta_n(0.45, params.wavelength_um, params.axial_pixel_um)
+    assert abs(np.median(out.birefringence) / dn - 1.0) < 0.05
     assert circular_diff_deg(np.median(out.enface_orientation), 25.0) < 2.0
     window_mean = 0.45 * (params.enface_offset + (params.enface_thickness - 1) / 2)
     assert np.median(out.enface_retardance) == pytest.approx(window_mean, abs=3.0)
