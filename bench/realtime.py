@@ -183,7 +183,7 @@ def feed(source: Path, manifest_path: Path, manifest: Manifest, rate: float) -> 
     order, with the simulator's writer (in place, chunk by chunk, fsync)."""
     acq_dir = manifest_path.parent
     start = time.monotonic()
-    for i, coord in enumerate(manifest.lattice.coords()):
+    for i, coord in enumerate(manifest.coords()):
         if rate > 0:
             delay = start + i / rate - time.monotonic()
             if delay > 0:
@@ -231,7 +231,7 @@ async def batch(js, nats: NatsSettings, raw: Path, source: Path, config: Path, a
     try:
         await asyncio.to_thread(feed, source, path, manifest, 0)
         deadline = time.monotonic() + args.timeout
-        while await count(js, nats.stream, "tile_arrived", manifest.id) < manifest.lattice.tiles:
+        while await count(js, nats.stream, "tile_arrived", manifest.id) < manifest.tiles:
             if time.monotonic() > deadline:
                 raise RuntimeError("the watcher did not see every batch tile")
             await asyncio.sleep(0.2)

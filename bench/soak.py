@@ -158,13 +158,13 @@ def payloads(manifest, params: PhantomParams) -> dict[tuple[int, int, int], byte
     sim = Simulator(two, params)
     return {
         (c.slice, c.row, c.col): encode_tile(sim.tile_raw(sim.truth.tile(c)), manifest.raw)
-        for c in two.lattice.coords()
+        for c in two.coords()
     }
 
 
 def writer(manifest_path: Path, manifest, data: dict, rate: float, start: float) -> None:
     """Write every tile of the lattice, tile i at `start + i / rate` (monotonic clock)."""
-    for i, c in enumerate(manifest.lattice.coords()):
+    for i, c in enumerate(manifest.coords()):
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
@@ -206,7 +206,7 @@ async def soak(
     services = ["watcher", *STAGES]
     server, config, ports = prepare(config, work, services, None)
     supervisor = None
-    report = SoakReport(minutes, rate, manifest.lattice.tiles, slices)
+    report = SoakReport(minutes, rate, manifest.tiles, slices)
     stream = config.nats.stream
     try:
         await provision(config)

@@ -47,7 +47,7 @@ async def run(acq: str, n: int, rate: float, settle_s: float, config: Config, js
     acq_dir = Path(config.roots.raw) / acq
     write_manifest(m, acq_dir)
     payload = os.urandom(m.raw.expected_bytes)
-    coords = list(m.lattice.coords())[:n]
+    coords = list(m.coords())[:n]
     def write() -> float:
         start = time.time()
         for i, c in enumerate(coords):

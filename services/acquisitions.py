@@ -75,7 +75,7 @@ def tile_key(tile: TileCoord) -> str:
 
 def missing_tiles(manifest: Manifest, arrived: set[str]) -> list[TileCoord]:
     """Tiles of the lattice without a `tile_arrived` event."""
-    return [t for t in manifest.lattice.coords() if tile_key(t) not in arrived]
+    return [t for t in manifest.coords() if tile_key(t) not in arrived]
 
 
 async def arrived_tiles(js: JetStreamContext, stream: str, acq: str) -> set[str]:

@@ -37,6 +37,27 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary file path beside `target`; on success it is flushed to disk and
+    renamed onto `target`, on error removed (`target` untouched)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
 def zarr_attrs(store: Path) -> dict:
     """Attributes of a Zarr v3 group or array (empty if absent or unreadable)."""
     try:

@@ -97,6 +97,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate_command(args)
 
 
+def cmd_process_tile(args: argparse.Namespace) -> int:
+    from services.process_tile import process_tile_command
+
+    return process_tile_command(args)
+
+
+def cmd_import_opticstream(args: argparse.Namespace) -> int:
+    from services.opticstream_import import import_command
+
+    return import_command(args)
+
+
 def cmd_finish(args: argparse.Namespace) -> int:
     from services.finish import finish
 
@@ -157,6 +169,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--jitter-px", type=float, default=3.0)
     p.add_argument("--scatterers", type=int, default=20, help="reflectors per A-line")
+    p = add(
+        "process-tile",
+        cmd_process_tile,
+        "process one raw tile offline and write its products as NIfTI (toolbox layout)",
+    )
+    p.add_argument("raw", type=Path, help="raw tile file (spectral .nii/.raw or complex .nii)")
+    p.add_argument("--manifest", type=Path, required=True, help="the acquisition's manifest")
+    p.add_argument("--out", type=Path, required=True, help="directory for the NIfTI products")
+    p.add_argument("--mosaic", type=int, default=None, help="mosaic (default: from the name)")
+    p.add_argument("--prefix", default=None, help="output name prefix (default: toolbox rule)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p = add(
+        "import-opticstream",
+        cmd_import_opticstream,
+        "turn an opticstream PS-OCT scan config (JSON) into a tilepipe manifest",
+    )
+    p.add_argument("scan_config", type=Path, help="PSOCTScanConfigModel JSON")
+    p.add_argument(
+        "--out", type=Path, required=True, help="acquisition directory for manifest.toml"
+    )
+    p.add_argument("--calibration", type=Path, default=None, help="wave-pixel.mat")
+    p.add_argument("--dispersion", type=Path, default=None, help="dispersion file (float64)")
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=None,
+        help="slices to expect (default: from the tiles in DIR, else 1)",
+    )
+    p.add_argument(
+        "--first-slice",
+        type=int,
+        default=None,
+        help="instrument slice number (from 1) of the first slice in DIR (default: from its tiles)",
+    )
+    p.add_argument("--id", default=None, help="acquisition id (default: from project_name)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing manifest")
     p = add("status", cmd_status, "progress of an acquisition: stages and tile lattice")
     p.add_argument("acq", nargs="?", default=None, help="acquisition id (default: the latest)")
     p.add_argument("--watch", action="store_true", help="refresh live")

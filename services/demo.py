@@ -61,7 +61,7 @@ def expected_uploads(manifest: Manifest, stages: list[str]) -> int:
         return 0
     lat = manifest.lattice
     per_slice = lat.mosaics * ("stitch" in stages) + ("register" in stages)
-    return lat.tiles * ("process" in stages) + lat.slices * per_slice
+    return manifest.tiles * ("process" in stages) + lat.slices * per_slice
 
 
 def finished(status: Status, manifest: Manifest, stages: list[str], uploaded: int) -> bool:
@@ -69,7 +69,7 @@ def finished(status: Status, manifest: Manifest, stages: list[str], uploaded: in
     lat = manifest.lattice
     last = "tile_processed" if "process" in stages else "tile_converted"
     return (
-        status.count(last) + len(status.failed_tiles) >= lat.tiles
+        status.count(last) + len(status.failed_tiles) >= manifest.tiles
         and (
             "stitch" not in stages
             or len(status.mosaics.get("slice_stitched", ())) >= lat.slices * lat.mosaics
@@ -93,7 +93,6 @@ async def run_demo(
     """Simulate, show the live lattice until the acquisition is done; return the figures."""
     console = console or Console()
     path, manifest = demo_acquisition(Path(config.roots.raw))
-    lat = manifest.lattice
     params = PhantomParams(scatterers=12)
     sim = threading.Thread(
         target=simulate, args=(path, manifest, rate), daemon=True, kwargs={"params": params}
@@ -116,7 +115,7 @@ async def run_demo(
                 for name, counts in status.stages.items():
                     if counts.waiting is not None and name in backlog.samples:
                         backlog.record(name, counts.waiting + (counts.in_progress or 0))
-                live.update(render(status, (lat.rows, lat.cols, lat.slices, lat.mosaics)))
+                live.update(render(status, manifest.grids()))
                 if finished(status, manifest, stages, uploaded):
                     break
                 supervisor.check(console.print)

@@ -1,26 +1,36 @@
-"""Raw tile formats, read-only: NIfTI spectral, 12-bit packed, TIFF.
+"""Raw tile formats, read-only: NIfTI spectral, 12-bit packed, TIFF, and complex NIfTI tiles.
 
-Every reader returns the C-order array `uint16[B, 2, A, S]` (B-lines, channels, A-lines,
+Every spectral reader returns the C-order array `uint16[B, 2, A, S]` (B-lines, channels, A-lines,
 spectral samples), which is the microscope's Fortran-order `(S, A, 2, B)` layout read as is.
 
-- `nifti-spectral`: a 352-byte NIfTI-1 header (348 + 4 extension bytes, magic `n+1`,
-  datatype 512 = uint16, dim = [4, S, A, 2, B]) followed by the samples.
+- `nifti-spectral`: a 352-byte NIfTI-1 header (348 + 4 extension bytes) followed by the
+  samples. Like the lab's readers, tilepipe reads the samples after byte 352 and accepts the
+  header when the file's size is 352 + the manifest's payload and the header is a NIfTI-1
+  header (sizeof_hdr 348) of 16-bit samples; dims or vox_offset that disagree with the manifest
+  are reported by :func:`header_notes` (and `tilepipe check`), not refused.
 - `raw12`: no header; samples in the same order packed two per three bytes, little-endian:
-  s0 = b0 | (b1 & 0x0F) << 8, s1 = b1 >> 4 | b2 << 4 (an odd count pads the last byte pair).
+  s0 = b0 | (b1 & 0x0F) << 8, s1 = b1 >> 4 | b2 << 4 (psoct-toolbox's unpack12bits).
 - `tiff`: one TIFF (tifffile) holding the array with its shape.
+- `nifti-complex`: a complex tile as psoct-toolbox writes it (and the acquisition PC with
+  `tile_saving_type = complex`): float32 NIfTI-1, dims (4*A, B, Z) in Fortran order stacking
+  [J1 re; J1 im; J2 re; J2 im] along the first axis, depth reversed and J conjugated (MATLAB's
+  ctranspose). :func:`read_tile` returns it as `complex64[B, 2, A, Z]` in tilepipe's
+  convention: FFT bin order (depth index 0 = the shallowest kept bin) and not conjugated.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from services.manifest import RawLayout
+from services.manifest import NIFTI_HEADER_BYTES, RawLayout
 
-NIFTI_HEADER_BYTES = 352
 NIFTI_UINT16 = 512
+NIFTI_INT16 = 4
+NIFTI_FLOAT32 = 16
 
 
 class RawFormatError(ValueError):
@@ -28,16 +38,46 @@ class RawFormatError(ValueError):
 
 
 def _shape(layout: RawLayout) -> tuple[int, int, int, int]:
+    if layout.complex:
+        return (layout.bscans, layout.channels, layout.alines, layout.complex_depth)
     return (layout.bscans, layout.channels, layout.alines, layout.samples)
 
 
-def nifti_header(shape: tuple[int, int, int, int]) -> bytes:
-    """A NIfTI-1 single-file header for uint16 data of C-order shape [B, 2, A, S]."""
-    b, c, a, s = shape
+@dataclass(frozen=True)
+class NiftiHeader:
+    """The fields of a NIfTI-1 header tilepipe looks at."""
+
+    sizeof_hdr: int
+    dims: tuple[int, ...]
+    datatype: int
+    bitpix: int
+    vox_offset: float
+    magic: bytes
+
+
+def parse_nifti_header(header: bytes) -> NiftiHeader | None:
+    """The header's fields, or None when the bytes are not a little-endian NIfTI-1 header."""
+    if len(header) < 348:
+        return None
+    (sizeof_hdr,) = struct.unpack_from("<i", header, 0)
+    if sizeof_hdr != 348:
+        return None
+    dim = struct.unpack_from("<8h", header, 40)
+    ndim = max(0, min(7, dim[0]))
+    datatype, bitpix = struct.unpack_from("<hh", header, 70)
+    (vox_offset,) = struct.unpack_from("<f", header, 108)
+    return NiftiHeader(
+        sizeof_hdr, tuple(dim[1 : 1 + ndim]), datatype, bitpix, vox_offset, bytes(header[344:348])
+    )
+
+
+def nifti_header(dims: tuple[int, ...], datatype: int = NIFTI_UINT16, bitpix: int = 16) -> bytes:
+    """A NIfTI-1 single-file header (352 bytes, vox_offset 352) for Fortran-order `dims`."""
     header = bytearray(NIFTI_HEADER_BYTES)
     struct.pack_into("<i", header, 0, 348)
-    struct.pack_into("<8h", header, 40, 4, s, a, c, b, 1, 1, 1)
-    struct.pack_into("<hh", header, 70, NIFTI_UINT16, 16)
+    padded = (len(dims), *dims, *([1] * (7 - len(dims))))
+    struct.pack_into("<8h", header, 40, *padded)
+    struct.pack_into("<hh", header, 70, datatype, bitpix)
     struct.pack_into("<8f", header, 76, 1, 1, 1, 1, 1, 0, 0, 0)
     struct.pack_into("<f", header, 108, float(NIFTI_HEADER_BYTES))
     struct.pack_into("<f", header, 112, 1.0)  # scl_slope
@@ -45,22 +85,52 @@ def nifti_header(shape: tuple[int, int, int, int]) -> bytes:
     return bytes(header)
 
 
-def _check_nifti_header(header: bytes, layout: RawLayout, name: str) -> None:
-    if len(header) < NIFTI_HEADER_BYTES:
-        raise RawFormatError(f"{name}: truncated header ({len(header)} bytes)")
-    (sizeof_hdr,) = struct.unpack_from("<i", header, 0)
-    if sizeof_hdr != 348 or header[344:347] != b"n+1":
-        raise RawFormatError(f"{name}: not a NIfTI-1 single file (bad header size or magic)")
-    dims = struct.unpack_from("<8h", header, 40)
-    datatype, bitpix = struct.unpack_from("<hh", header, 70)
-    (vox_offset,) = struct.unpack_from("<f", header, 108)
+def _expected_dims(layout: RawLayout) -> tuple[int, ...]:
     b, c, a, s = _shape(layout)
-    if tuple(dims[1:5]) != (s, a, c, b):
-        raise RawFormatError(f"{name}: dims {dims[1:5]} but the manifest says {(s, a, c, b)}")
-    if datatype != NIFTI_UINT16 or bitpix != 16:
-        raise RawFormatError(f"{name}: datatype {datatype}/{bitpix} bits, expected uint16")
-    if int(vox_offset) != NIFTI_HEADER_BYTES:
-        raise RawFormatError(f"{name}: vox_offset {vox_offset}, expected {NIFTI_HEADER_BYTES}")
+    if layout.complex:
+        return (4 * a, b, s)
+    return (s, a, c, b)
+
+
+def header_notes(header: bytes, layout: RawLayout, name: str) -> list[str]:
+    """Refuse a header the data cannot be read with (RawFormatError, saying what was expected
+    and found); return notes on fields that disagree with the manifest but do not matter."""
+    parsed = parse_nifti_header(header)
+    if parsed is None:
+        found = struct.unpack_from("<i", header, 0)[0] if len(header) >= 4 else None
+        raise RawFormatError(
+            f"{name}: not a NIfTI-1 header (sizeof_hdr {found}, expected 348 little-endian)"
+        )
+    want_bits = 32 if layout.complex else 16
+    if parsed.bitpix != want_bits:
+        kind = "float32" if layout.complex else "16-bit"
+        raise RawFormatError(
+            f"{name}: header says {parsed.bitpix}-bit values (datatype {parsed.datatype}), "
+            f"expected {kind} samples"
+        )
+    notes = []
+    want = _expected_dims(layout)
+    if layout.complex:
+        if parsed.dims[:2] != want[:2]:
+            raise RawFormatError(
+                f"{name}: complex tile dims {parsed.dims}, expected (4 x {want[0] // 4} A-lines, "
+                f"{want[1]} B-lines, depth)"
+            )
+        if len(parsed.dims) < 3 or parsed.dims[2] != want[2]:
+            raise RawFormatError(
+                f"{name}: complex tile depth {parsed.dims[2:3]}, the manifest says {want[2]} "
+                "(raw.depth)"
+            )
+    elif tuple(d for d in parsed.dims if d != 1) != tuple(d for d in want if d != 1):
+        notes.append(f"header dims {parsed.dims} differ from the manifest's {want}")
+    if int(parsed.vox_offset) != NIFTI_HEADER_BYTES:
+        notes.append(
+            f"header vox_offset {parsed.vox_offset:g}; data read after byte {NIFTI_HEADER_BYTES} "
+            "as the lab's readers do"
+        )
+    if parsed.magic[:3] not in (b"n+1", b"ni1"):
+        notes.append(f"header magic {parsed.magic!r} is not n+1")
+    return notes
 
 
 def pack12(values: np.ndarray) -> bytes:
@@ -88,13 +158,26 @@ def unpack12(data: bytes | np.ndarray, count: int) -> np.ndarray:
 
 
 def encode_tile(data: np.ndarray, layout: RawLayout) -> bytes | None:
-    """The bytes of a raw tile file (None for TIFF, which `write_tile` writes itself)."""
-    if data.shape != _shape(layout) or data.dtype != np.uint16:
+    """The bytes of a raw tile file (None for TIFF, which `write_tiff` writes itself).
+
+    Spectral formats take `uint16[B, 2, A, S]`; `nifti-complex` takes `complex64[B, 2, A, Z]`
+    in tilepipe's convention and writes it as the toolbox does (conjugated, depth reversed).
+    """
+    shape = _shape(layout)
+    dtype = np.complex64 if layout.complex else np.uint16
+    if data.shape != shape or data.dtype != dtype:
         raise ValueError(
-            f"tile must be uint16{list(_shape(layout))}, got {data.dtype}{list(data.shape)}"
+            f"tile must be {np.dtype(dtype).name}{list(shape)}, got {data.dtype}{list(data.shape)}"
         )
+    if layout.complex:
+        toolbox = np.conj(data[..., ::-1])  # [B, 2, A, Z]
+        parts = np.stack([toolbox.real, toolbox.imag], axis=2)  # [B, 2(ch), 2(re/im), A, Z]
+        # Fortran (4A, B, Z) == C-order [Z, B, 4, A] with the 4 blocks J1re, J1im, J2re, J2im
+        block = parts.reshape(shape[0], 4, shape[2], shape[3]).transpose(3, 0, 1, 2)
+        payload = np.ascontiguousarray(block, dtype="<f4").tobytes()
+        return nifti_header(_expected_dims(layout), NIFTI_FLOAT32, 32) + payload
     if layout.format == "nifti-spectral":
-        return nifti_header(data.shape) + np.ascontiguousarray(data).tobytes()
+        return nifti_header(_expected_dims(layout)) + np.ascontiguousarray(data).tobytes()
     if layout.format == "raw12":
         return pack12(data)
     return None
@@ -127,10 +210,31 @@ def read_tile(path: Path, layout: RawLayout) -> np.ndarray:
     expected = layout.expected_bytes
     if size != expected:
         kind = "truncated" if size < expected else "too large"
-        raise RawFormatError(f"{name}: {kind}: {size} bytes, expected {expected}")
+        raise RawFormatError(
+            f"{name}: {kind}: {size} bytes, expected {expected} ({_describe(layout)})"
+        )
     with open(path, "rb") as fh:
         blob = fh.read()
-    if layout.format == "nifti-spectral":
-        _check_nifti_header(blob[:NIFTI_HEADER_BYTES], layout, name)
+    if layout.format == "raw12":
+        return unpack12(blob, layout.values).reshape(shape)
+    header_notes(blob[:NIFTI_HEADER_BYTES], layout, name)
+    if not layout.complex:
         return np.frombuffer(blob, np.uint16, offset=NIFTI_HEADER_BYTES).reshape(shape)
-    return unpack12(blob, layout.values).reshape(shape)
+    b, _, a, z = shape
+    block = np.frombuffer(blob, "<f4", offset=NIFTI_HEADER_BYTES).reshape(z, b, 4, a)
+    out = np.empty(shape, np.complex64)
+    for ch in (0, 1):
+        re, im = block[:, :, 2 * ch], block[:, :, 2 * ch + 1]  # [Z, B, A]
+        out[:, ch].real = re.transpose(1, 2, 0)[..., ::-1]
+        out[:, ch].imag = -im.transpose(1, 2, 0)[..., ::-1]  # undo the conjugation
+    return out
+
+
+def _describe(layout: RawLayout) -> str:
+    """What a complete tile holds, in words."""
+    b, c, a, s = _shape(layout)
+    if layout.complex:
+        return f"{NIFTI_HEADER_BYTES}-byte header + float32 4x{a} x {b} x {s}"
+    per = "1.5 bytes" if layout.format == "raw12" else "2 bytes"
+    head = f"{NIFTI_HEADER_BYTES}-byte header + " if layout.format == "nifti-spectral" else ""
+    return f"{head}{s} samples x {a} A-lines x {c} channels x {b} B-lines, {per} each"

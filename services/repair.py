@@ -60,7 +60,7 @@ async def plan(js: JetStreamContext, config: Config, acq: str) -> list[Action]:
     roots = config.roots
     actions: list[Action] = []
     stitched_needed: set[tuple[int, int]] = set()
-    for tile in manifest.lattice.coords():
+    for tile in manifest.coords():
         key = tile_key(tile)
 
         def logged(kind: str, key: str = key) -> bool:
@@ -69,9 +69,10 @@ async def plan(js: JetStreamContext, config: Config, acq: str) -> list[Action]:
         def subj(kind: str, tile: TileCoord = tile) -> str:
             return subject(kind, acq, str(tile.slice), tile.token())
 
-        raw = acq_dir / manifest.path_of(tile)
         if not logged("tile_arrived"):
-            if raw.exists() and raw.stat().st_size >= manifest.raw.expected_bytes:
+            raw = manifest.locate(acq_dir, tile)
+            layout = manifest.geometry(tile.mosaic).raw
+            if raw is not None and raw.stat().st_size >= layout.expected_bytes:
                 actions.append(Action("watcher", tile, "raw file complete, no tile_arrived"))
             continue
         if key in failed:
@@ -104,7 +105,11 @@ async def apply(js: JetStreamContext, config: Config, acq: str, actions: list[Ac
     for n, action in enumerate(actions):
         if action.stage == "watcher":
             base = acquisition_dir(record["manifest"])
-            raw_rel = "/".join(p for p in (base, manifest.path_of(action.tile)) if p)
+            acq_dir = config.roots.resolve("raw", record["manifest"]).parent
+            found = manifest.locate(acq_dir, action.tile)
+            if found is None:
+                continue  # gone since the plan was made
+            raw_rel = "/".join(p for p in (base, found.relative_to(acq_dir).as_posix()) if p)
             stat = config.roots.resolve("raw", raw_rel).stat()
             event = TileArrived(
                 acq=acq,

@@ -175,8 +175,11 @@ class Simulator:
         self.manifest = manifest
         self.params = params or PhantomParams()
         self.cal = manifest.spectrometer()
-        lat, raw = manifest.lattice, manifest.raw
-        extent = max(lat.rows * raw.bscans, lat.cols * raw.alines) * lat.pixel_size_um
+        lat = manifest.lattice
+        extent = lat.pixel_size_um * max(
+            max(g.rows * g.raw.bscans, g.cols * g.raw.alines)
+            for g in map(manifest.geometry, range(lat.mosaics))
+        )
         self.phantom = Phantom(self.params, extent)
         self.jitter_px = jitter_px
         self.noise_std = noise_std
@@ -188,8 +191,8 @@ class Simulator:
         m = self.manifest
         rng = np.random.default_rng(self.params.seed + 17)
         tiles = []
-        for coord in m.lattice.coords():
-            ny, nx = m.nominal_position_px(coord.row, coord.col)
+        for coord in m.coords():
+            ny, nx = m.geometry(coord.mosaic).nominal_position_px(coord.row, coord.col)
             jy, jx = rng.uniform(-1, 1, 2) * self.jitter_px
             tiles.append(
                 TileTruth(
@@ -230,8 +233,9 @@ class Simulator:
         """Sample-frame (x, y) in um of every A-line of a tile, shape [B, A]."""
         m = self.manifest
         px = m.lattice.pixel_size_um
-        b = np.arange(m.raw.bscans)[:, None]
-        a = np.arange(m.raw.alines)[None, :]
+        raw = m.geometry(t.mosaic).raw
+        b = np.arange(raw.bscans)[:, None]
+        a = np.arange(raw.alines)[None, :]
         y = (t.y_px + b) * px + m.lattice.stage_origin_um[0]
         x = (t.x_px + a) * px + m.lattice.stage_origin_um[1]
         s = self.truth.slices[t.slice]
@@ -286,7 +290,7 @@ class Simulator:
             common_phase_rad=rng.uniform(0, 2 * math.pi, depth.shape),
         )
         # a 12-bit camera sees the same light on a 16x smaller scale
-        scale = 4095 / 65535 if self.manifest.raw.format == "raw12" else 1.0
+        scale = 4095 / 65535 if self.manifest.raw.format == "raw12" else 1.0  # same for all
         return simulate_spectra(
             depth,
             amps * scale,
@@ -344,7 +348,7 @@ def simulate(
     sim = Simulator(manifest, params, jitter_px=jitter_px, low_texture=low_texture)
     acq_dir = Path(manifest_path).parent
     sim.write_truth(acq_dir)
-    coords = [c for c in manifest.lattice.coords() if only is None or only(c)]
+    coords = [c for c in manifest.coords() if only is None or only(c)]
     start = time.monotonic()
     for i, coord in enumerate(coords):
         if rate > 0:
@@ -353,7 +357,7 @@ def simulate(
                 time.sleep(delay)
         data = sim.tile_raw(sim.truth.tile(coord))
         path = acq_dir / manifest.path_of(coord)
-        payload = encode_tile(data, manifest.raw)
+        payload = encode_tile(data, manifest.geometry(coord.mosaic).raw)
         if payload is None:
             tmp = path.with_name(f".{path.name}.part")
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,7 @@ async def status_command(config: Config, args) -> int:
         record = await lookup_acquisition(js, acq)
         if record is not None:
             try:
-                lat = manifest_at(config.roots.raw, record["manifest"]).lattice
-                lattice = (lat.rows, lat.cols, lat.slices, lat.mosaics)
+                lattice = manifest_at(config.roots.raw, record["manifest"]).grids()
             except (OSError, ValueError):
                 lattice = None
         stages = configured_stages(config)

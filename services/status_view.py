@@ -26,12 +26,15 @@ def status_json(status: Status) -> dict:
     }
 
 
-def lattice_text(status: Status, rows: int, cols: int, slices: int, mosaics: int = 1) -> Text:
+Grid = tuple[int, int, str]  # rows, cols, illumination of one mosaic
+
+
+def lattice_text(status: Status, slices: int, grids: list[Grid]) -> Text:
     """One grid per slice and mosaic, each tile coloured by the furthest stage it reached."""
     text = Text()
     for s in range(slices):
-        for m in range(mosaics):
-            text.append(f"slice {s} mosaic {m}\n", style="bold")
+        for m, (rows, cols, illumination) in enumerate(grids):
+            text.append(f"slice {s} mosaic {m} ({illumination})\n", style="bold")
             for r in range(rows):
                 for c in range(cols):
                     kind = status.tile_kind(s, m, r, c)
@@ -96,7 +99,8 @@ def stage_table(status: Status) -> Table:
     return table
 
 
-def render(status: Status, lattice: tuple[int, int, int, int] | None = None):
+def render(status: Status, lattice: tuple[int, list[Grid]] | None = None):
+    """The stage table, and the lattice (slices, one grid per mosaic) when known."""
     parts = [stage_table(status)]
     if lattice is not None:
         parts.append(lattice_text(status, *lattice))

@@ -118,8 +118,8 @@ class Watcher:
             self.js, self.stream, event_filter("acq_started", manifest.id)
         )
         self.acqs[base] = acq
-        lat = manifest.lattice
-        ACQ_TILES_EXPECTED.labels(manifest.id).set(lat.tiles)
+        lat, first = manifest.lattice, manifest.geometry(0)
+        ACQ_TILES_EXPECTED.labels(manifest.id).set(manifest.tiles)
         ACQ_TILES_ARRIVED.labels(manifest.id).set(len(acq.emitted))
         ACQ_FINISHED.labels(manifest.id).set(1 if acq.finished else 0)
         if not started:
@@ -130,9 +130,9 @@ class Watcher:
                     manifest=manifest_rel,
                     slices=lat.slices,
                     mosaics=lat.mosaics,
-                    rows=lat.rows,
-                    cols=lat.cols,
-                    tiles_expected=lat.tiles,
+                    rows=first.rows,
+                    cols=first.cols,
+                    tiles_expected=manifest.tiles,
                     producer="watcher",
                 ),
             )
@@ -141,15 +141,13 @@ class Watcher:
         )
         acq_root = self.root / base
         self.pending.update(  # files that arrived before their manifest
-            self.rel(p)
-            for p in acq_root.rglob("*")
-            if p.is_file() and p.name != MANIFEST_NAME
+            self.rel(p) for p in acq_root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
         )
         self.log.info(
             "acquisition_found",
             acq=manifest.id,
             manifest=manifest_rel,
-            tiles_expected=lat.tiles,
+            tiles_expected=manifest.tiles,
             already_emitted=len(acq.emitted),
         )
         return acq
@@ -204,7 +202,7 @@ class Watcher:
             return self._skip(rel, "outside_root", reason=str(exc))
         except FileNotFoundError:
             return "vanished"
-        layout = acq.manifest.raw
+        layout = acq.manifest.geometry(tile.mosaic).raw
         if st.st_size < layout.expected_bytes:
             return "pending"
         if not renamed and time.time() - st.st_mtime < self.settle_s(acq):
@@ -232,7 +230,7 @@ class Watcher:
         WATCHER_LATENCY.observe(max(0.0, time.time() - mtime))
         ACQ_TILES_ARRIVED.labels(manifest.id).set(len(acq.emitted))
         self.log.info("tile_arrived", acq=manifest.id, **tile.log_context(), path=rel)
-        if len(acq.emitted) >= manifest.lattice.tiles and not acq.finished:
+        if len(acq.emitted) >= manifest.tiles and not acq.finished:
             await self.finish(acq, reason="lattice complete")
 
     async def finish(self, acq: Acquisition, reason: str) -> AcquisitionFinished:
@@ -302,9 +300,7 @@ class Watcher:
                 continue
             if Path(path).is_dir():
                 # files created in a new directory before its watch was set up
-                self.pending.update(
-                    self.rel(p) for p in Path(path).rglob("*") if p.is_file()
-                )
+                self.pending.update(self.rel(p) for p in Path(path).rglob("*") if p.is_file())
                 continue
             self.pending.add(rel)
             if deleted_temp and change == watchfiles.Change.added:

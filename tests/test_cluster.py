@@ -166,7 +166,7 @@ async def test_node_killed_mid_acquisition_loses_nothing(cluster, tmp_path):
                     done = await per_subject(js, "tp.tile_processed.clu.>")
                 except (TimeoutError, nats.errors.Error):
                     return False
-                return len(done) >= manifest.lattice.tiles
+                return len(done) >= manifest.tiles
 
             await wait_for(every_tile_processed, timeout=120, interval=0.5)
             moved = {name.removeprefix("tilepipe-") for name in where[victim.name]}
@@ -184,7 +184,7 @@ async def test_node_killed_mid_acquisition_loses_nothing(cluster, tmp_path):
         assert moved and all(n >= 1 for n in reconnects.values()), (moved, reconnects)
         assert all(logged.values()), logged
         assert await stream_leader(js) != victim.name
-        await assert_each_tile_once(js, "clu", manifest.lattice.tiles)
+        await assert_each_tile_once(js, "clu", manifest.tiles)
         assert await events(js, "stage_failed") == []
         assert_tile_outputs_complete(cfg, manifest)
         for s in range(manifest.lattice.slices):

@@ -110,7 +110,7 @@ async def test_corrupt_and_truncated_tiles_fail_cleanly(config, js):
     )
     acq_dir = config.roots.raw / "bad"
     write_manifest(manifest, acq_dir)
-    coords = list(manifest.lattice.coords())
+    coords = list(manifest.coords())
     corrupt = acq_dir / manifest.path_of(coords[0])
     truncated = acq_dir / manifest.path_of(coords[1])
     corrupt.parent.mkdir(parents=True)

@@ -79,7 +79,7 @@ def handled_attempts(services: Services, stage: str) -> list[int]:
 def assert_tile_outputs_complete(config: Config, manifest: Manifest) -> None:
     """Every tile's converted store and products group is complete and readable."""
     raw = manifest.raw
-    for tile in manifest.lattice.coords():
+    for tile in manifest.coords():
         converted = config.roots.work / converted_path(manifest.id, tile)
         products = config.roots.work / products_path(manifest.id, tile)
         assert is_complete(converted) and is_complete(products), tile
@@ -137,7 +137,7 @@ async def test_kill9_each_stage_mid_tile_redelivered_complete_not_duplicated(con
             registered = len(await events(js, "slice_registered"))
             uploaded = len(await events(js, "artifact_uploaded"))
             return registered == manifest.lattice.slices and uploaded >= (
-                manifest.lattice.tiles + 2 * manifest.lattice.slices
+                manifest.tiles + 2 * manifest.lattice.slices
             )
 
         await wait_for(all_done, timeout=240, interval=0.5)
@@ -150,7 +150,7 @@ async def test_kill9_each_stage_mid_tile_redelivered_complete_not_duplicated(con
         assert max(attempts[stage]) >= 2, (stage, attempts[stage])
     assert len(restarts) == sum(kills.values()), restarts
 
-    tiles = manifest.lattice.tiles
+    tiles = manifest.tiles
     for kind in ("tile_arrived", "tile_converted", "tile_processed"):
         counts = await per_subject(js, f"tp.{kind}.kill.>")
         assert len(counts) == tiles and set(counts.values()) == {1}, (kind, counts)
@@ -243,7 +243,7 @@ async def test_nats_server_killed_and_restarted_mid_acquisition(config, js, nats
         }
         assert all(services.alive(name) for name in names), services.messages
     assert all(n >= 1 for n in reconnects.values()), reconnects
-    await assert_each_tile_once(js, "srv", manifest.lattice.tiles)
+    await assert_each_tile_once(js, "srv", manifest.tiles)
     assert await events(js, "stage_failed") == []
     assert_tile_outputs_complete(config, manifest)
     for s in range(manifest.lattice.slices):
@@ -332,7 +332,7 @@ async def test_output_root_full_delays_and_retries_then_recovers(config, js, tmp
         assert_mosaic_valid(config, "full", 0)
         assert hidden_leftovers(output) == []
         assert await events(js, "stage_failed") == []
-        await assert_each_tile_once(js, "full", manifest.lattice.tiles)
+        await assert_each_tile_once(js, "full", manifest.tiles)
 
 
 # ---------------------------------------------------------------- corrupt / truncated
@@ -349,7 +349,7 @@ async def test_corrupt_and_truncated_raw_tiles_fail_visibly_and_the_slice_goes_o
     slice is processed and stitched with both holes marked."""
     manifest = tiny_acquisition("bad", slices=1, rows=2, cols=3)
     path = write_manifest(manifest, config.roots.raw / "bad")
-    coords = list(manifest.lattice.coords())
+    coords = list(manifest.coords())
     corrupt, truncated = coords[1], coords[4]
     good = [c for c in coords if c not in (corrupt, truncated)]
     await asyncio.to_thread(write_tiles, path, manifest, good)
@@ -407,7 +407,7 @@ async def test_watcher_killed_during_a_burst_announces_every_tile_once(config, j
     data = payload(manifest)
 
     def write_all() -> None:
-        for coord in manifest.lattice.coords():
+        for coord in manifest.coords():
             write_tile_file(acq_dir / manifest.path_of(coord), data)
             time.sleep(0.01)
 
@@ -439,7 +439,7 @@ async def test_same_file_written_twice_is_announced_once(config, js, tmp_path):
     manifest = tiny_manifest("twice", 1, 2, settle_s=1.0)
     acq_dir = config.roots.raw / "twice"
     write_manifest(manifest, acq_dir)
-    first, second = (acq_dir / manifest.path_of(c) for c in manifest.lattice.coords())
+    first, second = (acq_dir / manifest.path_of(c) for c in manifest.coords())
     data = payload(manifest)
     await provision(config)
     with Services(config, tmp_path / "svc", ["watcher"]) as services:
@@ -477,7 +477,7 @@ async def test_tiles_out_of_order_and_a_tile_after_finish(config, js, tmp_path):
     the hole and registered again."""
     manifest = tiny_acquisition("late", slices=2)
     path = write_manifest(manifest, config.roots.raw / "late")
-    coords = list(reversed(list(manifest.lattice.coords())))
+    coords = list(reversed(list(manifest.coords())))
     late = next(c for c in coords if c.slice == 0 and (c.row, c.col) == (1, 0))
     cfg = fault_config(config, ALL_STAGES)
     await provision(cfg)
@@ -485,7 +485,7 @@ async def test_tiles_out_of_order_and_a_tile_after_finish(config, js, tmp_path):
         await asyncio.to_thread(write_tiles, path, manifest, [c for c in coords if c != late])
 
         async def one_slice_waits() -> bool:
-            processed = await count_kind(js, "tile_processed") == manifest.lattice.tiles - 1
+            processed = await count_kind(js, "tile_processed") == manifest.tiles - 1
             return processed and await count_kind(js, "slice_stitched") == 1
 
         await wait_for(one_slice_waits, timeout=180, interval=0.5)
@@ -519,7 +519,7 @@ async def test_tiles_out_of_order_and_a_tile_after_finish(config, js, tmp_path):
     arrived = next(e for e in await events(js, "tile_arrived") if e.tile == late)
     assert arrived.emitted_at > finished.emitted_at
     assert len(again) == 2 and again[-1].missing == [] and len(again[-1].positions) == 4
-    await assert_each_tile_once(js, "late", manifest.lattice.tiles)
+    await assert_each_tile_once(js, "late", manifest.tiles)
     attrs = zarr.open_group(str(config.roots.output / again[-1].path), mode="r").attrs
     assert attrs["tilepipe"]["missing_tiles"] == []
     assert np.isfinite(volume.read_plane(0)).any()

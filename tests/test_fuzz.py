@@ -316,7 +316,7 @@ def test_manifest_fuzz_only_manifest_errors(doc):
     except ManifestError as exc:
         assert str(exc)
     else:
-        assert manifest.lattice.tiles >= 1 and manifest.raw.expected_bytes > 0
+        assert manifest.tiles >= 1 and manifest.raw.expected_bytes > 0
     finally:
         path.unlink()
 

@@ -349,10 +349,7 @@ def test_inclusive_window_matches_the_toolbox_loop():
             zeros = np.flatnonzero(r == 0)
             if zeros.size:
                 r = r[: zeros[0] + 1]
-            if r.size >= 3:
-                want = np.polyfit(dz * np.arange(r.size), r / 360 * lam, 1)[0]
-            else:
-                want = 0.0
+            want = np.polyfit(dz * np.arange(r.size), r / 360 * lam, 1)[0] if r.size >= 3 else 0
             assert maps.birefringence[b, a] == pytest.approx(want, rel=1e-4, abs=1e-8)
     assert maps.birefringence[0, 0] == 0.0  # one sample: the toolbox writes 0, not NaN
 

@@ -208,7 +208,7 @@ async def test_status_renders_done_running_failed_and_missing(config, js):
     )
     status = await snapshot(js, "TILEPIPE", "st", ["convert"])
     console = Console(width=70, record=True, color_system=None)
-    console.print(render(status, (2, 3, 1, 1)))
+    console.print(render(status, (1, [(2, 3, "normal")])))
     text = console.export_text()
     assert status.expected == 6 and status.count("tile_arrived") == 4
     assert "arrived │  4/6" in text or "arrived │ 4/6" in text

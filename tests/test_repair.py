@@ -25,7 +25,7 @@ async def test_repair_republishes_exactly_what_was_deleted(config, js):
     assert await repair.plan(js, config, "rep") == []
 
     a, b, c = (
-        next(t for t in manifest.lattice.coords() if (t.row, t.col) == rc)
+        next(t for t in manifest.coords() if (t.row, t.col) == rc)
         for rc in ((0, 0), (0, 1), (1, 1))
     )
     work, out = config.roots.work, config.roots.output

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from services.manifest import RawLayout, load_manifest
-from services.rawio import RawFormatError, encode_tile, pack12, read_tile, unpack12
+from services.rawio import (
+    RawFormatError,
+    encode_tile,
+    header_notes,
+    pack12,
+    read_tile,
+    unpack12,
+)
 from services.simulate import (
     PhantomParams,
     Simulator,
@@ -81,12 +88,24 @@ def test_raw12_packing_round_trip_and_errors(tmp_path):
     path.write_bytes(good[:-2])
     with pytest.raises(RawFormatError, match="truncated"):
         read_tile(path, layout)
-    path.write_bytes(good.replace(b"n+1", b"xxx"))
-    with pytest.raises(RawFormatError, match="NIfTI"):
+    path.write_bytes(b"\x00\x00\x00\x00" + good[4:])  # sizeof_hdr 0: no NIfTI-1 header
+    with pytest.raises(RawFormatError, match=r"not a NIfTI-1 header.*expected 348"):
         read_tile(path, layout)
-    wrong = RawLayout(format="nifti-spectral", samples=16, alines=4, bscans=1)
-    path.write_bytes(good)
-    with pytest.raises(RawFormatError, match="dims"):
+    eight_bit = bytearray(good)
+    eight_bit[72:74] = (8).to_bytes(2, "little")  # bitpix
+    path.write_bytes(bytes(eight_bit))
+    with pytest.raises(RawFormatError, match=r"8-bit values.*expected 16-bit"):
+        read_tile(path, layout)
+    # like the lab's readers: dims, magic and vox_offset that disagree are read anyway, as
+    # long as the size is 352 + the manifest's payload; they are reported as notes
+    odd = bytearray(good.replace(b"n+1", b"xxx"))
+    odd[40:56] = bytes(16)  # dims all zero
+    path.write_bytes(bytes(odd))
+    assert (read_tile(path, layout) == 0).all()
+    notes = header_notes(bytes(odd[:352]), layout, "t.nii")
+    assert any("dims" in n for n in notes) and any("magic" in n for n in notes)
+    wrong = RawLayout(format="nifti-spectral", samples=16, alines=4, bscans=2)
+    with pytest.raises(RawFormatError, match=r"truncated: 608 bytes, expected 864 \(352-byte"):
         read_tile(path, wrong)
 
 
@@ -117,7 +136,7 @@ def test_simulate_cli_new_manifest(tmp_path):
     assert proc.returncode == 0, proc.stderr
     manifest = load_manifest(target)
     assert manifest.id == "cli1"
-    per_slice = manifest.lattice.tiles_per_slice
+    per_slice = manifest.tiles_per_slice
     assert len(list((target.parent).rglob("tile_*.nii"))) == per_slice
     assert f"{per_slice}/{per_slice} tiles" in proc.stdout
     truth = json.loads((target.parent / "ground_truth.json").read_text())

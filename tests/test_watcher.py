@@ -98,7 +98,7 @@ async def test_burst_of_2000_files_emitted_exactly_once(config, js):
     data = payload(manifest)
 
     def write_all() -> None:
-        for coord in manifest.lattice.coords():
+        for coord in manifest.coords():
             write_tile_file(acq_dir / manifest.path_of(coord), data)
 
     async with watching(config, js):
@@ -121,7 +121,7 @@ async def test_restart_mid_acquisition_reemits_nothing(config, js):
     acq_dir = config.roots.raw / "restart"
     write_manifest(manifest, acq_dir)
     data = payload(manifest)
-    coords = list(manifest.lattice.coords())
+    coords = list(manifest.coords())
     for coord in coords[:10]:
         write_tile_file(acq_dir / manifest.path_of(coord), data)
     async with watching(config, js):
@@ -172,7 +172,7 @@ async def test_rename_into_place_does_not_wait_for_settle(config, js):
     async with watching(config, js):
         t0 = time.monotonic()
         write_tile_file(
-            acq_dir / manifest.path_of(next(manifest.lattice.coords())),
+            acq_dir / manifest.path_of(next(manifest.coords())),
             payload(manifest),
             rename=True,
         )
@@ -186,7 +186,7 @@ async def test_finish_declares_missing_tiles(config, js):
     acq_dir = config.roots.raw / "part"
     write_manifest(manifest, acq_dir)
     data = payload(manifest)
-    for coord in list(manifest.lattice.coords())[:3]:
+    for coord in list(manifest.coords())[:3]:
         write_tile_file(acq_dir / manifest.path_of(coord), data)
     async with watching(config, js):
         await wait_for(lambda: _count(js, 3))

@@ -1,4 +1,10 @@
-"""convert: a raw tile (read-only) -> a validated, chunked Zarr v3 store under the work root."""
+"""convert: a raw tile (read-only) -> a validated, chunked Zarr v3 store under the work root.
+
+Spectral tiles are stored as `uint16[B, 2, A, S]`; complex tiles (`nifti-complex`) as
+`complex64[B, 2, A, Z]` in tilepipe's convention. The store's attributes carry the calibration
+and the processing conventions the acquisition's manifest resolves to, so `process` computes
+exactly what the manifest said when the tile was converted.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ class Convert(Stage):
     def handle(self, event: TileArrived, ctx: Context) -> Result:
         roots = self.config.roots
         manifest = manifest_at(roots.raw, event.manifest)
+        layout = manifest.geometry(event.tile.mosaic).raw
         raw_file = roots.resolve("raw", event.path)
         stat = raw_file.stat()
         rel = converted_path(event.acq, event.tile)
@@ -42,8 +49,9 @@ class Convert(Stage):
         written = 0
         if ctx.force or not is_complete(target, **source):
             started = time.perf_counter()
-            data = read_tile(raw_file, manifest.raw)  # raises on truncated / corrupt input
+            data = read_tile(raw_file, layout)  # raises on truncated / corrupt input
             cal = manifest.spectrometer()
+            params = manifest.processing_params()
             with atomic_directory(target) as tmp:
                 array = zarr.create_array(
                     store=str(tmp),
@@ -51,13 +59,19 @@ class Convert(Stage):
                     dtype=data.dtype,
                     chunks=(1, *data.shape[1:]),
                     compressors=COMPRESSOR,
-                    dimension_names=("bline", "channel", "aline", "sample"),
+                    dimension_names=(
+                        "bline",
+                        "channel",
+                        "aline",
+                        "depth" if layout.complex else "sample",
+                    ),
                     attributes={
                         "acq": event.acq,
                         "tile": event.tile.model_dump(),
-                        "layout": "uint16[B, 2, A, S]",
-                        "raw_format": manifest.raw.format,
+                        "layout": f"{data.dtype.name}[B, 2, A, {'Z' if layout.complex else 'S'}]",
+                        "raw_format": layout.format,
                         "calibration": _jsonable(dataclasses.asdict(cal)),
+                        "processing": _jsonable(dataclasses.asdict(params)),
                         **source,
                     },
                 )
@@ -76,8 +90,8 @@ class Convert(Stage):
                     tile=event.tile,
                     path=rel,
                     raw_path=event.path,
-                    shape=[manifest.raw.bscans, 2, manifest.raw.alines, manifest.raw.samples],
-                    dtype="uint16",
+                    shape=_shape(layout),
+                    dtype="complex64" if layout.complex else "uint16",
                     completed_at=utcnow(),
                     producer=self.name,
                 )
@@ -85,6 +99,11 @@ class Convert(Stage):
             bytes_read=stat.st_size if written else 0,
             bytes_written=written,
         )
+
+
+def _shape(layout) -> list[int]:
+    last = layout.complex_depth if layout.complex else layout.samples
+    return [layout.bscans, 2, layout.alines, last]
 
 
 def _jsonable(value):

@@ -19,6 +19,19 @@ from services.metrics import TILES_BY_DEVICE
 from services.stage import Context, Result, Stage
 
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+PRODUCT_UNITS = {
+    "db": "dB, 10*log10(|J1|^2 + |J2|^2)",
+    "retardance": "degrees, atan(|J1|/|J2|), 0..90",
+    "orientation": "degrees, optic-axis orientation (see params)",
+    "aip": "dB, mean over the en-face window",
+    "mip": "dB, max over the en-face window",
+    "retardance_enface": "degrees, mean over the en-face window",
+    "orientation_enface": "degrees, doubled-angle circular mean over the en-face window",
+    "birefringence": "delta-n (dimensionless), retardance slope * wavelength / (360 * dz)",
+    "surface": "depth index, 0-based",
+    "axes": "volumes [bline, aline, depth], maps [bline, aline]; depth 0 is the shallowest "
+    "kept FFT bin (the deepest with calibration.flip_z)",
+}
 VOLUMES = ("db", "retardance", "orientation")
 ENFACE = {
     "aip": "aip",
@@ -30,14 +43,26 @@ ENFACE = {
 }
 
 
-def processing_params(options: dict) -> ProcessingParams:
-    """Kernel parameters from the stage's `options` (unknown keys are an error)."""
-    fields = set(ProcessingParams.__dataclass_fields__)
+RUNTIME_OPTIONS = ("batch_bscans", "gpu_memory_budget_bytes", "cpu_threads")
+
+
+def runtime_options(options: dict) -> dict[str, Any]:
+    """The stage's runtime knobs from `options` (the science is the manifest's: an option that
+    belongs in `[processing]` or an unknown one is an error naming it)."""
     given = {k: v for k, v in options.items() if k != "device"}
-    unknown = set(given) - fields
+    science = set(given) & (set(ProcessingParams.__dataclass_fields__) - set(RUNTIME_OPTIONS))
+    if science:
+        raise ValueError(
+            f"process options {sorted(science)} are processing conventions: set them per "
+            "acquisition in the manifest's [processing] table"
+        )
+    unknown = set(given) - set(RUNTIME_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown process options {sorted(unknown)}; known: {sorted(fields)}")
-    return ProcessingParams(**given)
+        raise ValueError(
+            f"unknown process options {sorted(unknown)}; known: {['device', *RUNTIME_OPTIONS]}"
+        )
+    ProcessingParams(**given)  # type-checks the values
+    return given
 
 
 class Process(Stage):
@@ -50,7 +75,7 @@ class Process(Stage):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.params = processing_params(self.settings.options)
+        self.runtime = runtime_options(self.settings.options)
         self.xp = get_xp(self.settings.options.get("device", "auto"))
         self.device = device_name(self.xp)
 
@@ -72,10 +97,17 @@ class Process(Stage):
             raw = zarr.open_array(str(source_dir), mode="r")[:]
             read = raw.nbytes
             cal = SpectrometerCalibration(**source_attrs["calibration"])
+            params = ProcessingParams(**{**source_attrs.get("processing", {}), **self.runtime})
             data = raw if self.xp is np else self.xp.asarray(raw)
-            products = process_tile(data, cal, self.params, xp=self.xp)
+            products = process_tile(data, cal, params, xp=self.xp)
             device = products.device
-            written = self._write(target, products, event, source)
+            written = self._write(
+                target,
+                products,
+                event,
+                {**source, "calibration": source_attrs["calibration"]},
+                params,
+            )
         seconds = time.perf_counter() - started
         TILES_BY_DEVICE.labels(device).inc()
         names = {**{v: f"{rel}/{v}" for v in VOLUMES}, **{v: f"{rel}/{v}" for v in ENFACE.values()}}
@@ -95,7 +127,9 @@ class Process(Stage):
             bytes_written=written,
         )
 
-    def _write(self, target, products, event: TileConverted, source: dict) -> int:
+    def _write(
+        self, target, products, event: TileConverted, source: dict, params: ProcessingParams
+    ) -> int:
         with atomic_directory(target) as tmp:
             group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             for name in VOLUMES:
@@ -121,7 +155,8 @@ class Process(Stage):
                     "acq": event.acq,
                     "tile": event.tile.model_dump(),
                     "device": products.device,
-                    "params": self.params.__dict__,
+                    "params": params.__dict__,
+                    "units": PRODUCT_UNITS,
                     **source,
                 }
             )

@@ -37,7 +37,7 @@ from messages.events import (
 from services.acquisitions import lookup_acquisition, manifest_at
 from services.lattice import TERMINAL, MosaicBook, MosaicState
 from services.layout import mosaic_path, volume_of
-from services.manifest import Manifest
+from services.manifest import Manifest, MosaicGeometry
 from services.mosaic_volume import fuse_volume
 from services.omezarr import write_omezarr
 from services.stage import Context, PermanentError, Result, Stage
@@ -109,14 +109,15 @@ class Stitch(Stage):
         state = await book.state()
         events: list[Event] = []
         done = state.processed()
-        for nb in manifest.lattice.neighbours(tile.row, tile.col):
+        geometry = manifest.geometry(tile.mosaic)
+        for nb in geometry.neighbours(tile.row, tile.col):
             if nb not in done:
                 continue
             a, b = sorted([(tile.row, tile.col), nb])  # fixed = upper / left tile
             if (a, b) in state.pairs and not ctx.force:
                 continue
             record = await asyncio.to_thread(
-                self._align, manifest, state.tiles[a]["products"], state.tiles[b]["products"], a, b
+                self._align, geometry, state.tiles[a]["products"], state.tiles[b]["products"], a, b
             )
             await book.record_pair(a, b, record)
             events.append(
@@ -141,12 +142,17 @@ class Stitch(Stage):
         return np.asarray(zarr.open_group(str(store), mode="r")[product][:], dtype=np.float32)
 
     def _align(
-        self, manifest: Manifest, group_a: str, group_b: str, a: tuple[int, int], b: tuple[int, int]
+        self,
+        geometry: MosaicGeometry,
+        group_a: str,
+        group_b: str,
+        a: tuple[int, int],
+        b: tuple[int, int],
     ) -> dict:
         """Phase correlation of the overlap; the record stored in KV and sent in the event."""
-        ya, xa = manifest.nominal_position_px(*a)
-        yb, xb = manifest.nominal_position_px(*b)
-        tol = manifest.lattice.position_tolerance_px
+        ya, xa = geometry.nominal_position_px(*a)
+        yb, xb = geometry.nominal_position_px(*b)
+        tol = geometry.position_tolerance_px
         result = align_pair(
             self._image(group_a, self.align_product),
             self._image(group_b, self.align_product),
@@ -180,13 +186,13 @@ class Stitch(Stage):
     ) -> Result:
         """Fuse the mosaic if every tile is terminal and every processed pair is aligned."""
         state = await book.state()
-        lat = manifest.lattice
-        coords = [(r, c) for r in range(lat.rows) for c in range(lat.cols)]
+        geometry = manifest.geometry(mosaic)
+        coords = [(r, c) for r in range(geometry.rows) for c in range(geometry.cols)]
         if any(state.tiles.get(rc, {}).get("state") not in TERMINAL for rc in coords):
             return Result()
         done = state.processed()
         for rc in done:
-            for nb in lat.neighbours(*rc):
+            for nb in geometry.neighbours(*rc):
                 if nb in done and tuple(sorted([rc, nb])) not in state.pairs:
                     return Result()  # a neighbour's alignment is still running
         if not done:
@@ -237,10 +243,11 @@ class Stitch(Stage):
         mosaic: int,
         write: bool,
     ):
-        lat = manifest.lattice
-        n = lat.rows * lat.cols
-        index = {(r, c): r * lat.cols + c for r in range(lat.rows) for c in range(lat.cols)}
-        nominal = np.array([manifest.nominal_position_px(r, c) for r, c in index], float)
+        geometry = manifest.geometry(mosaic)
+        rows, cols = geometry.rows, geometry.cols
+        n = rows * cols
+        index = {(r, c): r * cols + c for r in range(rows) for c in range(cols)}
+        nominal = np.array([geometry.nominal_position_px(r, c) for r, c in index], float)
         done = state.processed()
         present = np.array([rc in done for rc in index])
         pairs = []
@@ -257,7 +264,7 @@ class Stitch(Stage):
             pairs,
             present=present,
             min_confidence=self.min_confidence,
-            stage_tol_px=lat.position_tolerance_px,
+            stage_tol_px=geometry.position_tolerance_px,
         )
         residuals = layout.residuals_yx[layout.accepted] if len(pairs) else np.zeros((0, 2))
         rms = float(np.sqrt(np.mean(np.sum(residuals**2, axis=1)))) if len(residuals) else 0.0
@@ -281,7 +288,7 @@ class Stitch(Stage):
                     tiles[name][index[rc]] = self._image(group, product)
             mosaics = fuse_products(tiles, layout.positions_yx, angle_products=("orientation",))
             first = next(iter(mosaics.values()))
-            px = lat.pixel_size_um
+            px = geometry.pixel_size_um
             write_omezarr(
                 self.config.roots.resolve("output", rel),
                 {name: m.image for name, m in mosaics.items()},
@@ -291,6 +298,8 @@ class Stitch(Stage):
                     "acq": acq,
                     "slice": slice_index,
                     "mosaic": mosaic,
+                    "illumination": geometry.illumination,
+                    "tilt_deg": geometry.tilt_deg,
                     "positions_yx_px": {
                         f"r{r}-c{c}": [p.y, p.x]
                         for p, (r, c) in zip(
@@ -329,6 +338,6 @@ class Stitch(Stage):
             tiles,
             roots.resolve("output", volume_of(rel)),
             pixel_um=manifest.lattice.pixel_size_um,
-            axial_um=manifest.spectrometer().axial_pixel_um(),
+            axial_um=manifest.lattice.axial_pixel_um,
             attributes={"acq": acq, "slice": slice_index, "mosaic": mosaic},
         )
