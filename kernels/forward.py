@@ -70,15 +70,22 @@ def ps_amplitudes(
     orientation_rad: Any,
     cal: SpectrometerCalibration | None = None,
     common_phase_rad: Any = 0.0,
+    *,
+    axis_relation: tuple[int, float] | None = None,
 ) -> np.ndarray:
     """Channel amplitudes ``complex128[..., 2]`` of a PS reflector.
 
     J1 = R*sin(delta)*exp(i*(psi + d/2)), J2 = R*cos(delta)*exp(i*(psi - d/2)) with the phase
     difference d = sign*(2*theta - 2*offset), so psoct.py recovers retardance = delta and
     orientation = theta (mod 180 deg) with ``cal``'s orientation offset and sign.
+    ``axis_relation`` = (sign, offset_deg) states an instrument's relation instead (the
+    simulator's: (+1, 100), the lab's system), independent of how anything processes it.
     """
-    sign = cal.orientation_sign if cal is not None else 1
-    offset = math.radians(cal.orientation_offset_deg) if cal is not None else 0.0
+    if axis_relation is not None:  # an instrument's own (sign, offset), not a processor's
+        sign, offset = axis_relation[0], math.radians(axis_relation[1])
+    else:
+        sign = cal.orientation_sign if cal is not None else 1
+        offset = math.radians(cal.orientation_offset_deg) if cal is not None else 0.0
     r, delta, theta, psi = np.broadcast_arrays(
         *(
             np.asarray(v, dtype=np.float64)
@@ -121,6 +128,7 @@ def simulate_spectra(
     noise_std: float = 2.0,
     rng: np.random.Generator | int | None = 0,
     chunk_elements: int = 1 << 21,
+    carrier_sign: int | None = None,
 ) -> np.ndarray:
     """Raw frames ``uint16[B, 2, A, S]`` for reflectors at ``depth_um`` ([B, A, R], um).
 
@@ -128,6 +136,9 @@ def simulate_spectra(
     source peak (see :func:`ps_amplitudes`); both arguments broadcast against each other.
     ``dispersion_coeffs`` defaults to the calibration's (a2, a3), so processing with ``cal``
     compensates exactly. The DC term is :func:`dc_background`; ``rng`` drives the noise.
+    ``carrier_sign`` = +1 writes the physical fringe cos(+2kz + ...) whatever grid a processor
+    resamples onto (an instrument); None picks the sign that makes ``cal``'s own processing
+    see ``A * exp(i*phase)`` (kernel tests).
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     amp = np.asarray(amplitudes, dtype=np.complex128)
@@ -144,7 +155,8 @@ def simulate_spectra(
     a2, a3 = cal.dispersion_coeffs if dispersion_coeffs is None else dispersion_coeffs
     source = source or SourceSpectrum()
     s = cal.n_samples
-    carrier = 2.0 if cal.k_ascending else -2.0
+    default = 2.0 if cal.k_ascending else -2.0
+    carrier = default if carrier_sign is None else 2.0 * carrier_sign
     out = np.empty((n_b, 2, n_a, s), dtype=np.uint16)
     step = max(1, chunk_elements // (n_a * s))
     dc_all = dc_background(cal, source, reference_counts, fixed_pattern_counts)

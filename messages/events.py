@@ -312,7 +312,10 @@ class ArtifactUploaded(TileOrSliceEvent):
     seconds: Annotated[float, Field(ge=0)]
 
     def msg_id(self) -> str:
-        return f"{self.subject()}:{self.product}"
+        """Another object (a slice's second mosaic) or other content (a re-upload after a
+        re-stitch) is a new event; the same object with the same content is a duplicate."""
+        body = f"{self.key}\n{self.checksum}".encode()
+        return f"{self.subject()}:{self.product}:{hashlib.sha256(body).hexdigest()[:16]}"
 
 
 class StageFailed(TileOrSliceEvent):

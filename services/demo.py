@@ -1,6 +1,8 @@
 """`tilepipe up --demo`: a small simulated acquisition end to end, with live progress.
 
-The demo writes 2 slices of 3x3 small tiles into the raw root, shows the status lattice while
+The demo writes 2 slices of small tiles into the raw root as the microscope writes them (a
+normal-illumination mosaic of 3x3 tiles and a tilted one of 3x3 half-width tiles per slice,
+instrument file names, the lab's calibration files), shows the status lattice while
 every service works on them, and stops once every tile is processed and every slice stitched,
 registered and (when the upload stage runs) uploaded. Its figures come from the event log
 (`services.timeline`), the same computation as `bench/realtime.py`.
@@ -32,9 +34,10 @@ OBJECT_STORE = "object-store"
 
 
 def demo_acquisition(raw_root: Path) -> tuple[Path, Manifest]:
-    """Write a fresh demo manifest (2 slices of 3x3 tiles, 64x64 A-lines x 512 samples)."""
+    """Write a fresh demo manifest (2 slices, normal and tilted illumination, 3x3 tiles of
+    64x64 and 32x64 A-lines x 512 samples) with its calibration files."""
     acq = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    manifest = small_manifest(acq, slices=2, rows=3, cols=3, settle_s=DEMO_SETTLE_S)
+    manifest = small_manifest(acq, slices=2, rows=3, cols=3, settle_s=DEMO_SETTLE_S, mosaics=2)
     return write_manifest(manifest, raw_root / acq), manifest
 
 
@@ -143,7 +146,8 @@ def summary(figures: dict, config: Config, work: Path) -> list[str]:
     rows = figures["figures"]
     state = "done" if figures["complete"] else "stopped before the end"
     lines = [
-        f"\ndemo {figures['acq']}: {len(tl.tiles)} tiles, {len(tl.slices)} slices, "
+        f"\ndemo {figures['acq']}: {len(tl.tiles)} tiles, {len({s for s, _ in tl.slices})} "
+        f"slices ({len(tl.slices)} mosaics), "
         f"{state} in {figures['wall_s']:.1f} s",
         f"  raw tiles:      {config.roots.raw / figures['acq']}",
         f"  tile products:  {config.roots.work / figures['acq']}",

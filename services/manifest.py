@@ -392,6 +392,30 @@ class Manifest(Strict):
     )
     source: Path | None = Field(default=None, exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _complex_depth(cls, data: Any) -> Any:
+        """A complex tile's depth defaults to every FFT bin from the autocorrelation cut."""
+        if not isinstance(data, dict):
+            return data
+        raw, cal = data.get("raw"), data.get("calibration")
+        if isinstance(raw, RawLayout):
+            raw = raw.model_dump()
+        if isinstance(cal, Calibration):
+            cal = cal.model_dump()
+        if (
+            isinstance(raw, dict)
+            and raw.get("format") == "nifti-complex"
+            and raw.get("depth") is None
+        ):
+            samples = raw.get("samples", RawLayout.model_fields["samples"].default)
+            cut = (cal or {}).get(
+                "autocorr_bins", Calibration.model_fields["autocorr_bins"].default
+            )
+            if isinstance(samples, int) and isinstance(cut, int):
+                data = {**data, "raw": {**raw, "depth": max(1, samples // 2 - cut)}}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         names = self._fields
@@ -448,9 +472,6 @@ class Manifest(Strict):
                 update={
                     "alines": spec.alines or raw.alines,
                     "bscans": spec.bscans or raw.bscans,
-                    "depth": raw.depth
-                    if raw.depth is not None or not raw.complex
-                    else raw.samples // 2 - self.calibration.autocorr_bins,
                 }
             )
             out.append(

@@ -8,6 +8,13 @@ recover). Tiles are cut at jittered stage positions (what stitching must recover
 into raw spectral interferograms by `kernels.forward` (true non-linear k, Gaussian source,
 2nd/3rd-order dispersion, DC and fixed pattern, noise, uint16), then written to the raw root
 the way the microscope writes them: chunk by chunk, optionally slowly, at a given tile rate.
+
+The instrument (:class:`Instrument`) is described by its own physics, not by the processor's
+calibration: true per-channel wavelengths with channel 2 stored in reverse pixel order and a
+slight non-linearity, the physical fringe cos(2kz + ...), a dispersion mismatch and the axis
+relation of the lab's system. What the processor gets is what the lab has: a ``wave-pixel.mat``
+of calibration points, the float64 dispersion file measured on the toolbox's k grid, and file
+names as the microscope writes them (``mosaic_001_image_0001_spectral_0001.nii``).
 """
 
 from __future__ import annotations
@@ -23,10 +30,95 @@ from pathlib import Path
 import numpy as np
 
 from messages.events import TileCoord
-from services.manifest import Calibration, Lattice, Manifest, RawLayout, dump_manifest
+from services.manifest import (
+    Calibration,
+    Lattice,
+    Manifest,
+    MosaicSpec,
+    Numbering,
+    Processing,
+    RawLayout,
+    dump_manifest,
+)
 from services.tomlio import write_atomically
 
 TRUTH_NAME = "ground_truth.json"
+CALIBRATION_MAT = "calibration/wave-pixel.mat"
+DISPERSION_FILE = "calibration/dispersion.dat"
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """The simulated microscope's physics (what tilepipe's processing must not assume).
+
+    Wavelengths in nm over ``samples`` camera pixels: channel 1 runs ``start_nm`` ->
+    ``stop_nm`` bowed by ``bow_nm`` at mid-band; channel 2 is the same spectrometer shifted by
+    ``ch2_shift_nm`` and stored backwards. Dispersion mismatch (a2 [rad um^2], a3 [rad um^3])
+    about the band centre. Axis relation: arg J1 - arg J2 = 2*(theta - axis_offset_deg).
+    """
+
+    samples: int = 2048
+    start_nm: float = 1195.0
+    stop_nm: float = 1405.0
+    bow_nm: float = 0.3
+    ch2_shift_nm: float = 0.6
+    dispersion: tuple[float, float] = (-40.0, 15.0)
+    axis_offset_deg: float = 100.0
+    calibration_points: int = 14
+
+    def wavelengths_nm(self, channel: int) -> np.ndarray:
+        """True wavelength of every stored pixel of channel 0 or 1."""
+        u = np.linspace(0.0, 1.0, self.samples)
+        lam = self.start_nm + (self.stop_nm - self.start_nm) * u + 4 * self.bow_nm * u * (1 - u)
+        return lam if channel == 0 else (lam + self.ch2_shift_nm)[::-1]
+
+    def truth_calibration(self):
+        """A kernel calibration holding the exact wavelengths (for the forward model only)."""
+        from kernels.calibration import SpectrometerCalibration
+
+        p = np.arange(self.samples, dtype=np.float64)
+        polys = [
+            tuple(np.polynomial.polynomial.polyfit(p, self.wavelengths_nm(ch), 2)) for ch in (0, 1)
+        ]
+        return SpectrometerCalibration(
+            n_samples=self.samples,
+            wavelength_poly_nm=polys[0],
+            wavelength_poly_nm_ch2=polys[1],
+            dispersion_coeffs=self.dispersion,
+        )
+
+    def wave_pixel(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu [N, 2], wave_prime [N]) as the lab measures them: the 1-based pixel positions of
+        known wavelengths, channel 2 counted after flipping it (psoct-toolbox's convention)."""
+        lam1, lam2 = self.wavelengths_nm(0), self.wavelengths_nm(1)[::-1]
+        lo, hi = max(lam1[0], lam2[0]), min(lam1[-1], lam2[-1])
+        wave = np.linspace(lo + 2.0, hi - 2.0, self.calibration_points)
+        pixels = np.arange(1, self.samples + 1, dtype=np.float64)
+        mu = np.stack([np.interp(wave, lam1, pixels), np.interp(wave, lam2, pixels)], axis=1)
+        return mu, wave
+
+    def dispersion_file_values(self) -> np.ndarray:
+        """What the lab's dispersion file holds for this mismatch: -phi(k_j) on the toolbox's
+        k grid (the linear fits of :meth:`wave_pixel`, the channels' overlap, descending k)."""
+        mu, wave = self.wave_pixel()
+        pixels = np.arange(1, self.samples + 1, dtype=np.float64)
+        lam = [np.polyval(np.polyfit(mu[:, ch], wave, 1), pixels) for ch in (0, 1)]
+        k_max = 2 * np.pi / (max(lam[0][0], lam[1][0]) * 1e-3)
+        k_min = 2 * np.pi / (min(lam[0][-1], lam[1][-1]) * 1e-3)
+        k = np.linspace(k_max, k_min, self.samples)
+        kc = self.truth_calibration().k_center
+        a2, a3 = self.dispersion
+        return -(a2 * (k - kc) ** 2 + a3 * (k - kc) ** 3)
+
+    def write_calibration(self, acq_dir: Path) -> None:
+        """``calibration/wave-pixel.mat`` (MATLAB v5) and ``calibration/dispersion.dat``
+        (raw little-endian float64), as the lab keeps them."""
+        import scipy.io
+
+        mu, wave = self.wave_pixel()
+        (acq_dir / "calibration").mkdir(parents=True, exist_ok=True)
+        scipy.io.savemat(acq_dir / CALIBRATION_MAT, {"mu": mu, "wave_prime": wave[:, None]})
+        self.dispersion_file_values().astype("<f8").tofile(acq_dir / DISPERSION_FILE)
 
 
 @dataclass(frozen=True)
@@ -141,6 +233,7 @@ class Truth:
     phantom: dict
     slices: list[dict] = field(default_factory=list)
     tiles: list[TileTruth] = field(default_factory=list)
+    instrument: dict = field(default_factory=dict)
 
     def tile(self, coord: TileCoord) -> TileTruth:
         for t in self.tiles:
@@ -174,7 +267,8 @@ class Simulator:
     ) -> None:
         self.manifest = manifest
         self.params = params or PhantomParams()
-        self.cal = manifest.spectrometer()
+        self.instrument = Instrument(samples=manifest.raw.samples)
+        self.cal = self.instrument.truth_calibration()
         lat = manifest.lattice
         extent = lat.pixel_size_um * max(
             max(g.rows * g.raw.bscans, g.cols * g.raw.alines)
@@ -223,10 +317,11 @@ class Simulator:
         return Truth(
             m.id,
             m.lattice.pixel_size_um,
-            tuple(m.calibration.dispersion),
+            self.instrument.dispersion,
             asdict(self.params),
             slices,
             tiles,
+            instrument=asdict(self.instrument),
         )
 
     def sample_coords(self, t: TileTruth) -> tuple[np.ndarray, np.ndarray]:
@@ -286,12 +381,12 @@ class Simulator:
             refl,
             retardance,
             np.radians(f["orientation_deg"])[..., None],
-            self.cal,
             common_phase_rad=rng.uniform(0, 2 * math.pi, depth.shape),
+            axis_relation=(1, self.instrument.axis_offset_deg),
         )
         # a 12-bit camera sees the same light on a 16x smaller scale
         scale = 4095 / 65535 if self.manifest.raw.format == "raw12" else 1.0  # same for all
-        return simulate_spectra(
+        raw = simulate_spectra(
             depth,
             amps * scale,
             self.cal,
@@ -299,7 +394,20 @@ class Simulator:
             fixed_pattern_counts=300.0 * scale,
             noise_std=self.noise_std * scale,
             rng=rng.integers(2**31),
+            carrier_sign=1,
         )
+        if not self.manifest.raw.complex:
+            return raw
+        return self.acquisition_pc_complex(raw)
+
+    def acquisition_pc_complex(self, raw: np.ndarray) -> np.ndarray:
+        """What the acquisition PC saves with ``tile_saving_type = complex``: the spectral step
+        of the lab's chain (all FFT bins from the autocorrelation cut, no depth flip), as
+        ``complex64[B, 2, A, Z]`` in tilepipe's convention (``encode_tile`` writes the file)."""
+        from kernels.spectral import spectra_to_complex
+
+        cal = self.manifest.spectrometer().replace(depth_range=None, flip_z=False)
+        return spectra_to_complex(raw, cal)
 
     def write_truth(self, acq_dir: Path) -> Path:
         data = asdict(self.truth)
@@ -383,19 +491,25 @@ def small_manifest(
     settle_s: float = 0.5,
     mosaics: int = 1,
 ) -> Manifest:
-    """A manifest with small tiles (tests, the demo); the spectrometer band is the real one."""
-    from kernels.calibration import SpectrometerCalibration
+    """A small acquisition laid out as the instrument writes it (tests, the demo).
 
-    band = SpectrometerCalibration.from_band(samples)
-    pattern = (
-        "slice{slice:03d}/tile_{index:04d}.nii"
-        if mosaics == 1
-        else ("slice{slice:03d}/mosaic{mosaic}/tile_{index:04d}.nii")
-    )
-    if raw_format == "tiff":
-        pattern = pattern.replace(".nii", ".tif")
-    elif raw_format == "raw12":
-        pattern = pattern.replace(".nii", ".raw")
+    Names ``mosaic_%03d_image_%04d_spectral_%04d.nii`` (``.raw`` for raw12,
+    ``_processed.nii`` for complex tiles), numbers from 1, mosaics counted through the
+    acquisition, the column snake grid, the lab's calibration files (written by
+    :func:`write_manifest`) and psoct-toolbox conventions. ``mosaics`` = 2 adds the tilted
+    illumination with half the A-lines.
+    """
+    if mosaics not in (1, 2):
+        raise ValueError("mosaics: 1 (normal) or 2 (normal and tilted)")
+    suffix = {
+        "nifti-spectral": "spectral_{counter:04d}.nii",
+        "raw12": "spectral_{counter:04d}.raw",
+        "tiff": "spectral_{counter:04d}.tif",
+        "nifti-complex": "processed.nii",
+    }[raw_format]
+    specs = [MosaicSpec(illumination="normal")]
+    if mosaics == 2:
+        specs.append(MosaicSpec(illumination="tilted", tilt_deg=-15.0, alines=max(1, alines // 2)))
     return Manifest(
         id=acq,
         lattice=Lattice(
@@ -403,21 +517,26 @@ def small_manifest(
             mosaics=mosaics,
             rows=rows,
             cols=cols,
+            scan_order="snake-by-columns-up-right",
             overlap=overlap,
             pixel_size_um=10.0,
         ),
-        pattern=pattern,
+        mosaic=specs,
+        numbering=Numbering(base=1, mosaic="global"),
+        pattern="mosaic_{mosaic:03d}_image_{index:04d}_" + suffix,
         raw=RawLayout(format=raw_format, samples=samples, alines=alines, bscans=bscans),
-        calibration=Calibration(
-            wavelength_poly_nm=band.wavelength_poly_nm, dispersion=(-40.0, 15.0), autocorr_bins=8
-        ),
+        calibration=Calibration(wave_pixel_mat=CALIBRATION_MAT, dispersion_file=DISPERSION_FILE),
+        processing=Processing(preset="toolbox"),
         settle_s=settle_s,
     )
 
 
 def write_manifest(manifest: Manifest, acq_dir: Path) -> Path:
-    """Write `manifest.toml` into an acquisition directory."""
+    """Write `manifest.toml` into an acquisition directory, with the simulated instrument's
+    calibration files when the manifest names them."""
     acq_dir.mkdir(parents=True, exist_ok=True)
+    if CALIBRATION_MAT in manifest.calibration.files().values():
+        Instrument(samples=manifest.raw.samples).write_calibration(acq_dir)
     return write_atomically(acq_dir / "manifest.toml", dump_manifest(manifest))
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from messages import (
     EVENT_TYPES,
+    ArtifactUploaded,
     InvalidEvent,
     PathEscapeError,
     SliceStitched,
@@ -116,6 +117,28 @@ def test_stage_failed_ids_distinguish_stages():
         StageFailed(stage="convert", **common).msg_id()
         != StageFailed(stage="process", **common).msg_id()
     )
+
+
+def test_upload_ids_tell_objects_and_contents_apart():
+    """A slice's two mosaics and a re-upload of changed content are new events; the same
+    object with the same content is a duplicate (JetStream drops it by its Nats-Msg-Id)."""
+
+    def uploaded(key: str, checksum: str) -> ArtifactUploaded:
+        return ArtifactUploaded(
+            acq="A",
+            slice=2,
+            product="mosaic",
+            source="A/m.ome.zarr",
+            key=key,
+            bytes=10,
+            checksum=checksum,
+            seconds=0.1,
+        )
+
+    normal = uploaded("A/mosaics/slice0002-m0.ome.zarr", "sha256:aa")
+    assert normal.msg_id() == uploaded("A/mosaics/slice0002-m0.ome.zarr", "sha256:aa").msg_id()
+    assert normal.msg_id() != uploaded("A/mosaics/slice0002-m1.ome.zarr", "sha256:aa").msg_id()
+    assert normal.msg_id() != uploaded("A/mosaics/slice0002-m0.ome.zarr", "sha256:bb").msg_id()
 
 
 def test_cli_schema_prints_json_schemas():

@@ -224,14 +224,15 @@ async def test_dashboards_and_metrics_against_a_live_pipeline(tmp_path):
         prom = Prometheus(prom_config, tmp_path / "prom")
         await prom.ready()
 
-        # a short acquisition: 1 slice of 2x2 tiles, written at 4 tiles/s
+        # a short acquisition: 1 slice of 2x2 tiles, written at 1 tile/s (so every stage's
+        # histograms grow across several 1 s scrapes: a rate() needs an increase it has seen)
         from services.simulate import small_manifest, write_manifest
 
         manifest = write_manifest(
             small_manifest("mon", slices=1, rows=2, cols=2, settle_s=0.2), roots["raw"] / "mon"
         )
         sim = subprocess.run(
-            [sys.executable, "-m", "services.cli", "simulate", str(manifest), "--rate", "4"],
+            [sys.executable, "-m", "services.cli", "simulate", str(manifest), "--rate", "1"],
             cwd=REPO,
             env=ENV,
             capture_output=True,

@@ -213,7 +213,8 @@ async def test_status_renders_done_running_failed_and_missing(config, js):
     assert status.expected == 6 and status.count("tile_arrived") == 4
     assert "arrived │  4/6" in text or "arrived │ 4/6" in text
     lines = [line.rstrip() for line in text.splitlines()]
-    grid = lines[lines.index("slice 0 mosaic 0") + 1 : lines.index("slice 0 mosaic 0") + 3]
+    top = lines.index("slice 0 mosaic 0 (normal)")
+    grid = lines[top + 1 : top + 3]
     assert grid == ["c c X", "a a ·"]
     assert "per min" in text and "ETA" in text
     proc = await asyncio.to_thread(tilepipe, "status", "st", "--json", config=config)

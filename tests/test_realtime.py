@@ -288,12 +288,14 @@ def test_demo_runs_end_to_end_with_upload(tmp_path):
     )
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    assert re.search(r"demo demo-\S+: 18 tiles, 2 slices, done in", out), out
-    assert out.count("  mosaic:  ") == 2 and "  volume:  " in out
+    assert re.search(r"demo demo-\S+: 36 tiles, 2 slices \(4 mosaics\), done in", out), out
+    assert out.count("  mosaic:  ") == 4 and "  volume:  " in out  # normal and tilted
     assert f"uploaded to:    {store.as_uri()}" in out
-    assert "tiles (failed)" in out and "18 (0)" in out
+    assert "tiles (failed)" in out and "36 (0)" in out
     slices = re.findall(r"slice \d m0: last tile -> stitched / registered / uploaded s\s+(.*)", out)
     assert len(slices) == 2 and all("-" not in s for s in slices), out
+    tilted = re.findall(r"slice \d m1: last tile -> .* s\s+[\d.]+ / - / [\d.]+", out)
+    assert len(tilted) == 2, out  # the tilted mosaics are stitched and uploaded, not stacked
     assert re.search(r"tile: complete -> uploaded p50 / p99 s\s+\d", out), out
     assert re.search(r"tail <= budget\s+(yes|no)", out), out
     stored = {p.name for p in store.rglob("*.ome.zarr")}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.manifest import RawLayout, load_manifest
+from services.manifest import Manifest, RawLayout, load_manifest
 from services.rawio import (
     RawFormatError,
     encode_tile,
@@ -34,24 +34,38 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = PhantomParams(scatterers=4)
 
 
-@pytest.mark.parametrize("raw_format", ["nifti-spectral", "raw12", "tiff"])
+@pytest.mark.parametrize("raw_format", ["nifti-spectral", "raw12", "tiff", "nifti-complex"])
 def test_simulated_acquisition_in_every_format(tmp_path, raw_format):
     manifest = small_manifest(
         "fmt", slices=2, rows=1, cols=2, alines=16, bscans=12, samples=256, raw_format=raw_format
     )
-    manifest = manifest.model_copy(
-        update={"calibration": manifest.calibration.model_copy(update={"autocorr_bins": 4})}
-    )
-    path = write_manifest(manifest, tmp_path / "fmt")
+    data = manifest.model_dump()
+    data["calibration"]["autocorr_bins"] = 4
+    data["raw"]["depth"] = None  # complex tiles: every bin from the cut
+    path = write_manifest(Manifest.model_validate(data), tmp_path / "fmt")
     loaded = load_manifest(path)
     started = time.monotonic()
     truth = simulate(path, loaded, rate=4.0, params=PARAMS)
     elapsed = time.monotonic() - started
     assert elapsed >= 0.7  # 4 tiles at 4 tiles/s: the last starts 0.75 s after the first
-    files = sorted(p for p in (tmp_path / "fmt").rglob("tile_*"))
-    assert len(files) == 4
+    files = sorted(p.name for p in (tmp_path / "fmt").rglob("mosaic_*"))
+    ext = {"nifti-spectral": ".nii", "raw12": ".raw", "tiff": ".tif", "nifti-complex": ".nii"}
+    tail = "processed" if raw_format == "nifti-complex" else "spectral_{:04d}"
+    # as the microscope names them: mosaics from 1 through the acquisition (one per slice
+    # here), images from 1 in the column snake, a running file counter
+    assert files == [
+        f"mosaic_{m:03d}_image_{i:04d}_{tail.format(n)}{ext[raw_format]}"
+        for n, (m, i) in enumerate([(1, 1), (1, 2), (2, 1), (2, 2)], start=1)
+    ]
+    assert (tmp_path / "fmt" / "calibration" / "wave-pixel.mat").is_file()
+    assert (tmp_path / "fmt" / "calibration" / "dispersion.dat").stat().st_size == 256 * 8
+    cal = loaded.spectrometer()
+    assert cal.wavelengths_nm(1)[0] > cal.wavelengths_nm(1)[-1]  # channel 2 stored backwards
     for f in files:
-        data = read_tile(f, loaded.raw)
+        data = read_tile(tmp_path / "fmt" / f, loaded.raw)
+        if raw_format == "nifti-complex":
+            assert data.shape == (12, 2, 16, 128 - 4) and data.dtype == np.complex64
+            continue
         assert data.shape == (12, 2, 16, 256) and data.dtype == np.uint16
         assert 300 < data.mean() < 60000 and data.max() < (4096 if raw_format == "raw12" else 65536)
     saved = Truth.load(tmp_path / "fmt" / "ground_truth.json")
@@ -137,7 +151,7 @@ def test_simulate_cli_new_manifest(tmp_path):
     manifest = load_manifest(target)
     assert manifest.id == "cli1"
     per_slice = manifest.tiles_per_slice
-    assert len(list((target.parent).rglob("tile_*.nii"))) == per_slice
+    assert len(list((target.parent).rglob("mosaic_*_spectral_*.nii"))) == per_slice
     assert f"{per_slice}/{per_slice} tiles" in proc.stdout
     truth = json.loads((target.parent / "ground_truth.json").read_text())
     assert truth["acq"] == "cli1"
