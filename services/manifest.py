@@ -549,7 +549,8 @@ class Manifest(Strict):
         section = tile.slice + num.slice_offset
         mosaic = tile.mosaic + (lat.mosaics * section if num.mosaic == "global" else 0)
         file = lat.mosaics * k + tile.mosaic
-        if "slice" not in self._fields:
+        global_mosaic = "mosaic" in self._fields and num.mosaic == "global"
+        if "slice" not in self._fields and not global_mosaic:  # the file number runs on
             file += section * self.tiles_per_slice
         return {
             "slice": section + num.base,
@@ -627,6 +628,14 @@ class Manifest(Strict):
         section = fields.get("slice")
         mosaic = fields.get("mosaic")
         index = fields.get("index")
+        if mosaic is not None and num.mosaic == "global":
+            mosaic_section, mosaic = divmod(mosaic, lat.mosaics)
+            if section is not None and section != mosaic_section:
+                raise ValueError(
+                    f"{rel}: mosaic number {fields['mosaic'] + num.base} belongs to slice "
+                    f"{mosaic_section + num.base}, not {section + num.base}"
+                )
+            section = mosaic_section
         if "file" in fields:
             per_slice = lat.mosaics * self.geometry(0).tiles
             rest = fields["file"]
@@ -638,14 +647,6 @@ class Manifest(Strict):
             if mosaic is not None and mosaic != m:
                 raise ValueError(f"{rel}: file number and mosaic number disagree")
             mosaic = m
-        if mosaic is not None and num.mosaic == "global":
-            mosaic_section, mosaic = divmod(mosaic, lat.mosaics)
-            if section is not None and section != mosaic_section:
-                raise ValueError(
-                    f"{rel}: mosaic number {fields['mosaic'] + num.base} belongs to slice "
-                    f"{mosaic_section + num.base}, not {section + num.base}"
-                )
-            section = mosaic_section
         s = (section or 0) - num.slice_offset
         m = mosaic or 0
         if not (0 <= s < lat.slices and 0 <= m < lat.mosaics):

@@ -223,6 +223,14 @@ async def test_dashboards_and_metrics_against_a_live_pipeline(tmp_path):
         assert check.returncode == 0, check.stdout + check.stderr
         prom = Prometheus(prom_config, tmp_path / "prom")
         await prom.ready()
+        # every target scraped before any tile is written: a rate() needs a sample from
+        # before the counters grow (a target first scraped after the run shows no increase)
+        jobs = {f"tilepipe-{name}" for name in targets}
+        await wait_for(
+            lambda: {r["metric"]["job"] for r in prom.query("up == 1")["data"]["result"]} >= jobs,
+            timeout=30,
+            interval=0.5,
+        )
 
         # a short acquisition: 1 slice of 2x2 tiles, written at 1 tile/s (so every stage's
         # histograms grow across several 1 s scrapes: a rate() needs an increase it has seen)

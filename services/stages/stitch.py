@@ -50,6 +50,13 @@ PRODUCTS = {
     "orientation": "orientation_enface",
     "birefringence": "birefringence",
 }
+UNITS = {  # of the fused channels (docs/conventions.md)
+    "aip": "dB",
+    "mip": "dB",
+    "retardance": "degrees",
+    "orientation": "degrees (optic axis, blended on doubled angles)",
+    "birefringence": "delta-n (dimensionless)",
+}
 UPSTREAM = ("convert", "process")
 
 
@@ -299,6 +306,7 @@ class Stitch(Stage):
                     "slice": slice_index,
                     "mosaic": mosaic,
                     "illumination": geometry.illumination,
+                    "units": UNITS,
                     "tilt_deg": geometry.tilt_deg,
                     "positions_yx_px": {
                         f"r{r}-c{c}": [p.y, p.x]
