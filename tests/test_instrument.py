@@ -529,3 +529,27 @@ def test_check_names_every_mismatch(acquisition, tmp_path):
     assert "3 of 6 tiles present" in files.detail or "of 6 tiles" in files.detail
     assert not checks["calibration loads"].ok
     assert manifest.tiles == 6
+
+
+def test_process_tile_benchmark_runs(tmp_path):
+    """bench/process_tile_bench.py at a tiny size (its figures come from the real command)."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "process_tile_bench.py"),
+            "--alines",
+            "16",
+            "--bscans",
+            "4",
+            "--dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("toolbox ") for line in lines)
+    assert any(line.startswith("tilepipe ") for line in lines)
+    assert "ratio wall toolbox/tilepipe" in run.stdout
