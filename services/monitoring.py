@@ -489,8 +489,8 @@ def targets_from_up_output(text: str) -> dict[str, list[str]]:
 
 def targets_for_config(config, services: Iterable[str] | None = None) -> dict[str, list[str]]:
     """Service -> ["host:port"] of services run by `tilepipe run` with this config."""
-    from services.serve import has_watcher, metrics_port_for
-    from services.stages import configured_stages
+    from services.serve import has_watcher
+    from services.stages import configured_stages, metrics_port_for
 
     if services is None:
         services = (["watcher"] if has_watcher() else []) + configured_stages(config)

@@ -9,7 +9,7 @@ from services.config import Config
 from services.logs import configure_logging, get_logger
 from services.metrics import serve_metrics
 from services.runtime import StageRunner
-from services.stages import stage_for, stage_names
+from services.stages import metrics_port_for, stage_for
 
 
 def has_watcher() -> bool:
@@ -17,17 +17,6 @@ def has_watcher() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("services.watcher") is not None
-
-
-def metrics_port_for(config: Config, name: str) -> int:
-    """The configured metrics port of a service, else base_port + its position."""
-    if name == "watcher" and config.watcher.metrics_port is not None:
-        return config.watcher.metrics_port
-    if name in config.stages and config.stages[name].metrics_port is not None:
-        return config.stages[name].metrics_port
-    names = ["watcher", *stage_names()]
-    offset = names.index(name) if name in names else len(names)
-    return config.metrics.base_port + offset
 
 
 async def run_until_signalled(main, *args) -> None:

@@ -12,9 +12,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from services.config import Config, dump_toml
+from services.config import Config, ConfigError, dump_toml
 from services.natsserver import EmbeddedServer, port_open
+from services.stages import metrics_port_for
 from services.tomlio import write_atomically
 
 RESTART_LIMIT = 5
@@ -117,28 +119,67 @@ def pick_port(preferred: int, taken: set[int]) -> int:
     return port
 
 
+def embedded_address(url: str) -> tuple[str, int]:
+    """(host, port) an embedded server listens on for a configured `[nats] url`."""
+    if "," in url:
+        raise ConfigError(
+            f"[nats] url {url!r} names several servers: tilepipe up embeds one; "
+            "use --nats-url to run the services against a cluster"
+        )
+    parsed = urlsplit(url if "://" in url else f"nats://{url}")
+    if parsed.scheme not in ("nats", "tls") or not parsed.hostname:
+        raise ConfigError(f"[nats] url {url!r}: expected nats://HOST:PORT")
+    return parsed.hostname, parsed.port or 4222
+
+
 def prepare(
     config: Config,
     work: Path,
     services: list[str],
     nats_url: str | None,
     server_blocks: Sequence[str] = (),
+    exact: bool = False,
 ) -> tuple[EmbeddedServer | None, Config, dict[str, int]]:
     """Start the embedded server (with `server_blocks`, e.g. authorization) unless `nats_url`
-    is given; fix ports; return the config."""
+    is given; fix ports; return the config.
+
+    `exact` (a config file was given): the server listens on the config's `[nats] url` and
+    each service on its configured metrics port (`metrics_port`, else `base_port` + its
+    position), so operator commands and Prometheus reading the same file find them; a port in
+    use is a ConfigError, never a silent move. Otherwise the first free ports from 4222 and
+    `base_port` are taken.
+    """
     server = None
     if nats_url is None:
-        taken: set[int] = set()
-        server = EmbeddedServer(
-            work / "nats", port=pick_port(4222, taken), extra_config=server_blocks
-        )
+        if exact:
+            host, port = embedded_address(config.nats.url)
+            if port_open(host, port):
+                raise ConfigError(
+                    f"[nats] url {config.nats.url}: {host}:{port} is in use (another tilepipe "
+                    "up or NATS server?); stop it or configure another url"
+                )
+        else:
+            host, port = "127.0.0.1", pick_port(4222, set())
+        server = EmbeddedServer(work / "nats", port=port, host=host, extra_config=server_blocks)
         server.start()
         nats_url = server.url
     config = config.model_copy(update={"nats": config.nats.model_copy(update={"url": nats_url})})
-    taken = set()
+    taken: set[int] = set()
     ports = {}
     for offset, name in enumerate(services):
-        ports[name] = pick_port(config.metrics.base_port + offset, taken)
+        if exact:
+            port = metrics_port_for(config, name)
+            if port in taken or port_open(config.metrics.host, port):
+                if server is not None:
+                    server.stop()
+                raise ConfigError(
+                    f"metrics port {port} of {name} is in use; configure [metrics] base_port "
+                    f"or a metrics_port for {name}"
+                )
+            taken.add(port)
+            ports[name] = port
+        else:
+            ports[name] = pick_port(config.metrics.base_port + offset, taken)
     return server, config, ports
 
 

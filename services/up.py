@@ -44,7 +44,9 @@ def up(args: argparse.Namespace) -> int:
 
         auth = local_auth(config, services, work / "auth")
     blocks = [auth.server_block] if auth else []
-    server, config, ports = prepare(config, work, services, args.nats_url, blocks)
+    server, config, ports = prepare(
+        config, work, services, args.nats_url, blocks, exact=args.config is not None
+    )
     # the written config holds no credentials: each child gets its own user in its environment
     operator = config.model_copy(update={"nats": auth.settings(config.nats)}) if auth else config
     supervisor = None

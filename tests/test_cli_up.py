@@ -28,6 +28,14 @@ impl = "tests.stages_for_tests:ProcessLike"
 """
 
 
+def free_ports() -> str:
+    """Config lines pinning `up`'s server and metrics to free loopback ports (`up --config`
+    listens exactly where its config says)."""
+    from services.natsserver import free_port
+
+    return f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\n[metrics]\nbase_port = {free_port()}\n'
+
+
 async def test_init_is_idempotent_and_names_are_stable(nats_server, tmp_path):
     cfg = tmp_path / "tp.toml"
     cfg.write_text(PLUGINS)
@@ -55,7 +63,7 @@ async def test_init_without_server_fails_clearly(tmp_path):
 
 async def test_up_runs_embedded_server_and_services_until_ctrl_c(tmp_path):
     cfg = tmp_path / "tp.toml"
-    cfg.write_text(PLUGINS + "[metrics]\nbase_port = 19500\n")
+    cfg.write_text(PLUGINS + free_ports())
     work = tmp_path / "work"
     proc = subprocess.Popen(
         [
@@ -158,3 +166,68 @@ async def _consumer_exists(nc, name: str) -> bool:
     except Exception:
         return False
     return True
+
+
+async def test_up_honours_the_configs_nats_url_and_metrics_ports(tmp_path):
+    """`up --config F` listens where F says (server and metrics), so `tilepipe ... --config F`
+    finds it; a second `up` with the same F refuses clearly instead of moving ports."""
+    from services.natsserver import free_port
+
+    nats_port, base_port = free_port(), free_port()
+    cfg = tmp_path / "tp.toml"
+    cfg.write_text(
+        PLUGINS
+        + f'[nats]\nurl = "nats://127.0.0.1:{nats_port}"\n'
+        + f"[metrics]\nbase_port = {base_port}\n"
+    )
+    from services.config import load_config
+    from services.stages import metrics_port_for
+
+    # plugin stages come after the watcher and the built-in stages
+    metrics_port = metrics_port_for(load_config(cfg), "convert_like")
+    assert metrics_port > base_port
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "services.cli", "up", "--config", str(cfg)]
+    services = ["--services", "convert_like"]
+    proc = subprocess.Popen(
+        [*cmd, "--work", str(work), *services],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=30)
+        written = tomllib.loads((work / "tilepipe.toml").read_text())
+        assert written["nats"]["url"] == f"nats://127.0.0.1:{nats_port}"
+        await wait_for(lambda: port_open("127.0.0.1", metrics_port), timeout=30)
+        # an operator command reading the same file reaches the running server
+        init = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "services.cli", "init", "--config", str(cfg)],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert init.returncode == 0, init.stderr
+        second = await asyncio.to_thread(
+            subprocess.run,
+            [*cmd, "--work", str(tmp_path / "work2"), *services],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2
+        assert f"127.0.0.1:{nats_port} is in use" in second.stderr
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert f"metrics http://127.0.0.1:{metrics_port}/metrics" in out

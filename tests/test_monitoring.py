@@ -197,7 +197,8 @@ async def test_dashboards_and_metrics_against_a_live_pipeline(tmp_path):
     config.write_text(
         "[roots]\n"
         + "".join(f'{name} = "{path}"\n' for name, path in roots.items())
-        + "[metrics]\nbase_port = 19700\n"
+        + f"[metrics]\nbase_port = {free_port()}\n"
+        + f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\n'
         + "[watcher]\nsettle_s = 0.2\n"
         + "[stages.upload]\nenabled = true\n"
         + f'options = {{ url = "file://{tmp_path / "bucket"}" }}\n'

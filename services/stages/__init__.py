@@ -30,6 +30,19 @@ def stage_names() -> list[str]:
     return list(BUILTIN)
 
 
+def metrics_port_for(config: Config, name: str) -> int:
+    """The configured metrics port of a service, else base_port + its position (watcher,
+    the built-in stages in pipeline order, then plugin stages in config order)."""
+    if name == "watcher" and config.watcher.metrics_port is not None:
+        return config.watcher.metrics_port
+    if name in config.stages and config.stages[name].metrics_port is not None:
+        return config.stages[name].metrics_port
+    plugins = [n for n, s in config.stages.items() if s.impl and n not in BUILTIN]
+    names = ["watcher", *stage_names(), *plugins]
+    offset = names.index(name) if name in names else len(names)
+    return config.metrics.base_port + offset
+
+
 def configured_stages(config: Config) -> list[str]:
     """Enabled stages of a config: built-ins in pipeline order, then plugin stages."""
     names = stage_names() + [n for n, s in config.stages.items() if s.impl and n not in BUILTIN]
