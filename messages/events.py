@@ -245,6 +245,16 @@ class TilePosition(BaseModel):
     x: float
 
 
+class PairRejection(BaseModel):
+    """A neighbour pair the mosaic solve did not use, and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    a: tuple[Index, Index] = Field(description="(row, col) of the upper / left tile")
+    b: tuple[Index, Index]
+    reason: Annotated[str, StringConstraints(max_length=200)]
+
+
 class SliceStitched(SliceEvent):
     """A slice's mosaic was solved and fused into an OME-Zarr under the output root."""
 
@@ -256,6 +266,12 @@ class SliceStitched(SliceEvent):
     missing: list[TileCoord] = Field(default_factory=list, max_length=MAX_LIST)
     inputs: Annotated[str, StringConstraints(max_length=64)] = Field(
         default="", description="digest of the tiles and pairs it was stitched from"
+    )
+    rejected: list[PairRejection] = Field(default_factory=list, max_length=MAX_LIST)
+    stage_placed: list[tuple[Index, Index]] = Field(
+        default_factory=list,
+        max_length=MAX_LIST,
+        description="(row, col) of tiles without an accepted pair, placed by the stage model",
     )
 
     def msg_id(self) -> str:

@@ -153,6 +153,18 @@ class Lattice(Strict):
     slice_thickness_um: Annotated[float, Field(gt=0)] = 200.0
     stage_origin_um: tuple[float, float] = (0.0, 0.0)
     position_tolerance_px: Annotated[float, Field(gt=0)] = 10.0
+    stage_repeatability_px: Annotated[float, Field(gt=0, le=1000)] | None = Field(
+        default=None,
+        description="how far a tile may land from its stage position (px, per axis); pairs "
+        "then deviate from nominal by up to twice it, which replaces position_tolerance_px",
+    )
+
+    @property
+    def pair_tolerance_px(self) -> float:
+        """How far a neighbour pair's shift may deviate from the stage model (px, per axis)."""
+        if self.stage_repeatability_px is not None:
+            return 2.0 * self.stage_repeatability_px
+        return self.position_tolerance_px
 
 
 class RawLayout(Strict):
@@ -485,7 +497,7 @@ class Manifest(Strict):
                     overlap=lat.overlap if spec.overlap is None else spec.overlap,
                     raw=layout,
                     pixel_size_um=lat.pixel_size_um,
-                    position_tolerance_px=lat.position_tolerance_px,
+                    position_tolerance_px=lat.pair_tolerance_px,
                     mask_threshold_db=spec.mask_threshold_db,
                 )
             )

@@ -107,3 +107,22 @@ async def test_stitch_while_acquiring_with_low_texture_and_missing_tile(config, 
         Image.from_zarr(zarr.open_group(str(ngff), mode="r"))
     ome = zarr.open_group(str(volume_store), mode="r").attrs["ome"]
     assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["z", "y", "x"]
+
+
+async def test_rejections_and_stage_placed_tiles_are_in_the_event(config, js):
+    """Issue 19 (16): what the solve did not use is visible in `slice_stitched` (and its log):
+    here no pair passes a confidence of 0.9999, so every pair is listed with the aligner's
+    reason and every tile is placed by the stage model."""
+    manifest = small_manifest("rj", slices=1, rows=2, cols=2, alines=48, bscans=48, settle_s=0.2)
+    path = write_manifest(manifest, config.roots.raw / "rj")
+    options = {Stitch: {"min_confidence": 0.9999}}
+    async with pipeline(config, js, STAGES, options):
+        await asyncio.to_thread(simulate, path, manifest, 0, params=PARAMS)
+        stitched = await wait_for(lambda: events(js, "slice_stitched"), timeout=120)
+    event = stitched[0]
+    pairs = await events(js, "pair_aligned")
+    assert len(pairs) == 4 and not any(p.accepted for p in pairs)
+    rejected = {(tuple(r.a), tuple(r.b)): r.reason for r in event.rejected}
+    assert set(rejected) == {((p.a.row, p.a.col), (p.b.row, p.b.col)) for p in pairs}
+    assert all("low confidence" in reason for reason in rejected.values())
+    assert sorted(tuple(t) for t in event.stage_placed) == [(0, 0), (0, 1), (1, 0), (1, 1)]

@@ -7,8 +7,11 @@ Minimises, separately in y and x,
 where ``d_ij`` is the measured shift ``position(j) - position(i)`` (see
 :mod:`kernels.stitch.phasecorr`), ``w_ij = confidence ** weight_power`` and ``p0`` are the
 nominal (stage) positions. The weak prior fixes each connected component's translation to the
-stage model (its mean offset from nominal is ~0) and places tiles without any accepted pair
-exactly at their nominal position; its pull on measured pairs is ``O(prior_weight / w)``.
+stage model (its mean offset from nominal is ~0); its pull on measured pairs is
+``O(prior_weight / w)``. A tile without any accepted pair is then placed at its stage offset
+from its placed neighbours (its nominal position moved by their mean correction from
+nominal), so a stage error shared by a region (drift, backlash) carries over to it; with no
+placed neighbour at all it stays at its nominal position.
 """
 
 from __future__ import annotations
@@ -127,6 +130,8 @@ def solve_positions(
     comp = _components(n, ii[accepted], jj[accepted])
     degree = np.bincount(np.concatenate([ii[accepted], jj[accepted]]), minlength=n)
     comp[~pres] = -1
+    stage_only = pres & (degree == 0)
+    pos = _place_by_neighbours(pos, p0, stage_only, ii, jj, pres)
     return Layout(
         positions_yx=pos,
         residuals_yx=(pos[jj] - pos[ii]) - meas if m else np.zeros((0, 2)),
@@ -134,9 +139,38 @@ def solve_positions(
         reasons=reasons,
         weights=np.where(accepted, weights, 0.0),
         component=comp,
-        stage_only=pres & (degree == 0),
+        stage_only=stage_only,
         present=pres,
     )
+
+
+def _place_by_neighbours(
+    pos: np.ndarray,
+    p0: np.ndarray,
+    unplaced: np.ndarray,
+    ii: np.ndarray,
+    jj: np.ndarray,
+    present: np.ndarray,
+) -> np.ndarray:
+    """Tiles in ``unplaced`` at nominal + the mean (solved - nominal) correction of their
+    present, placed neighbours (lattice pairs ``ii``-``jj``), outward from the placed ones."""
+    pos = pos.copy()
+    todo = unplaced.copy()
+    placed = present & ~unplaced
+    links = [(int(a), int(b)) for a, b in zip(ii, jj, strict=True) if present[a] and present[b]]
+    while todo.any():
+        moved = []
+        for t in np.flatnonzero(todo):
+            near = [b if a == t else a for a, b in links if t in (a, b)]
+            near = [k for k in near if placed[k]]
+            if near:
+                pos[t] = p0[t] + np.mean([pos[k] - p0[k] for k in near], axis=0)
+                moved.append(t)
+        if not moved:
+            break  # the rest has no placed tile around it: the stage model alone
+        todo[moved] = False
+        placed[moved] = True
+    return pos
 
 
 def _solve(

@@ -27,6 +27,7 @@ from kernels.stitch import (
 from messages.events import (
     AcquisitionFinished,
     Event,
+    PairRejection,
     SliceStitched,
     StageFailed,
     TileCoord,
@@ -206,7 +207,7 @@ class Stitch(Stage):
             raise PermanentError(f"slice {slice_index} mosaic {mosaic} has no processed tile")
         digest = state.digest()
         rel = mosaic_path(acq, slice_index, mosaic)
-        positions, residual, missing = await asyncio.to_thread(
+        positions, residual, missing, rejected, stage_placed = await asyncio.to_thread(
             self._fuse,
             manifest,
             state,
@@ -226,6 +227,11 @@ class Stitch(Stage):
             tiles=len(done),
             missing=len(missing),
             residual_rms_px=round(residual, 3),
+            pairs_rejected=len(rejected),
+            stage_placed=[f"r{r}-c{c}" for r, c in stage_placed],
+            rejections=[f"r{p.a[0]}-c{p.a[1]}/r{p.b[0]}-c{p.b[1]}: {p.reason}" for p in rejected][
+                :20
+            ],
         )
         event = SliceStitched(
             acq=acq,
@@ -236,6 +242,8 @@ class Stitch(Stage):
             residual_rms_px=residual,
             missing=missing,
             inputs=digest,
+            rejected=rejected,
+            stage_placed=stage_placed,
             producer=self.name,
         )
         return Result(events=[event])
@@ -257,7 +265,7 @@ class Stitch(Stage):
         nominal = np.array([geometry.nominal_position_px(r, c) for r, c in index], float)
         done = state.processed()
         present = np.array([rc in done for rc in index])
-        pairs = []
+        pairs, kept = [], []
         for (a, b), rec in state.pairs.items():
             fields = {f.name for f in dataclasses.fields(PairAlignment)}
             values = {k: v for k, v in rec.items() if k in fields}
@@ -266,6 +274,7 @@ class Stitch(Stage):
             values["window_yx"] = tuple(values.get("window_yx", (0, 0)))
             alignment = PairAlignment(**values) if rec.get("accepted") else None
             pairs.append(PairMeasurement(index[a], index[b], alignment))
+            kept.append((a, b, rec))
         layout = solve_positions(
             nominal,
             pairs,
@@ -287,6 +296,14 @@ class Stitch(Stage):
             for (r, c), i in index.items()
             if not present[i]
         ]
+        rejected = [  # the aligner's reason, else the solve's (e.g. a residual outlier)
+            PairRejection(
+                a=a, b=b, reason=(rec.get("reason") or layout.reasons[k] or "rejected")[:200]
+            )
+            for k, (a, b, rec) in enumerate(kept)
+            if not layout.accepted[k] and present[index[a]] and present[index[b]]
+        ]
+        stage_placed = [rc for rc, i in index.items() if layout.stage_only[i]]
         if write:
             tiles = {name: [None] * n for name in PRODUCTS}
             for rc in done:
@@ -323,7 +340,7 @@ class Stitch(Stage):
                 self._fuse_volume(
                     manifest, state, layout.positions_yx, index, rel, acq, slice_index, mosaic
                 )
-        return positions, rms, missing
+        return positions, rms, missing, rejected, stage_placed
 
     def _fuse_volume(
         self,
