@@ -48,6 +48,18 @@ PATTERN_FIELDS = {"slice", "mosaic", "index", "row", "col", "file", "counter"}
 NIFTI_HEADER_BYTES = 352  # 348-byte NIfTI-1 header + 4 extension bytes, as the microscope writes
 MAX_TILES = 1_000_000  # tiles per acquisition (the event schema's bound)
 MAX_MANIFEST_BYTES = 1 << 20
+# files beside the tiles the watcher skips by default (notes, calibrations, manifests)
+SIDECARS = (
+    "*.json",
+    "*.txt",
+    "*.csv",
+    "*.md",
+    "*.log",
+    "*.mat",
+    "*.dat",
+    "*.toml",
+    "calibration/*",
+)
 
 _ROW_DIRECTIONS = ("right-down", "left-down", "right-up", "left-up")
 _COL_DIRECTIONS = ("down-right", "down-left", "up-right", "up-left")
@@ -389,17 +401,7 @@ class Manifest(Strict):
     processing: Processing = Field(default_factory=Processing)
     settle_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
     ignore: Annotated[list[Annotated[str, Field(max_length=500)]], Field(max_length=100)] = Field(
-        default_factory=lambda: [
-            "*.json",
-            "*.txt",
-            "*.csv",
-            "*.md",
-            "*.log",
-            "*.mat",
-            "*.dat",
-            "*.toml",
-            "calibration/*",
-        ],
+        default_factory=lambda: list(SIDECARS),
         description="glob patterns (relative to the manifest's directory) the watcher skips",
     )
     source: Path | None = Field(default=None, exclude=True)

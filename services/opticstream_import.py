@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from services.manifest import (
+    SIDECARS,
     Calibration,
     Lattice,
     Manifest,
@@ -164,17 +165,7 @@ def build_manifest(
     if saving not in SAVING_FORMATS:
         raise _refuse("acquisition.tile_saving_type", saving, f"one of {sorted(SAVING_FORMATS)}")
     raw_format, pattern = SAVING_FORMATS[saving]
-    ignore = [
-        "*.json",
-        "*.txt",
-        "*.csv",
-        "*.md",
-        "*.log",
-        "*.mat",
-        "*.dat",
-        "*.toml",
-        "calibration/*",
-    ]
+    ignore = list(SIDECARS)
     if saving == "complex_with_spectral":
         ignore.append("*_spectral_*")
         notes.append("tile_saving_type complex_with_spectral: the complex tiles are processed")

@@ -269,3 +269,51 @@ def test_manifest_file_limits(tmp_path):
     (tmp_path / "big.toml").write_text("# " + "x" * (2 << 20))
     with pytest.raises(ManifestError, match="a manifest is at most"):
         load_manifest(tmp_path / "big.toml")
+
+
+def test_import_opticstream_refuses_what_it_cannot_honour_by_field_name():
+    from services.opticstream_import import ImportRefused, build_manifest
+
+    def config(**over):
+        acq = {"grid_size_x_normal": 3, "grid_size_x_tilted": 4, "grid_size_y": 2}
+        base = {"project_name": "sub-01 ses 2", "acquisition": acq, "zarr_config": {}}
+        for key, value in over.items():
+            target = base
+            *parents, last = key.split(".")
+            for p in parents:
+                target = target.setdefault(p, {})
+            target[last] = value
+        return base
+
+    kw = {"wave_pixel_mat": "c.mat", "dispersion_file": None, "slices": 2, "first_slice": 5}
+    report = build_manifest(config(), **kw)
+    m = report.manifest
+    assert m.id == "sub-01-ses-2" and m.numbering.slice_offset == 4
+    assert [g.cols for g in map(m.geometry, range(2))] == [3, 4]
+    assert m.processing.orientation_sign == -1 and m.processing.flip_z is False
+    assert any("zarr_config" in n for n in report.notes)
+    assert any("no dispersion file" in n for n in report.notes)
+    flipped = build_manifest(
+        config(**{"processing.flip_phase": True, "processing.flip_z": False}), **kw
+    )
+    assert flipped.manifest.processing.orientation_sign == 1
+    assert flipped.manifest.processing.flip_z is True
+    for key, value, field in (
+        ("processing.ori_method", "histogram", "processing.ori_method"),
+        ("processing.biref_method", "unwrap_new", "processing.biref_method"),
+        ("processing.surface_spec", "argmax", "processing.surface_spec"),
+        ("acquisition.tile_saving_type", "hdf5", "acquisition.tile_saving_type"),
+        ("acquisition.scan_resolution_3d", [0.01, 0.02, 0.0025], "scan_resolution_3d"),
+        ("acquisition.grid_size_y", 0, "acquisition.grid_size_y"),
+        ("acquisition.frame_rate", 10, "acquisition.frame_rate"),
+        ("mosaics_per_slice", 4, "mosaics_per_slice"),
+    ):
+        with pytest.raises(ImportRefused, match=field.replace(".", r"\.")):
+            build_manifest(config(**{key: value}), **kw)
+    macaque = build_manifest(config(mosaics_per_slice=3), **kw).manifest
+    assert [g.illumination for g in map(macaque.geometry, range(3))] == [
+        "normal",
+        "tiltPos",
+        "tiltNeg",
+    ]
+    assert macaque.pattern == "processed_{file:04d}.nii"
