@@ -29,6 +29,7 @@ from .spectral import (
     bscans_to_complex,
     estimate_background,
     jones_to_output_depth,
+    output_depth,
     validate_input,
 )
 
@@ -181,7 +182,7 @@ def _process_host(
     raw: np.ndarray, cal: SpectrometerCalibration, params: ProcessingParams, bg: Any | None
 ) -> TileProducts:
     n_b, _, n_a, _ = raw.shape
-    shape = (n_b, n_a, cal.n_depth)
+    shape = (n_b, n_a, output_depth(raw, cal))
     db, ret, ori = (np.empty(shape, np.float32) for _ in range(3))
     cand = np.empty((n_b, n_a), np.int32)
     step = max(1, int(params.batch_bscans or 1))
@@ -213,8 +214,9 @@ def _process_device(
 
     n_b, _, n_a, n_s = raw.shape
     in_dtype = raw.dtype
-    shape = (n_b, n_a, cal.n_depth)
-    vol_bytes = 3 * 4 * n_b * n_a * cal.n_depth
+    n_z = output_depth(raw, cal)
+    shape = (n_b, n_a, n_z)
+    vol_bytes = 3 * 4 * n_b * n_a * n_z
     budget = int(params.gpu_memory_budget_bytes)
     keep_on_device = vol_bytes <= budget // 2
     batch_budget = budget - (vol_bytes if keep_on_device else 0)

@@ -26,6 +26,7 @@ __all__ = [
     "estimate_background",
     "jones_depth",
     "jones_to_output_depth",
+    "output_depth",
     "spectra_to_complex",
     "validate_input",
     "validate_raw",
@@ -55,18 +56,31 @@ def jones_depth(cal: SpectrometerCalibration) -> int:
 
 def validate_input(data: Any, cal: SpectrometerCalibration) -> None:
     """Raw spectra (:func:`validate_raw`) or complex Jones B-lines ``complex64[B, 2, A, Z]``
-    with Z = :func:`jones_depth`; ValueError otherwise."""
+    (Z = :func:`jones_depth`, or any depth of a cropped tile when no depth range is set);
+    ValueError otherwise."""
     dtype = getattr(data, "dtype", None)
     if dtype is None or np.dtype(dtype).kind != "c":
         validate_raw(data, cal)
         return
     shape = tuple(data.shape)
-    depth = jones_depth(cal)
-    if len(shape) != 4 or shape[1] != 2 or shape[3] != depth or shape[0] < 1 or shape[2] < 1:
+    if len(shape) != 4 or shape[1] != 2 or min(shape) < 1:
         raise ValueError(
-            f"complex tiles must have shape (B, 2, A, {depth}) = (B-lines, channels, A-lines, "
-            f"FFT bins {cal.autocorr_bins}..{cal.n_samples // 2 - 1}), got {shape}"
+            f"complex tiles must have shape (B, 2, A, Z) = (B-lines, channels, A-lines, depth), "
+            f"got {shape}"
         )
+    if shape[3] != jones_depth(cal) and cal.depth_range is not None:
+        raise ValueError(
+            f"a depth range needs complex tiles of every FFT bin {cal.autocorr_bins}.."
+            f"{cal.n_samples // 2 - 1} ({jones_depth(cal)} samples), got {shape[3]}"
+        )
+
+
+def output_depth(data: Any, cal: SpectrometerCalibration) -> int:
+    """Depth samples of the products of ``data``: the calibration's for spectra and full-depth
+    complex tiles, the tile's own for a cropped complex tile."""
+    if np.dtype(data.dtype).kind == "c" and data.shape[-1] != jones_depth(cal):
+        return int(data.shape[-1])
+    return cal.n_depth
 
 
 def jones_to_output_depth(
@@ -74,10 +88,14 @@ def jones_to_output_depth(
 ) -> Any:
     """Complex Jones B-lines in FFT bin order (bins ``autocorr_bins`` .. n/2 - 1, tilepipe's
     sign: the FFT of the resampled spectra) -> the calibration's output depth (depth range
-    kept, flipped with ``flip_z``), complex64 ``[b, 2, A, Z_out]``."""
+    kept, flipped with ``flip_z``), complex64 ``[b, 2, A, Z_out]``. A cropped tile (another
+    depth) keeps its depth, flipped with ``flip_z``."""
     xp = resolve_xp(xp, jones)
     first, stop = cal.fft_bins
-    seg = jones[..., first - cal.autocorr_bins : stop - cal.autocorr_bins]
+    if jones.shape[-1] == jones_depth(cal):
+        seg = jones[..., first - cal.autocorr_bins : stop - cal.autocorr_bins]
+    else:
+        seg = jones
     if cal.flip_z:
         seg = seg[..., ::-1]
     return xp.ascontiguousarray(seg, dtype=xp.complex64)

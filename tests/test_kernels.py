@@ -514,3 +514,25 @@ def test_forward_model_is_fast_and_quantised():
     elapsed = time.perf_counter() - t0
     assert raw.dtype == np.uint16 and raw.shape == (64, 2, 64, 512)
     assert elapsed < 1.0, f"64x64x512 simulation took {elapsed:.2f} s"
+
+
+def test_complex_tiles_full_and_cropped_depth():
+    """Complex (Jones) tiles enter after the spectral step: full-depth tiles give the same
+    volumes as their spectra; a cropped tile (the acquisition PC's focus crop) keeps its own
+    depth and equals that stretch of the full products."""
+    rng = np.random.default_rng(21)
+    cal = CAL.replace(dispersion_coeffs=(100.0, 50.0))
+    amps = ps_amplitudes(500.0, 0.5, 0.2, cal, random_phases(rng, (2, 8, 3)))
+    raw = simulate_bins(np.broadcast_to([30.0, 90.0, 150.0], (2, 8, 3)), amps, cal)
+    full_jones = spectra_to_complex(raw, cal.replace(flip_z=False, depth_range=None))
+    from_raw = process_tile(raw, cal, ProcessingParams())
+    from_jones = process_tile(full_jones, cal, ProcessingParams())
+    np.testing.assert_allclose(from_jones.db, from_raw.db, rtol=1e-5, atol=1e-4)
+    cropped = np.ascontiguousarray(full_jones[..., 40:200])
+    part = process_tile(cropped, cal, ProcessingParams())
+    assert part.db.shape == (2, 8, 160)
+    np.testing.assert_allclose(part.db, from_raw.db[..., 40:200], rtol=1e-5, atol=1e-4)
+    flipped = process_tile(cropped, cal.replace(flip_z=True), ProcessingParams())
+    np.testing.assert_allclose(flipped.db, part.db[..., ::-1], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="a depth range needs complex tiles of every FFT bin"):
+        process_tile(cropped, cal.replace(depth_range=(0, 100)), ProcessingParams())
