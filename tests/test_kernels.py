@@ -334,7 +334,14 @@ def test_inclusive_window_matches_the_toolbox_loop():
     ret[1, 1, surface[1, 1] + 4] = 0.0  # fit stops here
     offset, depth, lam, dz = -3, 10, 1.31, 2.4
     maps = enface_products(
-        db, ret, ori, surface, offset, depth, window="inclusive", wavelength_um=lam,
+        db,
+        ret,
+        ori,
+        surface,
+        offset,
+        depth,
+        window="inclusive",
+        wavelength_um=lam,
         axial_pixel_um=dz,
     )
     for b in range(n_b):
@@ -536,3 +543,48 @@ def test_complex_tiles_full_and_cropped_depth():
     np.testing.assert_allclose(flipped.db, part.db[..., ::-1], rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="a depth range needs complex tiles of every FFT bin"):
         process_tile(cropped, cal.replace(depth_range=(0, 100)), ProcessingParams())
+
+
+def test_streamed_tile_from_a_file_equals_in_memory_for_any_block(tmp_path):
+    """kernels.streaming: a read-only memmap of the raw file, blocks of 1, 3 and 7 B-lines,
+    volumes handed to a sink block by block: the same products as the whole tile in memory,
+    and never more than two blocks waiting for their maps."""
+    from kernels.streaming import _Finisher, stream_tile
+
+    rng = np.random.default_rng(31)
+    _, bins, amps = _tissue_tile(rng, 9, 16)
+    raw = simulate_bins(bins, amps, CAL)
+    path = tmp_path / "tile.raw"
+    raw.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint16, mode="r", shape=raw.shape)
+    params = ProcessingParams(enface_offset=5, enface_thickness=40)
+    whole = process_tile(raw, CAL, params)
+    held = []
+    original = _Finisher.add
+
+    def counting(self, *args):
+        original(self, *args)
+        held.append(len(self.pending))
+
+    for block in (1, 3, 7):
+        vols = {
+            name: np.full(whole.db.shape, np.nan, np.float32)
+            for name in ("db", "retardance", "orientation")
+        }
+
+        def sink(b0, b1, block_vols, vols=vols):
+            for name, values in block_vols.items():
+                vols[name][b0:b1] = values
+
+        _Finisher.add = counting
+        try:
+            maps = stream_tile(mapped, CAL, params, sink, block_bscans=block)
+        finally:
+            _Finisher.add = original
+        np.testing.assert_array_equal(vols["db"], whole.db)
+        np.testing.assert_array_equal(vols["orientation"], whole.orientation)
+        np.testing.assert_array_equal(maps.surface, whole.surface)
+        for name in ("aip", "mip", "enface_retardance", "enface_orientation", "birefringence"):
+            np.testing.assert_array_equal(getattr(maps, name), getattr(whole, name), name)
+        assert max(held) <= 2, (block, max(held))
+        held.clear()

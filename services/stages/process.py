@@ -1,4 +1,9 @@
-"""process: a converted tile -> PS-OCT volumes and en-face images (GPU when present)."""
+"""process: a converted tile -> PS-OCT volumes and en-face images (GPU when present).
+
+The tile is streamed through the kernels in B-line blocks (`kernels.streaming`): read block by
+block, volumes written into the products group as each block is done, en-face maps at the end,
+so a worker's memory is set by the block size, not the tile size.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from zarr.codecs import BloscCodec
 
 from kernels.backend import device_name, get_xp
 from kernels.calibration import SpectrometerCalibration
-from kernels.pipeline import ProcessingParams, process_tile
+from kernels.pipeline import ProcessingParams
+from kernels.spectral import output_depth, validate_input
+from kernels.streaming import CPU_BLOCK_BSCANS, stream_tile
 from messages.events import TileConverted, TileProcessed, utcnow
 from services.atomic import COMPLETE_ATTR, atomic_directory, is_complete, zarr_attrs
 from services.layout import products_path
@@ -94,20 +101,20 @@ class Process(Stage):
         if not ctx.force and is_complete(target, **source):
             device = zarr_attrs(target).get("device", device)
         else:
-            raw = zarr.open_array(str(source_dir), mode="r")[:]
+            raw = zarr.open_array(str(source_dir), mode="r")  # read block by block
             read = raw.nbytes
             cal = SpectrometerCalibration(**source_attrs["calibration"])
             params = ProcessingParams(**{**source_attrs.get("processing", {}), **self.runtime})
-            data = raw if self.xp is np else self.xp.asarray(raw)
-            products = process_tile(data, cal, params, xp=self.xp)
-            device = products.device
-            written = self._write(
-                target,
-                products,
-                event,
-                {**source, "calibration": source_attrs["calibration"]},
-                params,
-            )
+            validate_input(raw, cal)
+            attrs = {
+                "acq": event.acq,
+                "tile": event.tile.model_dump(),
+                "params": params.__dict__,
+                "units": PRODUCT_UNITS,
+                **source,
+                "calibration": source_attrs["calibration"],
+            }
+            device, written = self._stream(target, raw, cal, params, attrs)
         seconds = time.perf_counter() - started
         TILES_BY_DEVICE.labels(device).inc()
         names = {**{v: f"{rel}/{v}" for v in VOLUMES}, **{v: f"{rel}/{v}" for v in ENFACE.values()}}
@@ -127,22 +134,34 @@ class Process(Stage):
             bytes_written=written,
         )
 
-    def _write(
-        self, target, products, event: TileConverted, source: dict, params: ProcessingParams
-    ) -> int:
+    def _stream(self, target, raw, cal, params: ProcessingParams, attrs: dict) -> tuple[str, int]:
+        """Stream the tile through the kernels into a new products group: the volumes are
+        written block by block as they come, the en-face maps at the end; returns (device,
+        bytes written)."""
+        n_b, _, n_a, _ = raw.shape
+        shape = (n_b, n_a, output_depth(raw, cal))
+        block = params.batch_bscans or CPU_BLOCK_BSCANS
         with atomic_directory(target) as tmp:
             group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            for name in VOLUMES:
-                vol = getattr(products, name)
-                group.create_array(
+            arrays = {
+                name: group.create_array(
                     name,
-                    data=vol.astype(np.float32),
-                    chunks=(min(16, vol.shape[0]), *vol.shape[1:]),
+                    shape=shape,
+                    dtype=np.float32,
+                    chunks=(min(block, n_b), *shape[1:]),
                     compressors=COMPRESSOR,
                     dimension_names=("bline", "aline", "depth"),
                 )
+                for name in VOLUMES
+            }
+
+            def write(b0: int, b1: int, volumes) -> None:
+                for name, values in volumes.items():
+                    arrays[name][b0:b1] = values
+
+            maps = stream_tile(raw, cal, params, write, xp=self.xp, block_bscans=block)
             for attr, name in ENFACE.items():
-                img = np.asarray(getattr(products, attr))
+                img = np.asarray(getattr(maps, attr))
                 group.create_array(
                     name,
                     data=img,
@@ -150,15 +169,6 @@ class Process(Stage):
                     compressors=COMPRESSOR,
                     dimension_names=("bline", "aline"),
                 )
-            group.attrs.update(
-                {
-                    "acq": event.acq,
-                    "tile": event.tile.model_dump(),
-                    "device": products.device,
-                    "params": params.__dict__,
-                    "units": PRODUCT_UNITS,
-                    **source,
-                }
-            )
+            group.attrs.update({**attrs, "device": maps.device})
             group.attrs[COMPLETE_ATTR] = True
-        return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        return maps.device, sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
