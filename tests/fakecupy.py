@@ -41,7 +41,6 @@ temporaries inside a library call.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import types
@@ -907,12 +906,3 @@ def install(monkeypatch: Any) -> types.ModuleType:
     monkeypatch.setattr(resampling, "_CACHE", OrderedDict())
     ledger.reset()
     return cupy
-
-
-@contextlib.contextmanager
-def no_transfers() -> Any:
-    """Assert that the block copies nothing between host and device."""
-    before = len(ledger.transfers)
-    yield
-    extra = ledger.transfers[before:]
-    assert not extra, f"unexpected host<->device transfers: {extra}"

@@ -180,7 +180,7 @@ def test_fake_refuses_what_cupy_refuses(fake_cupy):
     with pytest.raises(ValueError, match=r"non-scalar numpy\.ndarray"):
         dev[0] = host[0]
     with pytest.raises(TypeError, match="no implementation found"):
-        np.interp(dev, dev, dev)  # a NumPy function the fake (here: like CuPy 12) lacks
+        np.interp(dev, dev, dev)  # CuPy has interp, the fake not: it is stricter, never laxer
     assert not hasattr(fake_cupy, "interp")
     import cupyx
 
