@@ -114,15 +114,6 @@ def _gaussian_taps(sigma: float) -> list[float]:
     return [t / total for t in taps]
 
 
-def _gradient_line(line: Any, xp: ArrayModule) -> int:
-    """The toolbox's gradient surface (0-based) of one A-line with a short valid length."""
-    n = int((line > _GRADIENT_VALID_DB).sum())
-    w = _GRADIENT_HALF
-    if n <= 2 * w:
-        return 0
-    return int(gradient_surface_candidates(line[None, :n], xp=xp, full_length=True)[0])
-
-
 def gradient_surface_candidates(
     db: Any, xp: ArrayModule | None = None, full_length: bool = False
 ) -> Any:
@@ -133,6 +124,11 @@ def gradient_surface_candidates(
     mean(data[i : i+5]); surface = i + 5 at the first maximum of grad (the first sample of the
     brighter half of the steepest rise); 0 when n <= 10. ``full_length`` skips the valid-length
     count (every sample valid), as the count is n = Z for any volume above 0.01 dB.
+
+    Every A-line is done at once, short ones too (no per-line loop, no host round trip): a line
+    of valid length n < Z has its samples from n on replaced by sample n - 1 (what the edge
+    replication of the first n samples would read there) and its gradient past n - 10 masked,
+    so it gets exactly the result of the first n samples alone.
     """
     xp = resolve_xp(xp, db)
     n_z = db.shape[-1]
@@ -141,24 +137,25 @@ def gradient_surface_candidates(
         return xp.zeros(db.shape[:-1], dtype=xp.int32)
     taps = _gaussian_taps(_GRADIENT_SIGMA)
     radius = len(taps) // 2
+    data = db.astype(xp.float32, copy=False)
+    if not full_length:
+        short = (db <= _GRADIENT_VALID_DB).any(axis=-1, keepdims=True)
+        n = xp.where(short, (db > _GRADIENT_VALID_DB).sum(axis=-1, keepdims=True), n_z)
+        last = xp.take_along_axis(data, xp.maximum(n - 1, 0), axis=-1)
+        data = xp.where(xp.arange(n_z) < n, data, last)
     pad = [(0, 0)] * (db.ndim - 1) + [(radius, radius)]
-    padded = xp.pad(db.astype(xp.float32, copy=False), pad, mode="edge")
+    padded = xp.pad(data, pad, mode="edge")
     smooth = padded[..., 0:n_z] * taps[0]
     for t in range(1, len(taps)):
         smooth += padded[..., t : t + n_z] * taps[t]
     cs = xp.cumsum(smooth, axis=-1, dtype=xp.float32)
     box = _window_sums(cs, w)  # box[i] = sum(smooth[i : i + w])
     grad = box[..., w:] - box[..., :-w]
-    surface = (xp.argmax(grad, axis=-1) + w).astype(xp.int32)
     if full_length:
-        return surface
-    short = (db <= _GRADIENT_VALID_DB).any(axis=-1)
-    if bool(short.any()):
-        flat_db, flat_s = db.reshape(-1, n_z), surface.reshape(-1)
-        for i in [int(v) for v in xp.nonzero(short.reshape(-1))[0]]:
-            flat_s[i] = _gradient_line(flat_db[i], xp)
-        surface = flat_s.reshape(surface.shape)
-    return surface
+        return (xp.argmax(grad, axis=-1) + w).astype(xp.int32)
+    grad = xp.where(xp.arange(grad.shape[-1]) <= n - 2 * w, grad, -xp.inf)  # first n only
+    surface = xp.argmax(grad, axis=-1) + w
+    return xp.where(n[..., 0] > 2 * w, surface, 0).astype(xp.int32)
 
 
 def _pick(a: Any, index: Any, xp: ArrayModule) -> Any:

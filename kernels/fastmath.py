@@ -70,7 +70,7 @@ def half_angle(re: Any, im: Any, modulus: Any, xp: Any, *, degrees: bool = False
     r = atan_unit(s, degrees=degrees)
     quarter = 90.0 if degrees else math.pi / 2
     # re < 0: phi/2 = +-pi/2 - atan(s); im == 0 maps to -pi/2 so the range is [-pi/2, pi/2).
-    q = xp.asarray(quarter, dtype=r.dtype)
+    q = r.dtype.type(quarter)  # a typed scalar: a kernel argument, no host -> device copy
     alt = xp.where(im > 0, q, -q)
     alt -= r
     return xp.where(re >= 0, r, alt)

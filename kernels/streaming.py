@@ -13,7 +13,8 @@ B-line batch each; the kernels release the GIL) and written by one thread, so re
 and writing of consecutive blocks overlap. On a GPU (CuPy) each block is staged through two
 pinned host buffers on a copy stream while the previous block computes on a compute stream;
 the volumes come back into pinned buffers that the writer thread hands to ``sink`` once their
-copy has finished; device memory is the block's working set plus two blocks of volumes.
+copy has finished; device memory is the block's working set plus two blocks of volumes and
+the tile's surface candidates (int32 [B, A], kept on the device for the lateral median).
 Results do not depend on the block size.
 """
 
@@ -70,19 +71,20 @@ class TileMaps:
 
 class _Finisher:
     """Surface (median of the candidates) and en-face maps of each block, as soon as the
-    candidates of the rows around it exist; holds at most the blocks still waiting."""
+    candidates of the rows around it exist; holds at most the blocks still waiting. The
+    candidates stay on ``xp``'s device; only the surface and the maps come to the host."""
 
     def __init__(self, n_b: int, n_a: int, params: Any, xp: ArrayModule) -> None:
         self.n_b, self.params, self.xp = n_b, params, xp
         self.radius = max(0, int(params.surface_median) // 2)
-        self.cand = np.empty((n_b, n_a), np.int32)
+        self.cand = xp.empty((n_b, n_a), xp.int32)  # stays on the device: no round trip
         self.maps = {name: np.empty((n_b, n_a), np.float32) for name in MAPS}
         self.surface = np.empty((n_b, n_a), np.int32)
         self.pending: deque[tuple[int, int, tuple[Any, Any, Any]]] = deque()
         self.rows = 0
 
     def add(self, b0: int, b1: int, vols: tuple[Any, Any, Any], cand: Any) -> None:
-        self.cand[b0:b1] = to_host(cand)
+        self.cand[b0:b1] = cand
         self.rows = b1
         self.pending.append((b0, b1, vols))
         while self.pending and (
@@ -93,7 +95,7 @@ class _Finisher:
     def _finish(self, b0: int, b1: int, vols: tuple[Any, Any, Any]) -> None:
         xp, p = self.xp, self.params
         lo, hi = max(0, b0 - self.radius), min(self.n_b, b1 + self.radius)
-        strip = median_filter_2d(xp.asarray(self.cand[lo:hi]), p.surface_median, xp)
+        strip = median_filter_2d(self.cand[lo:hi], p.surface_median, xp)
         surface = strip[b0 - lo : b1 - lo]
         maps = enface_products(
             *vols,

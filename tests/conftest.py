@@ -122,3 +122,12 @@ async def pipeline(config: Config, js, stages, options: dict | None = None, **se
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """tests/fakecupy.py's CuPy stand-in as ``cupy`` (and ``cupyx``) for one test: the kernels'
+    device path runs on the CPU and fails where CuPy would; returns the fake module."""
+    from tests.fakecupy import install
+
+    return install(monkeypatch)

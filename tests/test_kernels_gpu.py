@@ -1,4 +1,6 @@
-"""NumPy vs CuPy parity of the kernel chain; skipped unless CuPy and a CUDA GPU are present."""
+"""NumPy vs CuPy parity of the kernel chain, on two backends: "fake" (tests/fakecupy.py, CuPy's
+rules on the CPU, always run) and "cuda" (CuPy on a GPU: gpu-marked, skipped unless CuPy and
+a CUDA device are present)."""
 
 from __future__ import annotations
 
@@ -18,10 +20,27 @@ from kernels import (
 )
 from kernels.pipeline import bytes_per_bscan
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA GPU"),
-]
+REAL_GPU = gpu_available()  # before any test installs the fake
+
+
+@pytest.fixture(
+    params=[
+        "fake",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not REAL_GPU, reason="needs CuPy and a CUDA GPU"),
+            ],
+        ),
+    ]
+)
+def cp(request):
+    """The device array module: the fake CuPy, or CuPy on a real GPU."""
+    if request.param == "fake":
+        request.getfixturevalue("fake_cupy")
+    return get_xp("gpu")
+
 
 CAL = SpectrometerCalibration.from_band(
     512, dispersion_coeffs=(150.0, 300.0), orientation_offset_deg=12.0
@@ -48,8 +67,7 @@ def _circ(a, b):
     return np.abs((a - b + 90.0) % 180.0 - 90.0)
 
 
-def test_spectra_to_complex_parity():
-    cp = get_xp("gpu")
+def test_spectra_to_complex_parity(cp):
     raw = _tile()
     host = spectra_to_complex(raw, CAL)
     dev = spectra_to_complex(cp.asarray(raw), CAL)
@@ -59,8 +77,7 @@ def test_spectra_to_complex_parity():
 
 
 @pytest.mark.parametrize("volumes_fit_on_device", [True, False])
-def test_process_tile_parity(volumes_fit_on_device):
-    cp = get_xp("gpu")
+def test_process_tile_parity(cp, volumes_fit_on_device):
     raw = _tile()
     n_b, _, n_a, _ = raw.shape
     vol_bytes = 3 * 4 * n_b * n_a * CAL.n_depth
@@ -86,8 +103,7 @@ def test_process_tile_parity(volumes_fit_on_device):
     assert _circ(gpu.enface_orientation, cpu.enface_orientation)[same].max() < 0.05
 
 
-def test_device_input_stays_on_device():
-    cp = get_xp("gpu")
+def test_device_input_stays_on_device(cp):
     raw = _tile(n_b=3)
     out = process_tile(cp.asarray(raw), CAL, ProcessingParams(batch_bscans=2))
     ref = process_tile(raw, CAL, ProcessingParams(batch_bscans=2))
