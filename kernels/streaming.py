@@ -287,7 +287,7 @@ def _stream_device(source, cal, params, background, sink, finisher, step, xp) ->
                         writes[s].result()  # the writer is done with this slot's buffers
                     n = b1 - b0
                     for v, src in enumerate((db, ret, ori)):
-                        src.get(stream=compute_stream, out=out_pinned[s][v][:n])
+                        src.get(stream=compute_stream, out=out_pinned[s][v][:n], blocking=False)
                     returned[s].record(compute_stream)
                     writes[s] = writer.submit(write, s, b0, b1)
                 finisher.add(b0, b1, (db, ret, ori), c)

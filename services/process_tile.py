@@ -74,7 +74,7 @@ def process_tile_command(args) -> int:
         f"processing {data.shape[0]} B-lines x {data.shape[2]} A-lines on "
         f"{'the CPU' if is_numpy(xp) else 'the GPU'} ({manifest.processing.preset} conventions)"
     )
-    products = process_tile(data if is_numpy(xp) else xp.asarray(data), cal, params, xp=xp)
+    products = process_tile(data, cal, params, xp=xp)  # streamed to the device block by block
     computed = time.perf_counter()
     prefix = args.prefix or product_prefix(raw.name)
     paths = write_tile_products(
