@@ -52,6 +52,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
+
 from .backend import ArrayModule, is_numpy, resolve_xp
 
 __all__ = [
@@ -252,7 +254,7 @@ def _lm(state: list, r: tuple, cg: float, sg: float, iterations: int, xp: ArrayM
         x, y, z = xp.where(ok, xn, x), xp.where(ok, yn, y), xp.where(ok, zn, z)
         e = tuple(xp.where(ok, new, old) for new, old in zip(en, e, strict=True))
         cost = xp.where(ok, cn, cost)
-        lam = xp.where(ok, lam * 0.3, lam * 10.0)
+        lam = xp.where(ok, xp.maximum(lam * 0.3, 1e-12), xp.minimum(lam * 10.0, 1e10))
         moving = (dx * dx + dy * dy + dz * dz) > _STEP_TOL**2 * (x * x + y * y + z * z)
     return [x, y, z, *e, cost, lam], moving
 
@@ -275,7 +277,10 @@ def _fit_chunk(
     pn = xp.deg2rad(xp.where(branch1, on, on % 180.0))
     pt = xp.deg2rad(xp.where(branch1, ot, ot % 180.0))
     scale = (bn * bn + bt * bt) ** 0.5  # solve in units of |(b_n, b_t)|: scale-free LM
-    bn_s, bt_s = bn / scale, bt / scale
+    scale = xp.where(scale > 0, scale, xp.nan)  # no signal in either view: NaN
+    # a view with exactly zero birefringence has no direction: 1e-12 of the other keeps the
+    # starts defined and changes the objective by 1e-24 (relative)
+    bn_s, bt_s = xp.maximum(bn / scale, 1e-12), xp.maximum(bt / scale, 1e-12)
     r = (bn_s * xp.cos(pn), bn_s * xp.sin(pn), bt_s * xp.cos(pt), bt_s * xp.sin(pt))
     best = None
     for x, y, z in _starts(r, cg, sg, xp):
@@ -319,7 +324,8 @@ def solve_optic_axis(
     Inputs are registered maps of one shape: apparent birefringence (delta-n units) and
     apparent orientation [deg] of the normal and the tilted illumination, orientations in the
     model frame (the toolbox's ``-ori``). As in the toolbox, negative or non-finite
-    birefringence becomes 1e-9 and NaN orientation 1e-9 deg; pixels outside ``mask`` are NaN.
+    birefringence becomes 1e-9 and NaN orientation 1e-9 deg; pixels outside ``mask`` and
+    pixels with zero birefringence in both views are NaN.
     ``iterations``: Levenberg-Marquardt steps for every pixel from the best of four analytic
     starts; ``polish_iterations``: further steps for the pixels whose last step was still
     larger than 1e-7 |x| (a few per thousand, mostly steep axes).
@@ -364,9 +370,10 @@ def solve_optic_axis(
         bt = xp.where(bad_b, TOOLBOX_FLOOR, bt)
         on = xp.where(xp.isnan(on), TOOLBOX_FLOOR, on)
         ot = xp.where(xp.isnan(ot), TOOLBOX_FLOOR, ot)
-        x, y, z, cost, branch1 = _fit_chunk(
-            bn, on, bt, ot, cg, sg, iterations, polish_iterations, xp
-        )
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # NumPy only
+            x, y, z, cost, branch1 = _fit_chunk(
+                bn, on, bt, ot, cg, sg, iterations, polish_iterations, xp
+            )
         dn = (x * x + y * y + z * z) ** 0.5
         sin_el = xp.clip(z / dn, -1.0, 1.0)
         flip = xp.where(x < 0, -1.0, 1.0)  # representative with u_x >= 0

@@ -343,6 +343,9 @@ def test_mask_floors_and_shapes():
     bad = solve_optic_axis([-1e-4, np.nan], [np.nan, 10.0], [2e-4, 2e-4], [5.0, 5.0], GAMMA)
     floor = solve_optic_axis([1e-9, 1e-9], [1e-9, 10.0], [2e-4, 2e-4], [5.0, 5.0], GAMMA)
     assert np.allclose(bad.delta_n, floor.delta_n) and np.allclose(bad.alpha_deg, floor.alpha_deg)
+    # no signal in either view: NaN; in one view only: still a fit
+    zero = solve_optic_axis([0.0, 0.0, 1e-4], [10.0, 10.0, 10.0], [0.0, 1e-4, 0.0], [5.0] * 3)
+    assert np.isnan(zero.delta_n[0]) and np.all(np.isfinite(zero.delta_n[1:]))
     with pytest.raises(ValueError, match="gamma"):
         solve_optic_axis(bn, on, bt, ot, 0.0)
     with pytest.raises(ValueError, match="shape"):
