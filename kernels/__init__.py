@@ -23,6 +23,16 @@ from .forward import (
     ps_amplitudes,
     simulate_spectra,
 )
+from .optic_axis import (
+    ApparentMap,
+    OpticAxisFit,
+    axis_rgb,
+    axis_weight,
+    inplane_rgb,
+    project,
+    solve_optic_axis,
+    through_plane_rgb,
+)
 from .pipeline import ProcessingParams, TileProducts, process_tile
 from .psoct import PSVolumes, orientation_deg, ps_products, reflectivity_db, retardance_deg
 from .resampling import ResamplingTable, resampling_table
@@ -37,7 +47,9 @@ from .spectral import (
 )
 
 __all__ = [
+    "ApparentMap",
     "EnfaceImages",
+    "OpticAxisFit",
     "PSVolumes",
     "ProcessingParams",
     "ResamplingTable",
@@ -45,6 +57,8 @@ __all__ = [
     "SpectrometerCalibration",
     "TileProducts",
     "array_module",
+    "axis_rgb",
+    "axis_weight",
     "bscans_to_complex",
     "dc_background",
     "depth_bin_of",
@@ -56,11 +70,13 @@ __all__ = [
     "get_xp",
     "gpu_available",
     "gradient_surface_candidates",
+    "inplane_rgb",
     "jones_depth",
     "jones_to_output_depth",
     "median_filter_2d",
     "orientation_deg",
     "process_tile",
+    "project",
     "ps_amplitudes",
     "ps_products",
     "reflectivity_db",
@@ -69,8 +85,10 @@ __all__ = [
     "retardance_slope",
     "simulate_spectra",
     "slope_to_delta_n",
+    "solve_optic_axis",
     "spectra_to_complex",
     "surface_candidates",
+    "through_plane_rgb",
     "to_host",
     "validate_input",
     "validate_raw",
