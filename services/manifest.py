@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import string
 import tomllib
 from collections.abc import Iterator
@@ -41,6 +40,8 @@ from services.calibration_files import (
     wave_pixel_polynomials,
 )
 from services.config import format_validation_error
+from services.regular_files import NotRegularFile, open_regular
+from services.stage import PermanentError
 
 RawFormat = Literal["nifti-spectral", "raw12", "tiff", "nifti-complex"]
 SPECTRAL_FORMATS = ("nifti-spectral", "raw12", "tiff")
@@ -80,6 +81,12 @@ ALIASES = {"raster": "row-by-row-right-down", "serpentine": "snake-by-rows-right
 
 class ManifestError(ValueError):
     """A manifest that cannot be used, with field names and reasons."""
+
+
+class InvalidManifest(ManifestError, PermanentError):
+    """A manifest that can never be used as it is (its content, or a path that is not a
+    regular file): a stage fails its input at once. Other ManifestErrors (not found, a read
+    error) may pass and are retried."""
 
 
 class Strict(BaseModel):
@@ -525,6 +532,21 @@ class Manifest(Strict):
         g = self.geometry(tile.mosaic)
         return 0 <= tile.row < g.rows and 0 <= tile.col < g.cols
 
+    def lattice_text(self) -> str:
+        """The lattice in words: "2 slices x 2 mosaics (m0 20x20, m1 20x24 tiles)"."""
+        n, m = self.lattice.slices, self.lattice.mosaics
+        grids = ", ".join(f"m{g.index} {g.rows}x{g.cols}" for g in self._geometries)
+        return f"{n} slice{'s' * (n > 1)} x {m} mosaic{'s' * (m > 1)} ({grids} tiles)"
+
+    def outside(self, tile: TileCoord) -> str | None:
+        """Why a tile lies outside the lattice (naming the tile and the lattice), or None."""
+        if self.contains(tile):
+            return None
+        return (
+            f"tile {tile.token()} of slice {tile.slice} is outside the lattice of {self.id}: "
+            f"{self.lattice_text()}, slices and rows counted from 0"
+        )
+
     # ---------------------------------------------------------------- file names <-> tiles
     @property
     def patterns(self) -> list[str]:
@@ -769,37 +791,36 @@ class Manifest(Strict):
 
 
 def load_manifest(path: Path) -> Manifest:
-    """Read and validate a manifest; ManifestError lists every bad field."""
+    """Read and validate a manifest; ManifestError lists every bad field (InvalidManifest for
+    anything but a missing or unreadable file)."""
     path = Path(path)
     try:
-        # non-blocking open: a FIFO (or device) in a manifest's place must not hang the reader
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ManifestError(f"{path}: not a regular file")
-            if st.st_size > MAX_MANIFEST_BYTES:
-                raise ManifestError(
-                    f"{path}: {st.st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}"
+        with open_regular(path) as fh:  # a FIFO or device in its place must not hang us
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise InvalidManifest(
+                    f"{path}: {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}"
                 )
             text = fh.read(MAX_MANIFEST_BYTES + 1).decode()
         data: dict[str, Any] = tomllib.loads(text)
+    except NotRegularFile as exc:
+        raise InvalidManifest(str(exc)) from None
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ManifestError(f"{path}: not valid TOML: {str(exc)[:200]}") from None
+        raise InvalidManifest(f"{path}: not valid TOML: {str(exc)[:200]}") from None
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         return Manifest.model_validate({**data, "source": path.resolve()})
     except ValidationError as exc:
-        raise ManifestError(
+        raise InvalidManifest(
             format_validation_error(exc, str(path)).replace(
                 "invalid configuration", "invalid manifest"
             )
         ) from None
     except RecursionError:
-        raise ManifestError(f"{path}: invalid manifest: nested too deeply") from None
+        raise InvalidManifest(f"{path}: invalid manifest: nested too deeply") from None
 
 
 def dump_manifest(manifest: Manifest) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from services.config import Config
 from services.manifest import NIFTI_HEADER_BYTES, Manifest, ManifestError, load_manifest
 from services.rawio import RawFormatError, header_notes
+from services.regular_files import NotRegularFile, file_kind, open_regular
 
 FLOAT32 = 4
 EXAMPLES = 8  # names shown per kind of mismatch
@@ -101,7 +102,7 @@ def check_files(manifest: Manifest, acq_dir: Path) -> list[Check]:
             special.append(f"{rel} ({exc.strerror or exc})")
             continue
         if not stat.S_ISREG(st.st_mode):
-            special.append(f"{rel} (not a regular file)")
+            special.append(f"{rel} (not a regular file: {file_kind(st.st_mode)})")
             continue
         tiles.setdefault(tile, []).append(rel)
         layout = manifest.geometry(tile.mosaic).raw
@@ -111,10 +112,12 @@ def check_files(manifest: Manifest, acq_dir: Path) -> list[Check]:
             wrong_size.append(f"{rel}: {size} bytes, expected {want} ({kind})")
             continue
         if layout.format in ("nifti-spectral", "nifti-complex"):
-            with open(path, "rb") as fh:
-                head = fh.read(NIFTI_HEADER_BYTES)
             try:
+                with open_regular(path, rel) as fh:  # swapped for a FIFO since the stat
+                    head = fh.read(NIFTI_HEADER_BYTES)
                 notes.extend(f"{rel}: {n}" for n in header_notes(head, layout, rel))
+            except NotRegularFile as exc:
+                special.append(str(exc))
             except RawFormatError as exc:
                 bad_header.append(str(exc))
     doubles = [
