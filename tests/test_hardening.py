@@ -6,21 +6,22 @@ Which test proves which fault is listed in docs/reliability.md and docs/security
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from pathlib import Path
 
 import numpy as np
 
-from messages import TileArrived, TileCoord, decode_event, utcnow
+from messages import TileArrived, TileCoord, TileProcessed, decode_event, utcnow
 from services.bus import publish_event
 from services.cli import provision
 from services.config import Config
 from services.manifest import Manifest
 from services.rawio import encode_tile
-from services.simulate import PhantomParams, write_manifest, write_tile_file
+from services.simulate import PhantomParams, simulate, write_manifest, write_tile_file
 from tests.conftest import stream_messages, wait_for
-from tests.procs import Services, fault_config
+from tests.procs import Services, fault_config, tiny_acquisition
 from tests.test_watcher import tiny_manifest
 
 STREAM = "TILEPIPE"
@@ -146,6 +147,48 @@ async def test_convert_refuses_special_files_corrupt_headers_and_outside_tiles_a
 
 
 # ------------------------------------------------------------------- (9) stitch
+async def test_a_processed_tile_outside_the_lattice_never_breaks_the_mosaic(config, js, tmp_path):
+    """Tiles outside the lattice: convert refuses them at once; a `tile_processed` outside the
+    lattice reaching stitch (from an older pipeline, another producer) fails at once in
+    stitch, and the mosaic is stitched whole when its last tile arrives (no KeyError)."""
+    names = ["watcher", "convert", "process", "stitch"]
+    cfg = fault_config(config, ("convert", "process", "stitch"))
+    manifest = tiny_acquisition("edge", slices=1)
+    path = write_manifest(manifest, config.roots.raw / "edge")
+    coords = list(manifest.coords())
+    await provision(cfg)
+    with Services(cfg, tmp_path / "svc", names):
+        await asyncio.to_thread(
+            simulate, path, manifest, 0, params=PARAMS, only=lambda c: c != coords[-1]
+        )
+        await wait_for(lambda: _at_least(js, "tile_processed", 3), timeout=180, interval=0.5)
+        first = (await events(js, "tile_arrived"))[0]
+        for tile in (TileCoord(slice=0, row=9, col=9), TileCoord(slice=7, row=0, col=0)):
+            await publish_event(js, first.model_copy(update={"tile": tile}))
+        done = next(e for e in await events(js, "tile_processed"))
+        stray = TileProcessed(
+            acq="edge",
+            tile=TileCoord(slice=0, row=5, col=5),
+            products=done.products,
+            device="cpu",
+            seconds=0.0,
+        )
+        await publish_event(js, stray)
+        await wait_for(lambda: _at_least(js, "stage_failed", 3), timeout=60, interval=0.5)
+        await asyncio.to_thread(
+            simulate, path, manifest, 0, params=PARAMS, only=lambda c: c == coords[-1]
+        )
+        stitched = await wait_for(lambda: events(js, "slice_stitched"), timeout=120, interval=0.5)
+    failed = {(e.stage, e.tile.slice, e.tile.token()): e for e in await events(js, "stage_failed")}
+    assert set(failed) == {
+        ("convert", 0, "m0-r9-c9"),
+        ("convert", 7, "m0-r0-c0"),
+        ("stitch", 0, "m0-r5-c5"),
+    }, failed
+    assert all(e.attempts == 1 and "outside the lattice" in e.error for e in failed.values())
+    assert len(stitched) == 1 and stitched[0].missing == [] and len(stitched[0].positions) == 4
+
+
 # ------------------------------------------------ (5) acq_started and a full stream
 # ------------------------------------------- (14) rescans, rewrites, clocks; (12) stalls
 # ------------------------------------------------------- (12) a late tile after finish
