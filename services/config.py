@@ -147,6 +147,9 @@ class WatcherSettings(Strict):
     )
     rescan_s: Annotated[float, Field(gt=0)] = 60.0
     force_polling: bool = Field(default=False, description="poll (network filesystems)")
+    stalled_s: Annotated[float, Field(gt=0)] = Field(
+        default=300.0, description="log a tile file below its size that stops growing this long"
+    )
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
 
 

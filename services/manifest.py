@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from messages.events import TileCoord
+from messages.events import MAX_INDEX, TileCoord
 from services.calibration_files import (
     CalibrationFileError,
     read_dispersion,
@@ -47,7 +47,7 @@ RawFormat = Literal["nifti-spectral", "raw12", "tiff", "nifti-complex"]
 SPECTRAL_FORMATS = ("nifti-spectral", "raw12", "tiff")
 PATTERN_FIELDS = {"slice", "mosaic", "index", "row", "col", "file", "counter"}
 NIFTI_HEADER_BYTES = 352  # 348-byte NIfTI-1 header + 4 extension bytes, as the microscope writes
-MAX_TILES = 1_000_000  # tiles per acquisition (the event schema's bound)
+MAX_TILES = MAX_INDEX  # tiles per acquisition: the events' bound (acq_started.tiles_expected)
 MAX_MANIFEST_BYTES = 1 << 20
 
 _ROW_DIRECTIONS = ("right-down", "left-down", "right-up", "left-up")
@@ -583,6 +583,24 @@ class Manifest(Strict):
             "file": file + num.base,
             "counter": self._ordinal(tile) + num.base,
         }
+
+    def longest_names(self) -> list[str]:
+        """Per name pattern, a name at least as long as any tile's: every field at the
+        largest number it can carry (the event rules bound the paths of tiles)."""
+        num, lat, geoms = self.numbering, self.lattice, self._geometries
+        sections = lat.slices + num.slice_offset
+        mosaics = lat.mosaics * sections if num.mosaic == "global" else lat.mosaics
+        largest = {
+            "slice": sections - 1,
+            "mosaic": mosaics - 1,
+            "index": max(g.tiles for g in geoms) - 1,
+            "row": max(g.rows for g in geoms) - 1,
+            "col": max(g.cols for g in geoms) - 1,
+            "file": sections * self.tiles_per_slice - 1,
+            "counter": sections * self.tiles_per_slice - 1,
+        }
+        fields = {name: value + num.base for name, value in largest.items()}
+        return [pattern.format(**fields) for pattern in self.patterns]
 
     def path_of(self, tile: TileCoord) -> str:
         """Raw-root-relative file name of a tile ({counter}: its position in acquisition

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.acquisitions import check_acquisition
 from services.config import Config
 from services.manifest import NIFTI_HEADER_BYTES, Manifest, ManifestError, load_manifest
 from services.rawio import RawFormatError, header_notes
@@ -182,7 +183,8 @@ def run_checks(manifest_path: Path, config: Config) -> list[Check]:
     raw = Path(roots.raw)
     raw_ok = raw.is_dir() and os.access(raw, os.R_OK | os.X_OK)
     checks.append(Check("raw root readable", raw_ok, str(raw)))
-    inside = raw_ok and Path(manifest_path).resolve().is_relative_to(raw.resolve())
+    where = Path(manifest_path).resolve()
+    inside = raw_ok and where.is_relative_to(raw.resolve())
     checks.append(
         Check(
             "manifest under the raw root",
@@ -190,6 +192,12 @@ def run_checks(manifest_path: Path, config: Config) -> list[Check]:
             "the watcher finds acquisitions by their manifest under the raw root",
         )
     )
+    if inside:  # the watcher's own rules, by the watcher's own code
+        try:
+            check_acquisition(manifest, where.relative_to(raw.resolve()).as_posix())
+            checks.append(Check("events valid", True, "acq_started, tile_arrived, acq_finished"))
+        except ManifestError as exc:
+            checks.append(Check("events valid", False, str(exc)))
     for name in ("work", "output"):
         root = Path(getattr(roots, name))
         problem = "missing" if not root.is_dir() else _writable(root)

@@ -7,11 +7,14 @@ Which test proves which fault is listed in docs/reliability.md and docs/security
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
+from nats.js.api import DiscardPolicy
 
 from messages import TileArrived, TileCoord, TileProcessed, decode_event, utcnow
 from services.bus import publish_event
@@ -20,9 +23,9 @@ from services.config import Config
 from services.manifest import Manifest
 from services.rawio import encode_tile
 from services.simulate import PhantomParams, simulate, write_manifest, write_tile_file
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import stream_messages, tilepipe, wait_for
 from tests.procs import Services, fault_config, tiny_acquisition
-from tests.test_watcher import tiny_manifest
+from tests.test_watcher import payload, tiny_manifest
 
 STREAM = "TILEPIPE"
 PARAMS = PhantomParams(scatterers=6, scatterer_spacing_um=30.0)
@@ -60,6 +63,80 @@ def good_tile(manifest: Manifest) -> bytes:
 
 
 # ------------------------------------------------------------------ (1) isolation
+async def test_bad_acquisitions_are_refused_and_reported_while_a_good_one_goes_on(
+    config, js, tmp_path
+):
+    """Bad acquisitions beside a good one, some there at start-up and some appearing later:
+    each is refused once (log line with the reason, the refused gauge), the watcher never
+    stops, and the good acquisition gets every tile announced and finishes. Two of them pass
+    the manifest's own limits but break the events' (a manifest path and tile names longer
+    than an event path may be): `tilepipe check` refuses them with the same rule."""
+    raw = config.roots.raw
+    good = tiny_manifest("good", 2, 2, settle_s=0.2)
+    write_manifest(good, raw / "good")
+    coords = list(good.coords())
+    for coord in coords[:2]:
+        write_tile_file(raw / "good" / good.path_of(coord), payload(good))
+    deep = raw.joinpath(*["d" * 255] * 4)  # manifest path: 1037 characters
+    write_manifest(tiny_manifest("deep", 1, 1), deep)
+    names_dir = raw.joinpath(*["n" * 255] * 3)  # tile paths: 1041 characters
+    long_names = variant(
+        tiny_manifest("longnames", 1, 1),
+        pattern="x" * 250 + "/slice{slice:03d}/tile_{index:04d}.nii",
+    )
+    write_manifest(long_names, names_dir)
+    write_tile_file(names_dir / long_names.path_of(coords[0]), payload(long_names))
+    pipe = tiny_manifest("pipe", 1, 1)  # valid, its only tile a FIFO
+    write_manifest(pipe, raw / "pipe")
+    (raw / "pipe" / "slice000").mkdir()
+    os.mkfifo(raw / "pipe" / pipe.path_of(coords[0]))
+    (raw / "fifo").mkdir()
+    os.mkfifo(raw / "fifo" / "manifest.toml")
+    for path in (deep, names_dir):
+        check = await asyncio.to_thread(
+            tilepipe, "check", str(path / "manifest.toml"), config=config
+        )
+        assert check.returncode == 1, check.stdout
+        assert "1024 characters" in check.stdout, check.stdout
+    cfg = watcher_config(config)
+    with Services(cfg, tmp_path / "svc", ["watcher"]) as services:
+        await wait_for(lambda: _at_least(js, "tile_arrived", 2, "good"), timeout=60)
+        (raw / "broken").mkdir()
+        (raw / "broken" / "manifest.toml").write_text("id = [")  # appears while running
+        write_manifest(tiny_manifest("good", 1, 1), raw / "zz-same-id")
+        for coord in coords[2:]:
+            write_tile_file(raw / "good" / good.path_of(coord), payload(good))
+        await wait_for(lambda: count(js, "acq_finished", "good"), timeout=60)
+
+        def refused() -> float:
+            return services.metric("watcher", "tilepipe_watcher_acquisitions_refused")
+
+        await wait_for(lambda: refused() == 5, timeout=30)
+        await asyncio.sleep(2.0)  # four more rescans: nothing is reported twice
+        assert refused() == 5 and services.alive("watcher"), services.log_tail("watcher")
+        reports = records(services, "watcher", "acquisition_refused")
+        fifo_tiles = [
+            r for r in records(services, "watcher", "file_skipped") if r["path"].startswith("pipe/")
+        ]
+    by_manifest = {r["manifest"].split("/")[0][:8]: r for r in reports}
+    assert len(reports) == 5 and set(by_manifest) == {
+        "d" * 8,
+        "n" * 8,
+        "fifo",
+        "broken",
+        "zz-same-",
+    }, reports
+    assert "1024" in by_manifest["d" * 8]["error"] and "1024" in by_manifest["n" * 8]["error"]
+    assert "not a regular file" in by_manifest["fifo"]["error"]
+    assert by_manifest["zz-same-"]["reason"] == "duplicate_id"
+    assert all(r["level"] == "error" for r in reports)
+    assert len(fifo_tiles) == 1 and fifo_tiles[0]["outcome"] == "not_regular", fifo_tiles
+    assert "FIFO" in fifo_tiles[0]["reason"]
+    assert await count(js, "acq_started") == 2 and await count(js, "tile_arrived") == 4
+    (finished,) = await events(js, "acq_finished")
+    assert finished.acq == "good" and finished.complete
+
+
 async def _at_least(js, kind: str, n: int, acq: str = "*") -> bool:
     return await count(js, kind, acq) >= n
 
@@ -190,7 +267,119 @@ async def test_a_processed_tile_outside_the_lattice_never_breaks_the_mosaic(conf
 
 
 # ------------------------------------------------ (5) acq_started and a full stream
+async def test_acq_started_waits_for_a_full_stream_and_failures_are_logged_rate_limited(
+    config, js, tmp_path
+):
+    """The stream refuses every publish (JetStream full: `max_msgs` reached, discard new)
+    when an acquisition appears: the watcher does not register it, logs the failure a few
+    times, not once per file and tick, and announces nothing; once the stream takes events
+    again `acq_started` is published, then every tile, and the acquisition finishes."""
+    stream = await js.stream_info(STREAM)
+    await js.publish("tp.attempt.filler._._", b"{}")
+    await js.update_stream(
+        dataclasses.replace(stream.config, max_msgs=1, discard=DiscardPolicy.NEW)
+    )
+    manifest = tiny_manifest("full", 2, 2)
+    cfg = watcher_config(config, settle_s=0.1)
+    with Services(cfg, tmp_path / "svc", ["watcher"]) as services:
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
+        write_manifest(manifest, config.roots.raw / "full")
+        for coord in manifest.coords():
+            write_tile_file(config.roots.raw / "full" / manifest.path_of(coord), payload(manifest))
+
+        await asyncio.sleep(8.0)  # a few hundred ticks of the watcher
+        warnings = [r for r in services.log("watcher") if r.get("level") in ("warning", "error")]
+        assert 1 <= len(warnings) <= 4, warnings
+        assert "maximum messages" in warnings[0]["error"], warnings[0]
+        failures = services.metric("watcher", "tilepipe_watcher_publish_failures_total")
+        assert 1 <= failures <= 40, failures  # paced by the backoff, not once per file and tick
+        assert await count(js, "acq_started") == 0 and await count(js, "tile_arrived") == 0
+        await js.update_stream(stream.config)
+        await wait_for(lambda: count(js, "acq_finished"), timeout=60)
+        assert services.alive("watcher")
+    messages = await stream_messages(js, "tp.*.full.>")
+    kinds = [m.subject.split(".")[1] for m in messages]
+    assert kinds[0] == "acq_started" and kinds.count("acq_started") == 1, kinds
+    assert kinds.count("tile_arrived") == 4 and kinds[-1] == "acq_finished"
+
+
 # ------------------------------------------- (14) rescans, rewrites, clocks; (12) stalls
+async def test_rescans_count_no_duplicates_only_real_rewrites(config, js, tmp_path):
+    """Announced tiles seen again by every rescan are neither logged nor counted; a tile
+    rewritten after its event is logged and counted once, however many rescans follow."""
+    manifest = tiny_manifest("again", 2, 2)
+    acq_dir = config.roots.raw / "again"
+    write_manifest(manifest, acq_dir)
+    files = [acq_dir / manifest.path_of(c) for c in manifest.coords()]
+    for path in files:
+        write_tile_file(path, payload(manifest))
+    with Services(watcher_config(config), tmp_path / "svc", ["watcher"]) as services:
+        await wait_for(lambda: count(js, "acq_finished"), timeout=60)
+
+        def duplicates() -> float:
+            return services.metric("watcher", "tilepipe_watcher_files_total", outcome="duplicate")
+
+        await asyncio.sleep(2.5)  # five rescans
+        assert duplicates() == 0 and records(services, "watcher", "file_skipped") == []
+        write_tile_file(files[1], payload(manifest))  # a real rewrite
+        await wait_for(lambda: duplicates() == 1, timeout=30)
+        await asyncio.sleep(2.0)
+        assert duplicates() == 1
+        (skipped,) = records(services, "watcher", "file_skipped")
+    assert skipped["outcome"] == "duplicate" and skipped["path"].endswith(files[1].name)
+    assert skipped["level"] == "warning" and skipped["acq"] == "again"
+    assert await count(js, "tile_arrived") == 4
+
+
+async def test_a_tile_dated_in_the_future_settles_by_the_local_clock(config, js, tmp_path):
+    """A tile whose mtime is an hour ahead (a clock skew between the acquisition PC and the
+    file server) is announced after `settle_s` by the watcher's clock, and logged once."""
+    manifest = tiny_manifest("skew", 1, 1)
+    acq_dir = config.roots.raw / "skew"
+    write_manifest(manifest, acq_dir)
+    with Services(watcher_config(config), tmp_path / "svc", ["watcher"]) as services:
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
+        tile = acq_dir / manifest.path_of(next(manifest.coords()))
+        outside = tmp_path / "outside.nii"  # dated first, then moved in (same filesystem)
+        write_tile_file(outside, payload(manifest))
+        ahead = time.time() + 3600
+        os.utime(outside, (ahead, ahead))
+        tile.parent.mkdir(parents=True, exist_ok=True)
+        outside.rename(tile)
+        written = time.time()
+        await wait_for(lambda: count(js, "tile_arrived"), timeout=10)
+        latency = time.time() - written
+        await asyncio.sleep(1.5)
+        notes = records(services, "watcher", "file_mtime_in_future")
+    assert latency < 5.0
+    assert len(notes) == 1 and notes[0]["ahead_s"] > 3500 and notes[0]["acq"] == "skew"
+    (event,) = await events(js, "tile_arrived")
+    assert event.completed_at.timestamp() < ahead - 3000  # the local time it settled
+
+
+async def test_a_partial_file_that_stops_growing_is_logged_once(config, js, tmp_path):
+    """A tile file stuck below its size (the writer died) is reported once, with its size,
+    when it has not grown for `stalled_s`, however many ticks and rescans follow."""
+    manifest = tiny_manifest("stall", 1, 2)
+    acq_dir = config.roots.raw / "stall"
+    write_manifest(manifest, acq_dir)
+    cfg = watcher_config(config, stalled_s=1.0)
+    with Services(cfg, tmp_path / "svc", ["watcher"]) as services:
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
+        first, second = (acq_dir / manifest.path_of(c) for c in manifest.coords())
+        data = payload(manifest)
+        write_tile_file(first, data[: len(data) // 2])
+        write_tile_file(second, data)
+        await wait_for(lambda: records(services, "watcher", "file_stalled"), timeout=15)
+        await asyncio.sleep(3.0)
+        stalled = records(services, "watcher", "file_stalled")
+    assert len(stalled) == 1, stalled
+    assert stalled[0]["path"] == "stall/" + manifest.path_of(next(manifest.coords()))
+    assert stalled[0]["size_bytes"] == len(data) // 2 and stalled[0]["expected_bytes"] == len(data)
+    assert stalled[0]["level"] == "warning" and stalled[0]["acq"] == "stall"
+    assert await count(js, "tile_arrived") == 1
+
+
 # ------------------------------------------------------- (12) a late tile after finish
 # ------------------------------------------------------------------- (7) the sweeper
 HOST = socket.gethostname()
