@@ -448,21 +448,27 @@ class Watcher:
         WATCHER_LATENCY.observe(max(0.0, now - st.st_mtime))
         ACQ_TILES_ARRIVED.labels(manifest.id).set(len(acq.emitted))
         self.log.info("tile_arrived", acq=manifest.id, **tile.log_context(), path=rel)
-        if len(acq.emitted) >= manifest.tiles and not acq.finished:
+        if acq.finished and tile_key(tile) not in acq.before:
+            await self.finish(acq, reason="late tiles arrived after the acquisition finished")
+        elif len(acq.emitted) >= manifest.tiles and not acq.finished:
             await self.finish(acq, reason="lattice complete")
 
     async def finish(self, acq: Acquisition, reason: str) -> AcquisitionFinished:
-        """Publish acquisition finished (complete, or declared with tiles missing)."""
+        """Publish acquisition finished (complete, or declared with tiles missing; again when
+        a tile arrives late, without it, so what derives from the latest is right)."""
         missing = missing_tiles(acq.manifest, acq.emitted)
         event = AcquisitionFinished(
             acq=acq.manifest.id,
             complete=not missing,
             tiles_arrived=len(acq.emitted),
             missing=missing,
-            reason=reason,
+            reason=reason if missing or not acq.finished else f"{reason}; lattice complete",
             producer="watcher",
         )
-        await publish_event(self.js, event)
+        late = acq.finished  # the first keeps the plain id: a restart re-publishes nothing
+        await publish_event(
+            self.js, event, msg_id=f"{event.msg_id()}:{len(acq.emitted)}" if late else None
+        )
         acq.finished = True
         ACQ_FINISHED.labels(acq.manifest.id).set(1)
         await record_acquisition(self.js, acq.manifest, acq.manifest_rel, "finished")
@@ -483,6 +489,11 @@ class Watcher:
         WATCHER_REFUSED.set(len(self.refused))
         for manifest_rel in manifests:
             await self.discover(manifest_rel)
+        for acq in list(self.acqs.values()):
+            try:
+                await self.refresh_finished(acq)  # `tilepipe finish` while we run
+            except TRANSIENT as exc:
+                self.retry.failed(exc, acq=acq.manifest.id)
         for path in sorted(p for p in self.root.rglob("*") if not p.is_dir()):
             rel = self.rel(path)
             if Path(rel).name != MANIFEST_NAME:

@@ -475,7 +475,8 @@ async def test_tiles_out_of_order_and_a_tile_after_finish(config, js, tmp_path):
     """Tiles land in reverse order (slice 1 before slice 0); one tile of slice 0 is late: the
     operator declares the acquisition finished, slice 0 is stitched with a hole and
     registered; then the tile arrives, is processed, and slice 0 is stitched again without
-    the hole and registered again."""
+    the hole and registered again; a replay of stitch (the operator's acq_finished among its
+    inputs) keeps the tile."""
     manifest = tiny_acquisition("late", slices=2)
     path = write_manifest(manifest, config.roots.raw / "late")
     coords = list(reversed(list(manifest.coords())))
@@ -516,6 +517,22 @@ async def test_tiles_out_of_order_and_a_tile_after_finish(config, js, tmp_path):
 
         reference = await wait_for(registered_again, timeout=60, interval=0.5)
         assert reference[0].basis != reference[1].basis
+
+        # stitch handles the acquisition's inputs again, the operator's acq_finished last: its
+        # declaration of the late tile as missing must not undo the tile
+        replay = await asyncio.to_thread(
+            tilepipe, "replay", "stitch", "--acq", "late", config=config
+        )
+        assert replay.returncode == 0, replay.stdout + replay.stderr
+
+        async def replayed() -> list:
+            info = await js.consumer_info(STREAM, "stitch")
+            found = [e for e in await events(js, "slice_stitched", "late") if e.slice == 0]
+            drained = info.num_pending == 0 and info.num_ack_pending == 0
+            return found if drained and len(found) > len(again) else []
+
+        restitched = await wait_for(replayed, timeout=120, interval=0.5)
+        assert restitched[-1].missing == [], restitched[-1].missing
     finished = (await events(js, "acq_finished"))[0]
     arrived = next(e for e in await events(js, "tile_arrived") if e.tile == late)
     assert arrived.emitted_at > finished.emitted_at

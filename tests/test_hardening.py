@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import socket
 import time
@@ -381,6 +382,39 @@ async def test_a_partial_file_that_stops_growing_is_logged_once(config, js, tmp_
 
 
 # ------------------------------------------------------- (12) a late tile after finish
+async def test_a_tile_arriving_after_finish_is_no_longer_listed_missing(config, js, tmp_path):
+    """`tilepipe finish` declares two tiles missing; when one arrives after all, the watcher
+    publishes `acq_finished` again listing only the other, and `tilepipe status` shows only
+    that one missing; when the last arrives the acquisition is finished complete."""
+    manifest = tiny_manifest("late", 2, 2)
+    acq_dir = config.roots.raw / "late"
+    write_manifest(manifest, acq_dir)
+    coords = list(manifest.coords())
+    for coord in coords[:2]:
+        write_tile_file(acq_dir / manifest.path_of(coord), payload(manifest))
+
+    async def missing() -> list[str]:
+        status = await asyncio.to_thread(tilepipe, "status", "late", "--json", config=config)
+        return json.loads(status.stdout)["missing_tiles"]
+
+    with Services(watcher_config(config), tmp_path / "svc", ["watcher"]):
+        await wait_for(lambda: _at_least(js, "tile_arrived", 2), timeout=60)
+        finish = await asyncio.to_thread(tilepipe, "finish", "late", config=config)
+        assert finish.returncode == 0 and "2 missing" in finish.stdout, finish.stderr
+        assert await missing() == sorted(f"0.{c.token()}" for c in coords[2:])
+        await asyncio.sleep(1.5)  # the watcher's rescans see the operator's acq_finished
+        write_tile_file(acq_dir / manifest.path_of(coords[2]), payload(manifest))
+        await wait_for(lambda: _at_least(js, "acq_finished", 2), timeout=30)
+        assert await missing() == [f"0.{coords[3].token()}"]
+        write_tile_file(acq_dir / manifest.path_of(coords[3]), payload(manifest))
+        await wait_for(lambda: _at_least(js, "acq_finished", 3), timeout=30)
+    finished = await events(js, "acq_finished")
+    assert [len(e.missing) for e in finished] == [2, 1, 0], finished
+    assert [e.tiles_arrived for e in finished] == [2, 3, 4]
+    assert finished[1].missing == [coords[3]] and finished[-1].complete
+    assert await missing() == []
+
+
 # ------------------------------------------------------------------- (7) the sweeper
 HOST = socket.gethostname()
 

@@ -102,7 +102,7 @@ class Stitch(Stage):
             key = (tile.slice, tile.mosaic)
             if key not in books:
                 books[key] = await MosaicBook.open(ctx.js, event.acq, *key)
-            await books[key].mark_tile(tile.row, tile.col, "missing")
+            await books[key].mark_missing(tile.row, tile.col)  # never over a late tile
         result = Result()
         for (s, m), book in sorted(books.items()):
             done = await self._maybe_stitch(book, event.acq, s, m, manifest, ctx)
