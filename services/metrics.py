@@ -99,6 +99,13 @@ ACQ_TILES_ARRIVED = Gauge(
     "tilepipe_acquisition_tiles_arrived", "Tiles of an acquisition complete on disk.", ["acq"]
 )
 
+TEMPORARIES_SWEPT = Counter(
+    "tilepipe_temporaries_swept_total",
+    "Temporary outputs removed by the sweeper (their writer is gone, or older than "
+    "sweep.max_age_s).",
+    ["root"],
+)
+
 TILES_BY_DEVICE = Counter(
     "tilepipe_process_tiles_total", "Tiles processed, by device (cpu, gpu:NAME).", ["device"]
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 
 from services.config import Config
@@ -39,9 +40,29 @@ async def run_until_signalled(main, *args) -> None:
     await main(*args, stop)
 
 
+async def sweep_periodically(config: Config, stop: asyncio.Event, log) -> None:
+    """Remove abandoned temporary outputs under the work and output roots: at start-up, then
+    every `sweep.interval_s` (services.atomic.sweep_temporaries)."""
+    from services.atomic import sweep_temporaries
+
+    roots = {"work": config.roots.work, "output": config.roots.output}
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(sweep_temporaries, roots, config.sweep.max_age_s, log)
+        except Exception as exc:  # a sweep must never stop the service
+            log.warning("sweep_failed", error=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=config.sweep.interval_s)
+
+
 async def _run_stage(name: str, config: Config, worker: str, stop: asyncio.Event) -> None:
     stage = stage_for(config, name)(config, config.stage(name), name=name)
-    await StageRunner(stage, config, worker=worker).run(stop)
+    sweeper = asyncio.create_task(sweep_periodically(config, stop, get_logger(stage=name)))
+    try:
+        await StageRunner(stage, config, worker=worker).run(stop)
+    finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
 
 
 def serve(name: str, config: Config, worker: str = "", metrics_port: int | None = None) -> None:

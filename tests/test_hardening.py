@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -427,6 +428,68 @@ def temporary(parent: Path, final: str, pid: int, host: str = HOST, kind: str = 
     (path / "c").mkdir(parents=True)
     (path / "zarr.json").write_text("{}")
     return path
+
+
+async def test_sweeper_removes_dead_writers_temporaries_never_live_ones(config, js, tmp_path):
+    """Temporaries left in the work and output roots by a writer that died are removed at a
+    service's start-up; a live writer's stay until it is gone (the periodic sweep), another
+    host's stay until older than `max_age_s`; final names are never touched."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "120"])
+    work, out = config.roots.work, config.roots.output
+    tiles = work / "acq" / "converted" / "slice0000"
+    mosaics = out / "acq" / "mosaics"
+    final = tiles / "m0-r0-c0.zarr"
+    (final / "c").mkdir(parents=True)
+    (final / "zarr.json").write_text("{}")
+    keep_names = [tiles / ".keep", tiles / ".m0-r0-c0.zarr.tmp", mosaics / "notes.tmp-1-2"]
+    for path in keep_names:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("not a temporary of a writer")
+    gone = [
+        temporary(tiles, "m0-r0-c1.zarr", dead.pid),
+        temporary(mosaics, "slice0000-m0.ome.zarr", dead.pid),
+        temporary(mosaics, "slice0001-m0.ome.zarr", dead.pid, kind="old"),
+        temporary(final, "zarr.json", dead.pid),
+    ]
+    old_elsewhere = temporary(tiles, "m0-r1-c1.zarr", 1, host="elsewhere")
+    past = time.time() - 3 * 86400
+    os.utime(old_elsewhere, (past, past))
+    later = temporary(tiles, "m0-r1-c0.zarr", live.pid)
+    young_elsewhere = temporary(mosaics, "slice0002-m0.ome.zarr", 1, host="elsewhere")
+    cfg = fault_config(config, ("convert",)).model_copy(
+        update={"sweep": config.sweep.model_copy(update={"interval_s": 0.5, "max_age_s": 86400})}
+    )
+    await provision(cfg)
+    try:
+        with Services(cfg, tmp_path / "svc", ["convert"]) as services:
+            await wait_for(lambda: not any(p.exists() for p in [*gone, old_elsewhere]), timeout=60)
+            assert later.exists() and young_elsewhere.exists()
+            live.kill()
+            live.wait()
+            await wait_for(lambda: not later.exists(), timeout=30)
+            swept = records(services, "convert", "temporaries_swept")
+    finally:
+        live.kill()
+    assert young_elsewhere.exists() and (final / "zarr.json").exists() and (final / "c").is_dir()
+    assert all(p.exists() for p in keep_names)
+    assert sum(r["removed"] for r in swept) == 6 and swept[0]["level"] == "info", swept
+
+
+def test_sweep_keeps_the_temporaries_this_process_is_writing(tmp_path):
+    """In one process: a temporary of an output being written is kept, the same process's
+    abandoned one (a failed attempt whose clean-up did not finish) is removed."""
+    from services.atomic import atomic_directory, sweep_temporaries
+
+    target = tmp_path / "work" / "acq" / "converted" / "slice0000" / "m0-r0-c0.zarr"
+    abandoned = temporary(target.parent, "m0-r0-c1.zarr", os.getpid())
+    with atomic_directory(target) as tmp:
+        tmp.mkdir()
+        (tmp / "zarr.json").write_text("{}")
+        removed = sweep_temporaries([tmp_path / "work", tmp_path / "output"], max_age_s=86400)
+        assert tmp.exists() and not abandoned.exists() and removed == [abandoned]
+    assert (target / "zarr.json").exists()
 
 
 # ---------------------------------------------------------- (2) SIGTERM, stuck handler
