@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
+import threading
+import time
 
 from services.config import Config
 from services.logs import configure_logging, get_logger
@@ -65,6 +69,25 @@ async def _run_stage(name: str, config: Config, worker: str, stop: asyncio.Event
         await asyncio.gather(sweeper, return_exceptions=True)
 
 
+def exit_past_stuck_threads(log, grace_s: float = 2.0) -> None:
+    """After the service stopped: if a handler thread is still blocked (a read that never
+    returns: a hung mount, a device), leave without waiting for it. Python would join it at
+    exit and the process would outlive SIGTERM; its delivery was never acknowledged and
+    comes back to the next process."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    deadline = time.monotonic() + grace_s  # idle pool threads are on their way out
+    for thread in (t for t in others if not t.daemon):
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in others if not t.daemon and t.is_alive()]
+    if not stuck:
+        return
+    log.warning("stuck_threads_abandoned", threads=stuck)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
 def serve(name: str, config: Config, worker: str = "", metrics_port: int | None = None) -> None:
     """Blocking entry point of a service process."""
     configure_logging(config.log.level, config.log.json_format)
@@ -80,3 +103,4 @@ def serve(name: str, config: Config, worker: str = "", metrics_port: int | None 
         asyncio.run(run_until_signalled(run_watcher, config))
         return
     asyncio.run(run_until_signalled(_run_stage, name, config, worker or name))
+    exit_past_stuck_threads(get_logger(service=name))

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -21,7 +22,7 @@ from nats.js.api import DiscardPolicy
 from messages import TileArrived, TileCoord, TileProcessed, decode_event, utcnow
 from services.bus import publish_event
 from services.cli import provision
-from services.config import Config
+from services.config import Config, StageSettings
 from services.manifest import Manifest
 from services.rawio import encode_tile
 from services.simulate import PhantomParams, simulate, write_manifest, write_tile_file
@@ -493,3 +494,47 @@ def test_sweep_keeps_the_temporaries_this_process_is_writing(tmp_path):
 
 
 # ---------------------------------------------------------- (2) SIGTERM, stuck handler
+async def test_sigterm_stops_a_service_whose_handler_is_stuck_in_a_read(config, js, tmp_path):
+    """A handler blocked in a read that never returns (a FIFO without a writer, a hung
+    network mount) does not keep the process alive: after SIGTERM it exits within its drain
+    timeout, and the delivery it held comes back to the next process."""
+    fifo = tmp_path / "never-written"
+    os.mkfifo(fifo)
+    marks = tmp_path / "marks"
+    stuck = StageSettings(
+        impl="tests.stages_for_tests:StuckReader",
+        drain_timeout_s=2.0,
+        ack_wait_s=30.0,
+        options={"fifo": str(fifo), "marker_dir": str(marks)},
+    )
+    cfg = config.model_copy(update={"stages": {"stuck": stuck}})
+    await provision(cfg)
+    with Services(cfg, tmp_path / "svc", ["stuck"]) as services:
+        await wait_for(lambda: js.consumer_info(STREAM, "stuck"), timeout=60)
+        await publish_event(
+            js,
+            TileArrived(
+                acq="stuck",
+                tile=TileCoord(slice=0, row=0, col=0),
+                path="stuck/t.nii",
+                manifest="stuck/manifest.toml",
+                size_bytes=1,
+                completed_at=utcnow(),
+            ),
+        )
+        await wait_for(lambda: (marks / "start-m0-r0-c0").exists(), timeout=60)
+        proc = services.child("stuck").proc
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.to_thread(proc.wait, 15)
+        except subprocess.TimeoutExpired:
+            services.kill9("stuck")
+            raise AssertionError("still running 15 s after SIGTERM") from None
+        took = time.monotonic() - asked
+        log = services.log("stuck")
+    assert code == 0 and took < 2.0 + 8.0, took
+    assert any(r.get("event") == "drain_timeout" for r in log)
+    assert any(r.get("event") == "stuck_threads_abandoned" for r in log), log[-3:]
+    info = await js.consumer_info(STREAM, "stuck")
+    assert info.num_ack_pending == 1  # not acknowledged: redelivered after ack_wait
