@@ -16,11 +16,12 @@ from messages.subjects import ANY, subject
 SCHEMA_VERSION = 1
 MAX_REPLAY_TAG = 64  # characters of a replay tag an event records (`origin`, attempts)
 MAX_LIST = 100_000
+MAX_INDEX = 1_000_000  # counts and lattice coordinates (an acquisition's tiles, too)
 
 AcqId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Text = Annotated[str, StringConstraints(max_length=8000)]
-Index = Annotated[int, Field(ge=0, le=1_000_000)]
+Index = Annotated[int, Field(ge=0, le=MAX_INDEX)]
 
 
 def utcnow() -> datetime:

@@ -1,19 +1,22 @@
-"""Finding acquisitions: manifests under the raw root, cached, and their record in KV."""
+"""Finding acquisitions: manifests under the raw root, cached, the rules their events must
+follow, and their record in KV."""
 
 from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
+from pydantic import ValidationError
 
-from messages.events import TileCoord
-from messages.paths import resolve_in_root
+from messages.events import AcquisitionFinished, AcquisitionStarted, TileArrived, TileCoord
+from messages.paths import check_relative, resolve_in_root
 from messages.subjects import event_filter
 from services.eventlog import subjects_seen
-from services.manifest import Manifest, load_manifest
+from services.manifest import InvalidManifest, Manifest, load_manifest
 
 MANIFEST_NAME = "manifest.toml"
 ACQ_BUCKET = "tp-acquisitions"
@@ -42,6 +45,99 @@ def find_manifests(raw_root: Path) -> list[str]:
         if MANIFEST_NAME in filenames:
             found.append((Path(dirpath) / MANIFEST_NAME).relative_to(root).as_posix())
     return sorted(found)
+
+
+def started_event(manifest: Manifest, manifest_rel: str) -> AcquisitionStarted:
+    """The `acq_started` event of an acquisition (ValidationError if its fields break the
+    event's limits)."""
+    first = manifest.geometry(0)
+    return AcquisitionStarted(
+        acq=manifest.id,
+        manifest=manifest_rel,
+        slices=manifest.lattice.slices,
+        mosaics=manifest.lattice.mosaics,
+        rows=first.rows,
+        cols=first.cols,
+        tiles_expected=manifest.tiles,
+        producer="watcher",
+    )
+
+
+def check_acquisition(manifest: Manifest, manifest_rel: str) -> AcquisitionStarted:
+    """The one set of rules an acquisition must follow beyond its manifest's own: every event
+    the watcher will publish for it must be valid (`acq_started`, a `tile_arrived` with the
+    longest path its names can have, `acq_finished` of the whole lattice). `tilepipe check`
+    and the watcher both call this, so a manifest that passes the check never fails the
+    watcher. Returns the `acq_started` event; raises InvalidManifest naming every rule
+    broken."""
+    problems: list[str] = []
+
+    def build(what: str, make):
+        try:
+            return make()
+        except (ValidationError, ValueError) as exc:
+            errors = exc.errors() if isinstance(exc, ValidationError) else [{"msg": str(exc)}]
+            for err in errors[:5]:
+                field = ".".join(str(p) for p in err.get("loc", ())) or "value"
+                problems.append(f"{what}: {field}: {err['msg']}")
+            return None
+
+    _check_manifest_path(manifest_rel)
+    started = build("acq_started", lambda: started_event(manifest, manifest_rel))
+    base = acquisition_dir(manifest_rel)
+    last = _last_tile(manifest)
+    for name in manifest.longest_names():
+        rel = f"{base}/{name}" if base else name
+        build(
+            f"tile_arrived of a tile named like {name!r} ({len(rel)} characters under the raw "
+            "root)",
+            lambda rel=rel: TileArrived(
+                acq=manifest.id,
+                tile=last,
+                path=rel,
+                manifest=manifest_rel,
+                size_bytes=manifest.raw.expected_bytes,
+                completed_at=datetime.now(UTC),
+                raw_format=manifest.raw.format,
+            ),
+        )
+    build(
+        "acq_finished",
+        lambda: AcquisitionFinished(acq=manifest.id, complete=True, tiles_arrived=manifest.tiles),
+    )
+    if problems:
+        shown = manifest_rel if len(manifest_rel) <= 100 else manifest_rel[:100] + "..."
+        raise InvalidManifest(f"{shown}: breaks the event rules: " + "; ".join(problems))
+    return started
+
+
+def _last_tile(manifest: Manifest) -> TileCoord:
+    """The last tile in acquisition order (largest slice, mosaic and index)."""
+    m = manifest.lattice.mosaics - 1
+    g = manifest.geometry(m)
+    row, col = g.row_col(g.tiles - 1)
+    slices = manifest.lattice.slices
+    return TileCoord(slice=slices - 1, mosaic=m, row=row, col=col, index=g.tiles - 1)
+
+
+def _check_manifest_path(manifest_rel: str) -> None:
+    """A manifest's path must be one events can carry (InvalidManifest otherwise)."""
+    try:
+        check_relative(manifest_rel)
+    except ValueError as exc:
+        shown = manifest_rel if len(manifest_rel) <= 100 else manifest_rel[:100] + "..."
+        raise InvalidManifest(
+            f"{shown}: breaks the event rules: manifest path ({len(manifest_rel)} characters): "
+            f"{exc}"
+        ) from None
+
+
+def load_acquisition(raw_root: Path, manifest_rel: str) -> tuple[Manifest, AcquisitionStarted]:
+    """The manifest at a raw-root-relative path and its `acq_started` event, checked by
+    :func:`check_acquisition` (ManifestError, OSError or PathEscapeError otherwise)."""
+    _check_manifest_path(manifest_rel)  # before it is resolved (a plain ValueError there)
+    manifest = manifest_at(raw_root, manifest_rel)
+    return manifest, check_acquisition(manifest, manifest_rel)
 
 
 def acquisition_dir(manifest_rel: str) -> str:

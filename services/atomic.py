@@ -1,16 +1,62 @@
-"""Outputs appear whole or not at all: write under a temporary name, then rename into place."""
+"""Outputs appear whole or not at all: write under a temporary name, then rename into place.
+
+Every writer names its temporaries with :func:`temp_name`: ``.<name>.tmp-<pid>-<host>-<id>``
+beside the target (``.old-`` for a replaced output on its way out), and registers them in
+:func:`writing` while it writes. A crash, or a failed attempt whose clean-up did not finish
+(a full disk, writes still in flight), can leave one behind: :func:`sweep_temporaries`
+removes exactly those that no live writer owns, and nothing else.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 COMPLETE_ATTR = "tilepipe_complete"
+TEMPORARY = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d{1,10})-(?P<host>[0-9a-f]{8})-[0-9a-f]{8,32}\Z"
+)
+STORE_SUFFIX = ".zarr"  # a store's own files are not walked (chunks), its top level is
+
+_writing: set[Path] = set()  # temporaries this process is writing now
+_lock = threading.Lock()
+
+
+def host_tag(host: str | None = None) -> str:
+    """8 hex digits naming a host in temporary names (roots are shared between hosts)."""
+    return hashlib.sha256((host or socket.gethostname()).encode()).hexdigest()[:8]
+
+
+def temp_name(
+    target: Path, kind: str = "tmp", pid: int | None = None, host: str | None = None
+) -> Path:
+    """The temporary name of `target` for this process (`kind` "tmp" or "old")."""
+    owner = os.getpid() if pid is None else pid
+    return Path(target).with_name(
+        f".{Path(target).name}.{kind}-{owner}-{host_tag(host)}-{uuid.uuid4().hex[:8]}"
+    )
+
+
+@contextlib.contextmanager
+def writing(tmp: Path) -> Iterator[Path]:
+    """`tmp` belongs to a write in progress in this process: the sweeper leaves it alone."""
+    with _lock:
+        _writing.add(Path(tmp))
+    try:
+        yield tmp
+    finally:
+        with _lock:
+            _writing.discard(Path(tmp))
 
 
 @contextlib.contextmanager
@@ -22,19 +68,20 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tmp = temp_name(target)
+    with writing(tmp):
+        try:
+            yield tmp
+            if target.exists():
+                old = temp_name(target, "old")
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager
@@ -43,19 +90,105 @@ def atomic_file(target: Path) -> Iterator[Path]:
     renamed onto `target`, on error removed (`target` untouched)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
+    tmp = temp_name(target)
+    with writing(tmp):
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def abandoned(path: Path, max_age_s: float, now: float | None = None) -> bool:
+    """Whether a temporary no live writer owns: this process's and not being written, this
+    host's and its process gone, or older than `max_age_s` (another host's, a reused pid).
+    False for any name that is not a temporary (final names are never touched)."""
+    match = TEMPORARY.match(Path(path).name)
+    if match is None:
+        return False
+    try:
+        age = (time.time() if now is None else now) - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return False
+    if age > max_age_s:
+        return True
+    if match["host"] != host_tag():
+        return False  # its host's sweeper knows whether it lives
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        with _lock:
+            return Path(path) not in _writing
+    return not _alive(pid)
+
+
+def sweep_temporaries(
+    roots: Mapping[str, Path] | Iterable[Path], max_age_s: float, log=None
+) -> list[Path]:
+    """Remove the abandoned temporaries under `roots` (by name: "work", "output"; see
+    :func:`abandoned`); returns them.
+
+    Walks every directory but the insides of stores (`*.zarr`: only their top level, where
+    attribute files are replaced) and of temporaries; each removal is counted in
+    `tilepipe_temporaries_swept_total{root}` and the whole logged once (`temporaries_swept`).
+    """
+    from services.metrics import TEMPORARIES_SWEPT
+
+    removed: list[Path] = []
+    named = roots.items() if isinstance(roots, Mapping) else ((Path(r).name, r) for r in roots)
+    for label, root in named:
+        root = Path(root)
+        found = [p for p in _candidates(root) if abandoned(p, max_age_s)]
+        for path in found:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            if not os.path.lexists(path):
+                removed.append(path)
+                TEMPORARIES_SWEPT.labels(label).inc()
+        if found and log is not None:
+            gone = [p for p in removed if p.is_relative_to(root)]
+            log.info(
+                "temporaries_swept",
+                root=str(root),
+                removed=len(gone),
+                paths=[p.relative_to(root).as_posix() for p in gone[:20]],
+            )
+    return removed
+
+
+def _candidates(root: Path) -> Iterator[Path]:
+    """Temporary names under `root`, not descending into stores or temporaries."""
+    pending = [(root, False)]
+    while pending:
+        folder, in_store = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            if TEMPORARY.match(entry.name):
+                yield Path(entry.path)
+            elif not in_store and entry.is_dir(follow_symlinks=False):
+                pending.append((Path(entry.path), entry.name.endswith(STORE_SUFFIX)))
 
 
 def zarr_attrs(store: Path) -> dict:

@@ -17,9 +17,12 @@ Every reader raises :class:`CalibrationFileError` naming the file and what is wr
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+
+from services.regular_files import read_regular
 
 MAX_CALIBRATION_BYTES = 64 << 20
 
@@ -28,33 +31,27 @@ class CalibrationFileError(ValueError):
     """A calibration file that is missing, unreadable or malformed."""
 
 
-def _regular(path: Path) -> Path:
+def _read(path: Path) -> bytes:
+    """The bytes of a calibration file: a regular file only (never a blocking open), of at
+    most MAX_CALIBRATION_BYTES."""
     path = Path(path)
     try:
-        st = path.stat()
+        return read_regular(path, MAX_CALIBRATION_BYTES)
     except FileNotFoundError:
         raise CalibrationFileError(f"{path}: calibration file not found") from None
     except OSError as exc:
         raise CalibrationFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    import stat
-
-    if not stat.S_ISREG(st.st_mode):
-        raise CalibrationFileError(f"{path}: not a regular file")
-    if st.st_size > MAX_CALIBRATION_BYTES:
-        raise CalibrationFileError(
-            f"{path}: {st.st_size} bytes, larger than a calibration file can be "
-            f"({MAX_CALIBRATION_BYTES} bytes)"
-        )
-    return path
+    except ValueError as exc:  # not a regular file, or larger than a calibration file can be
+        raise CalibrationFileError(str(exc)) from None
 
 
 def read_wave_pixel_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(mu float64[N, 2], wave_prime float64[N]) from a toolbox ``wave-pixel.mat``."""
     import scipy.io
 
-    path = _regular(path)
+    blob = _read(path)
     try:
-        data = scipy.io.loadmat(path)
+        data = scipy.io.loadmat(io.BytesIO(blob))
     except NotImplementedError:
         raise CalibrationFileError(
             f"{path}: MATLAB v7.3 (HDF5) file; save it with save(..., '-v7') to read it here"
@@ -116,9 +113,9 @@ def wave_pixel_polynomials(
 
 def read_text_table(path: Path, what: str) -> np.ndarray:
     """A numeric text table (whitespace or comma separated), float64 with ndim 1 or 2."""
-    path = _regular(path)
+    blob = _read(path)
     try:
-        text = path.read_text()
+        text = blob.decode()
     except UnicodeDecodeError:
         raise CalibrationFileError(f"{path}: {what}: not a text file") from None
     rows = []
@@ -161,18 +158,18 @@ def read_wavelength_table(path: Path, n_samples: int) -> tuple[np.ndarray, np.nd
 def read_dispersion(path: Path, n_samples: int) -> np.ndarray:
     """Dispersion phase [rad] per resampled sample: raw little-endian float64 (``.dat``,
     ``.bin``, ``.raw``) or a one-column text table (``.txt``, ``.csv``)."""
-    path = _regular(path)
+    path = Path(path)
     if path.suffix.lower() in (".txt", ".csv", ".tsv"):
         values = read_text_table(path, "dispersion table")
         if values.ndim != 1:
             raise CalibrationFileError(f"{path}: dispersion table must have one column")
     else:
-        size = path.stat().st_size
-        if size % 8:
+        blob = _read(path)
+        if len(blob) % 8:
             raise CalibrationFileError(
-                f"{path}: {size} bytes is not a whole number of float64 values (8 bytes each)"
+                f"{path}: {len(blob)} bytes is not a whole number of float64 values (8 bytes each)"
             )
-        values = np.fromfile(path, dtype="<f8")
+        values = np.frombuffer(blob, dtype="<f8")
         if not np.isfinite(values).all():
             raise CalibrationFileError(
                 f"{path}: NaN or infinite phases (is it really raw little-endian float64?)"

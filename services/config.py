@@ -147,7 +147,22 @@ class WatcherSettings(Strict):
     )
     rescan_s: Annotated[float, Field(gt=0)] = 60.0
     force_polling: bool = Field(default=False, description="poll (network filesystems)")
+    stalled_s: Annotated[float, Field(gt=0)] = Field(
+        default=300.0, description="log a tile file below its size that stops growing this long"
+    )
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+
+
+class SweepSettings(Strict):
+    """Removal of temporary outputs (`.<name>.tmp-...`) under the work and output roots that
+    no live writer owns, by every stage process at start-up and every `interval_s`."""
+
+    interval_s: Annotated[float, Field(gt=0)] = 600.0
+    max_age_s: Annotated[float, Field(gt=0)] = Field(
+        default=86400.0,
+        description="also remove temporaries older than this whatever their writer (another "
+        "host's, a pid reused)",
+    )
 
 
 class MetricsSettings(Strict):
@@ -170,6 +185,7 @@ class Config(Strict):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     watcher: WatcherSettings = Field(default_factory=WatcherSettings)
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
     stages: dict[str, StageSettings] = Field(default_factory=dict)
 
     def stage(self, name: str) -> StageSettings:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 LATTICE_BUCKET = "tp-lattice"
 HOLD_PREFIX = "holds"  # `holds.<acq>`: the acquisition is on hold in every stage
@@ -66,6 +66,17 @@ class MosaicBook:
             f"{self.prefix}.tile.{tile_name(row, col)}",
             json.dumps({"state": state, **details}).encode(),
         )
+
+    async def mark_missing(self, row: int, col: int) -> bool:
+        """Mark a tile declared missing, unless it has a state already (a late tile that was
+        processed, or failed, is never undone by an `acq_finished` handled after it, e.g.
+        redelivered or replayed). Returns whether it was marked."""
+        key = f"{self.prefix}.tile.{tile_name(row, col)}"
+        try:
+            await self.kv.create(key, json.dumps({"state": "missing"}).encode())
+        except KeyWrongLastSequenceError:
+            return False
+        return True
 
     async def record_pair(self, a: tuple[int, int], b: tuple[int, int], record: dict) -> None:
         key = f"{self.prefix}.pair.{tile_name(*a)}.{tile_name(*b)}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import string
 import tomllib
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from messages.events import TileCoord
+from messages.events import MAX_INDEX, TileCoord
 from services.calibration_files import (
     CalibrationFileError,
     read_dispersion,
@@ -41,12 +40,14 @@ from services.calibration_files import (
     wave_pixel_polynomials,
 )
 from services.config import format_validation_error
+from services.regular_files import NotRegularFile, open_regular
+from services.stage import PermanentError
 
 RawFormat = Literal["nifti-spectral", "raw12", "tiff", "nifti-complex"]
 SPECTRAL_FORMATS = ("nifti-spectral", "raw12", "tiff")
 PATTERN_FIELDS = {"slice", "mosaic", "index", "row", "col", "file", "counter"}
 NIFTI_HEADER_BYTES = 352  # 348-byte NIfTI-1 header + 4 extension bytes, as the microscope writes
-MAX_TILES = 1_000_000  # tiles per acquisition (the event schema's bound)
+MAX_TILES = MAX_INDEX  # tiles per acquisition: the events' bound (acq_started.tiles_expected)
 MAX_MANIFEST_BYTES = 1 << 20
 # files beside the tiles the watcher skips by default (notes, calibrations, manifests)
 SIDECARS = (
@@ -92,6 +93,12 @@ ALIASES = {"raster": "row-by-row-right-down", "serpentine": "snake-by-rows-right
 
 class ManifestError(ValueError):
     """A manifest that cannot be used, with field names and reasons."""
+
+
+class InvalidManifest(ManifestError, PermanentError):
+    """A manifest that can never be used as it is (its content, or a path that is not a
+    regular file): a stage fails its input at once. Other ManifestErrors (not found, a read
+    error) may pass and are retried."""
 
 
 class Strict(BaseModel):
@@ -539,6 +546,21 @@ class Manifest(Strict):
         g = self.geometry(tile.mosaic)
         return 0 <= tile.row < g.rows and 0 <= tile.col < g.cols
 
+    def lattice_text(self) -> str:
+        """The lattice in words: "2 slices x 2 mosaics (m0 20x20, m1 20x24 tiles)"."""
+        n, m = self.lattice.slices, self.lattice.mosaics
+        grids = ", ".join(f"m{g.index} {g.rows}x{g.cols}" for g in self._geometries)
+        return f"{n} slice{'s' * (n > 1)} x {m} mosaic{'s' * (m > 1)} ({grids} tiles)"
+
+    def outside(self, tile: TileCoord) -> str | None:
+        """Why a tile lies outside the lattice (naming the tile and the lattice), or None."""
+        if self.contains(tile):
+            return None
+        return (
+            f"tile {tile.token()} of slice {tile.slice} is outside the lattice of {self.id}: "
+            f"{self.lattice_text()}, slices and rows counted from 0"
+        )
+
     # ---------------------------------------------------------------- file names <-> tiles
     @property
     def patterns(self) -> list[str]:
@@ -575,6 +597,24 @@ class Manifest(Strict):
             "file": file + num.base,
             "counter": self._ordinal(tile) + num.base,
         }
+
+    def longest_names(self) -> list[str]:
+        """Per name pattern, a name at least as long as any tile's: every field at the
+        largest number it can carry (the event rules bound the paths of tiles)."""
+        num, lat, geoms = self.numbering, self.lattice, self._geometries
+        sections = lat.slices + num.slice_offset
+        mosaics = lat.mosaics * sections if num.mosaic == "global" else lat.mosaics
+        largest = {
+            "slice": sections - 1,
+            "mosaic": mosaics - 1,
+            "index": max(g.tiles for g in geoms) - 1,
+            "row": max(g.rows for g in geoms) - 1,
+            "col": max(g.cols for g in geoms) - 1,
+            "file": sections * self.tiles_per_slice - 1,
+            "counter": sections * self.tiles_per_slice - 1,
+        }
+        fields = {name: value + num.base for name, value in largest.items()}
+        return [pattern.format(**fields) for pattern in self.patterns]
 
     def path_of(self, tile: TileCoord) -> str:
         """Raw-root-relative file name of a tile ({counter}: its position in acquisition
@@ -783,37 +823,36 @@ class Manifest(Strict):
 
 
 def load_manifest(path: Path) -> Manifest:
-    """Read and validate a manifest; ManifestError lists every bad field."""
+    """Read and validate a manifest; ManifestError lists every bad field (InvalidManifest for
+    anything but a missing or unreadable file)."""
     path = Path(path)
     try:
-        # non-blocking open: a FIFO (or device) in a manifest's place must not hang the reader
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ManifestError(f"{path}: not a regular file")
-            if st.st_size > MAX_MANIFEST_BYTES:
-                raise ManifestError(
-                    f"{path}: {st.st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}"
+        with open_regular(path) as fh:  # a FIFO or device in its place must not hang us
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise InvalidManifest(
+                    f"{path}: {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}"
                 )
             text = fh.read(MAX_MANIFEST_BYTES + 1).decode()
         data: dict[str, Any] = tomllib.loads(text)
+    except NotRegularFile as exc:
+        raise InvalidManifest(str(exc)) from None
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ManifestError(f"{path}: not valid TOML: {str(exc)[:200]}") from None
+        raise InvalidManifest(f"{path}: not valid TOML: {str(exc)[:200]}") from None
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         return Manifest.model_validate({**data, "source": path.resolve()})
     except ValidationError as exc:
-        raise ManifestError(
+        raise InvalidManifest(
             format_validation_error(exc, str(path)).replace(
                 "invalid configuration", "invalid manifest"
             )
         ) from None
     except RecursionError:
-        raise ManifestError(f"{path}: invalid manifest: nested too deeply") from None
+        raise InvalidManifest(f"{path}: invalid manifest: nested too deeply") from None
 
 
 def dump_manifest(manifest: Manifest) -> str:

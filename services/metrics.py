@@ -68,9 +68,23 @@ CONSUMER_PAUSED = Gauge(
 
 WATCHER_FILES = Counter(
     "tilepipe_watcher_files_total",
-    "Files the watcher looked at, by outcome (emitted, duplicate, unmatched, outside_lattice, "
-    "temporary).",
+    "Files the watcher skipped or announced, by outcome (emitted, duplicate: rewritten after "
+    "its event, unmatched, outside_lattice, temporary, sidecar, not_regular, refused: under a "
+    "refused acquisition, outside_root, error).",
     ["outcome"],
+)
+WATCHER_REFUSED = Gauge(
+    "tilepipe_watcher_acquisitions_refused",
+    "Manifests under the raw root the watcher refuses now (invalid, breaking the event rules, "
+    "a duplicate acquisition id); each is logged once as acquisition_refused.",
+)
+WATCHER_PUBLISH_FAILURES = Counter(
+    "tilepipe_watcher_publish_failures_total",
+    "Publishes of the watcher that failed (NATS down, stream full); retried with backoff.",
+)
+WATCHER_STALLED = Gauge(
+    "tilepipe_watcher_stalled_files",
+    "Tile files below their size that have not grown for watcher.stalled_s (a writer died?).",
 )
 WATCHER_LATENCY = Histogram(
     "tilepipe_watcher_latency_seconds",
@@ -83,6 +97,13 @@ ACQ_TILES_EXPECTED = Gauge(
 )
 ACQ_TILES_ARRIVED = Gauge(
     "tilepipe_acquisition_tiles_arrived", "Tiles of an acquisition complete on disk.", ["acq"]
+)
+
+TEMPORARIES_SWEPT = Counter(
+    "tilepipe_temporaries_swept_total",
+    "Temporary outputs removed by the sweeper (their writer is gone, or older than "
+    "sweep.max_age_s).",
+    ["root"],
 )
 
 TILES_BY_DEVICE = Counter(

@@ -10,14 +10,15 @@ orientation in degrees use the circular mean of doubled angles), until the small
 and translation ``(0, oy + (2^k - 1) py / 2, ox + (2^k - 1) px / 2)``: the physical position of
 pixel centres, so levels overlay exactly (``origin_um`` is the centre of pixel ``[0, 0]``).
 
-Atomicity: the store is written under ``.<name>.tmp-<uuid>`` beside the target, fsynced, then
-renamed into place, so the target name only ever holds a complete store; a crash leaves at
-most a ``.tmp-`` directory (safe to delete). An existing store at the target is left untouched
-if its recorded content digest (``attributes["tilepipe"]["content_sha256"]``: data + metadata)
-equals the new one; otherwise it is replaced: atomically on Linux (``renameat2`` exchange),
-elsewhere by two renames (a brief window where the name is absent). A target that is not a
-Zarr store is never replaced (``FileExistsError``). Concurrent writers to one target are not
-supported.
+Atomicity: the store is written under a temporary name beside the target
+(:func:`services.atomic.temp_name`), fsynced, then renamed into place, so the target name only
+ever holds a complete store; a crash leaves at most a ``.tmp-`` directory, which the sweeper
+(:func:`services.atomic.sweep_temporaries`) removes once its writer is gone. An existing store
+at the target is left untouched if its recorded content digest
+(``attributes["tilepipe"]["content_sha256"]``: data + metadata) equals the new one; otherwise
+it is replaced: atomically on Linux (``renameat2`` exchange), elsewhere by two renames (a brief
+window where the name is absent). A target that is not a Zarr store is never replaced
+(``FileExistsError``). Concurrent writers to one target are not supported.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import math
 import os
 import shutil
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import zarr
+
+from services.atomic import temp_name, writing
 
 __all__ = [
     "NGFF_VERSION",
@@ -147,7 +149,24 @@ def write_omezarr(
             return WriteResult(target, shapes, digest, written=False)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    tmp = temp_name(target)
+    with writing(tmp):
+        _write_levels(tmp, target, levels, ome, extra, digest, chunk, shard, fsync)
+    return WriteResult(target, shapes, digest, written=True)
+
+
+def _write_levels(
+    tmp: Path,
+    target: Path,
+    levels: list[np.ndarray],
+    ome: dict[str, Any],
+    extra: dict[str, Any],
+    digest: str,
+    chunk: int,
+    shard: int,
+    fsync: bool,
+) -> None:
+    """Write the store under `tmp` and move it onto `target` (removing `tmp` on error)."""
     try:
         group = zarr.create_group(
             store=str(tmp),
@@ -177,7 +196,6 @@ def write_omezarr(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return WriteResult(target, shapes, digest, written=True)
 
 
 def _stem(path: Path) -> str:
@@ -316,7 +334,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     if _exchange(tmp, target):  # atomic swap; tmp now holds the old store
         shutil.rmtree(tmp, ignore_errors=True)
         return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+    old = temp_name(target, "old")
     os.rename(target, old)
     os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)

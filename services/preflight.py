@@ -14,9 +14,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.acquisitions import check_acquisition
 from services.config import Config
 from services.manifest import NIFTI_HEADER_BYTES, Manifest, ManifestError, load_manifest
 from services.rawio import RawFormatError, header_notes
+from services.regular_files import NotRegularFile, file_kind, open_regular
 
 FLOAT32 = 4
 EXAMPLES = 8  # names shown per kind of mismatch
@@ -101,7 +103,7 @@ def check_files(manifest: Manifest, acq_dir: Path) -> list[Check]:
             special.append(f"{rel} ({exc.strerror or exc})")
             continue
         if not stat.S_ISREG(st.st_mode):
-            special.append(f"{rel} (not a regular file)")
+            special.append(f"{rel} (not a regular file: {file_kind(st.st_mode)})")
             continue
         tiles.setdefault(tile, []).append(rel)
         layout = manifest.geometry(tile.mosaic).raw
@@ -111,10 +113,12 @@ def check_files(manifest: Manifest, acq_dir: Path) -> list[Check]:
             wrong_size.append(f"{rel}: {size} bytes, expected {want} ({kind})")
             continue
         if layout.format in ("nifti-spectral", "nifti-complex"):
-            with open(path, "rb") as fh:
-                head = fh.read(NIFTI_HEADER_BYTES)
             try:
+                with open_regular(path, rel) as fh:  # swapped for a FIFO since the stat
+                    head = fh.read(NIFTI_HEADER_BYTES)
                 notes.extend(f"{rel}: {n}" for n in header_notes(head, layout, rel))
+            except NotRegularFile as exc:
+                special.append(str(exc))
             except RawFormatError as exc:
                 bad_header.append(str(exc))
     doubles = [
@@ -179,7 +183,8 @@ def run_checks(manifest_path: Path, config: Config) -> list[Check]:
     raw = Path(roots.raw)
     raw_ok = raw.is_dir() and os.access(raw, os.R_OK | os.X_OK)
     checks.append(Check("raw root readable", raw_ok, str(raw)))
-    inside = raw_ok and Path(manifest_path).resolve().is_relative_to(raw.resolve())
+    where = Path(manifest_path).resolve()
+    inside = raw_ok and where.is_relative_to(raw.resolve())
     checks.append(
         Check(
             "manifest under the raw root",
@@ -187,6 +192,12 @@ def run_checks(manifest_path: Path, config: Config) -> list[Check]:
             "the watcher finds acquisitions by their manifest under the raw root",
         )
     )
+    if inside:  # the watcher's own rules, by the watcher's own code
+        try:
+            check_acquisition(manifest, where.relative_to(raw.resolve()).as_posix())
+            checks.append(Check("events valid", True, "acq_started, tile_arrived, acq_finished"))
+        except ManifestError as exc:
+            checks.append(Check("events valid", False, str(exc)))
     for name in ("work", "output"):
         root = Path(getattr(roots, name))
         problem = "missing" if not root.is_dir() else _writable(root)

@@ -20,6 +20,7 @@ spectral samples), which is the microscope's Fortran-order `(S, A, 2, B)` layout
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +28,18 @@ from pathlib import Path
 import numpy as np
 
 from services.manifest import NIFTI_HEADER_BYTES, RawLayout
+from services.regular_files import open_regular
+from services.stage import PermanentError
 
 NIFTI_UINT16 = 512
 NIFTI_INT16 = 4
 NIFTI_FLOAT32 = 16
 
 
-class RawFormatError(ValueError):
-    """A raw tile that is truncated, corrupt, or not what the manifest says."""
+class RawFormatError(PermanentError, ValueError):
+    """A raw tile that is truncated, corrupt, or not what the manifest says: the file was
+    complete when it was announced, so reading it again cannot help (a stage fails it at
+    once with this reason)."""
 
 
 def _shape(layout: RawLayout) -> tuple[int, int, int, int]:
@@ -190,30 +195,31 @@ def write_tiff(path: Path, data: np.ndarray) -> None:
 
 
 def read_tile(path: Path, layout: RawLayout) -> np.ndarray:
-    """Read a raw tile read-only and check it against the manifest's layout."""
+    """Read a raw tile read-only and check it against the manifest's layout. Only a regular
+    file is opened (`NotRegularFile` otherwise, never a blocking open or read)."""
     path = Path(path)
     name = path.name
     shape = _shape(layout)
-    if layout.format == "tiff":
-        import tifffile
+    with open_regular(path, name) as fh:
+        if layout.format == "tiff":
+            import tifffile
 
-        try:
-            data = tifffile.imread(path)
-        except Exception as exc:  # tifffile raises many types for corrupt files
-            raise RawFormatError(f"{name}: unreadable TIFF: {exc}") from None
-        if data.shape != shape or data.dtype != np.uint16:
+            try:
+                data = tifffile.imread(fh)
+            except Exception as exc:  # tifffile raises many types for corrupt files
+                raise RawFormatError(f"{name}: unreadable TIFF: {exc}") from None
+            if data.shape != shape or data.dtype != np.uint16:
+                raise RawFormatError(
+                    f"{name}: {data.dtype}{list(data.shape)}, expected uint16{list(shape)}"
+                )
+            return data
+        size = os.fstat(fh.fileno()).st_size
+        expected = layout.expected_bytes
+        if size != expected:
+            kind = "truncated" if size < expected else "too large"
             raise RawFormatError(
-                f"{name}: {data.dtype}{list(data.shape)}, expected uint16{list(shape)}"
+                f"{name}: {kind}: {size} bytes, expected {expected} ({_describe(layout)})"
             )
-        return data
-    size = path.stat().st_size
-    expected = layout.expected_bytes
-    if size != expected:
-        kind = "truncated" if size < expected else "too large"
-        raise RawFormatError(
-            f"{name}: {kind}: {size} bytes, expected {expected} ({_describe(layout)})"
-        )
-    with open(path, "rb") as fh:
         blob = fh.read()
     if layout.format == "raw12":
         return unpack12(blob, layout.values).reshape(shape)

@@ -10,7 +10,7 @@ from nats.js.errors import NotFoundError
 
 from messages.codec import decode_event
 from messages.events import utcnow
-from messages.subjects import PREFIX
+from messages.subjects import ANY, PREFIX
 from services.eventlog import subjects_seen
 
 # tile-level events in pipeline order: the furthest one reached colours a tile
@@ -73,6 +73,7 @@ class Status:
         return remaining / rate * 60.0 if rate else None
 
     finished: bool = False
+    missing: set[str] = field(default_factory=set)  # declared missing, not arrived since
     failed_tiles: set[str] = field(default_factory=set)
     mosaics: dict[str, set[str]] = field(default_factory=dict)  # kind -> {"<slice>.m<mosaic>"}
 
@@ -144,6 +145,13 @@ async def snapshot(
         counts.waiting = info.num_pending
         counts.in_progress = info.num_ack_pending
         counts.paused = bool(getattr(info, "paused", False))
+    if status.finished:  # the latest declaration, less the tiles that arrived after it
+        last = await js.get_last_msg(stream, f"{PREFIX}.acq_finished.{acq}.{ANY}.{ANY}")
+        status.missing = {
+            key
+            for key in (f"{t.slice}.{t.token()}" for t in decode_event(last.data).missing)
+            if status.tiles.get(key) is None
+        }
     started = await subjects_seen(js, stream, f"{PREFIX}.acq_started.{acq}.>")
     if started:
         first = await read_events(js, stream, f"{PREFIX}.acq_started.{acq}.>", limit=1)

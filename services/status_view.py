@@ -19,6 +19,7 @@ def status_json(status: Status) -> dict:
         "started_at": status.started_at.isoformat() if status.started_at else None,
         "eta_s": status.eta_s(),
         "finished": status.finished,
+        "missing_tiles": sorted(status.missing),
         "tiles": counts,
         "failed_tiles": sorted(status.failed_tiles),
         "mosaics": {kind: sorted(keys) for kind, keys in status.mosaics.items()},

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 import zarr
 
 from kernels.register import halve
-from services.atomic import atomic_directory
+from services.atomic import atomic_directory, temp_name, writing
 from services.omezarr import NGFF_VERSION
 
 __all__ = ["Canvas", "Volume", "downsample", "level_shapes"]
@@ -144,9 +143,9 @@ def _levels(data: np.ndarray, axial: Sequence[bool], n: int) -> Iterator[np.ndar
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    with writing(temp_name(path)) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
 
 
 def _update_attrs(store: Path, change: Callable[[dict[str, Any]], None]) -> None:

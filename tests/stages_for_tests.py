@@ -71,3 +71,17 @@ class ProcessLike(Stage):
                 )
             ]
         )
+
+
+class StuckReader(Stage):
+    """TileArrived -> nothing: reads `options.fifo`, a FIFO nobody writes (a read that never
+    returns, as on a hung network mount)."""
+
+    name = "stuck"
+    consumes = (TileArrived,)
+
+    def handle(self, event: TileArrived, ctx: Context) -> Result:
+        _mark(ctx, f"start-{event.tile.token()}")
+        with open(_options(ctx)["fifo"], "rb") as fh:  # blocks until a writer comes: never
+            fh.read()
+        return Result()

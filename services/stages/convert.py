@@ -20,7 +20,7 @@ from services.acquisitions import manifest_at
 from services.atomic import COMPLETE_ATTR, atomic_directory, is_complete
 from services.layout import converted_path
 from services.rawio import read_tile
-from services.stage import Context, Result, Stage
+from services.stage import Context, PermanentError, Result, Stage
 
 COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
 
@@ -35,7 +35,10 @@ class Convert(Stage):
 
     def handle(self, event: TileArrived, ctx: Context) -> Result:
         roots = self.config.roots
-        manifest = manifest_at(roots.raw, event.manifest)
+        manifest = manifest_at(roots.raw, event.manifest)  # InvalidManifest: fails at once
+        outside = manifest.outside(event.tile)
+        if outside is not None:  # no output, no work downstream for a tile nobody expects
+            raise PermanentError(outside)
         layout = manifest.geometry(event.tile.mosaic).raw
         raw_file = roots.resolve("raw", event.path)
         stat = raw_file.stat()
@@ -49,7 +52,7 @@ class Convert(Stage):
         written = 0
         if ctx.force or not is_complete(target, **source):
             started = time.perf_counter()
-            data = read_tile(raw_file, layout)  # raises on truncated / corrupt input
+            data = read_tile(raw_file, layout)  # a FIFO, a corrupt or truncated tile: fails at once
             cal = manifest.spectrometer()
             params = manifest.processing_params()
             with atomic_directory(target) as tmp:

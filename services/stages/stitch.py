@@ -79,10 +79,15 @@ class Stitch(Stage):
     async def handle(self, event: Event, ctx: Context) -> Result:
         manifest = await self._manifest(ctx, event.acq)
         if isinstance(event, TileProcessed):
+            outside = manifest.outside(event.tile)
+            if outside is not None:  # no mosaic holds it: never into the books
+                raise PermanentError(outside)
             return await self._on_tile(event, manifest, ctx)
         if isinstance(event, StageFailed):
             if event.tile is None or event.stage not in UPSTREAM:
                 return Result()  # not a tile this stage waits for (never our own failures)
+            if not manifest.contains(event.tile):
+                return Result()  # refused upstream as outside the lattice: no mosaic waits
             book = await MosaicBook.open(ctx.js, event.acq, event.tile.slice, event.tile.mosaic)
             await book.mark_tile(
                 event.tile.row, event.tile.col, "failed", stage=event.stage, error=event.error[:500]
@@ -93,10 +98,12 @@ class Stitch(Stage):
         assert isinstance(event, AcquisitionFinished)
         books: dict[tuple[int, int], MosaicBook] = {}
         for tile in event.missing:
+            if not manifest.contains(tile):
+                continue
             key = (tile.slice, tile.mosaic)
             if key not in books:
                 books[key] = await MosaicBook.open(ctx.js, event.acq, *key)
-            await books[key].mark_tile(tile.row, tile.col, "missing")
+            await books[key].mark_missing(tile.row, tile.col)  # never over a late tile
         result = Result()
         for (s, m), book in sorted(books.items()):
             done = await self._maybe_stitch(book, event.acq, s, m, manifest, ctx)
@@ -198,7 +205,7 @@ class Stitch(Stage):
         coords = [(r, c) for r in range(geometry.rows) for c in range(geometry.cols)]
         if any(state.tiles.get(rc, {}).get("state") not in TERMINAL for rc in coords):
             return Result()
-        done = state.processed()
+        done = state.processed() & set(coords)  # a stray key outside the grid is ignored
         for rc in done:
             for nb in geometry.neighbours(*rc):
                 if nb in done and tuple(sorted([rc, nb])) not in state.pairs:
@@ -263,10 +270,12 @@ class Stitch(Stage):
         n = rows * cols
         index = {(r, c): r * cols + c for r in range(rows) for c in range(cols)}
         nominal = np.array([geometry.nominal_position_px(r, c) for r, c in index], float)
-        done = state.processed()
+        done = state.processed() & set(index)
         present = np.array([rc in done for rc in index])
         pairs, kept = [], []
         for (a, b), rec in state.pairs.items():
+            if a not in index or b not in index:
+                continue
             fields = {f.name for f in dataclasses.fields(PairAlignment)}
             values = {k: v for k, v in rec.items() if k in fields}
             values["shift_yx"] = tuple(values["shift_yx"])
