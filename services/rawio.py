@@ -20,10 +20,12 @@ spectral samples), which is the microscope's Fortran-order `(S, A, 2, B)` layout
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -194,46 +196,127 @@ def write_tiff(path: Path, data: np.ndarray) -> None:
     tifffile.imwrite(path, data, photometric="minisblack")
 
 
-def read_tile(path: Path, layout: RawLayout) -> np.ndarray:
-    """Read a raw tile read-only and check it against the manifest's layout. Only a regular
-    file is opened (`NotRegularFile` otherwise, never a blocking open or read)."""
-    path = Path(path)
-    name = path.name
-    shape = _shape(layout)
-    with open_regular(path, name) as fh:
+class TileSource:
+    """A raw tile opened read-only, read in B-line blocks: ``shape``, ``dtype``,
+    ``source[b0:b1]`` (a new host array of those B-lines, in the layout :func:`read_tile`
+    returns) and ``sha256`` (the file's digest, complete once every block was read in order,
+    else None). Only what is asked for is read; the file is checked when it is opened (size,
+    header; a FIFO, a device or a corrupt header fails at once)."""
+
+    def __init__(self, path: Path, layout: RawLayout) -> None:
+        self.path, self.layout = Path(path), layout
+        self.name = self.path.name
+        self.shape = _shape(layout)
+        self.dtype = np.dtype(np.complex64 if layout.complex else np.uint16)
+        self.ndim = 4
+        self._fh = open_regular(self.path, self.name)
+        self._hash: Any = hashlib.sha256()
+        self._next = 0  # the next B-line a sequential reader asks for
+        self._whole: np.ndarray | None = None
+        try:
+            self._open()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _open(self) -> None:
+        layout, name = self.layout, self.name
         if layout.format == "tiff":
             import tifffile
 
             try:
-                data = tifffile.imread(fh)
+                data = tifffile.imread(self._fh)
             except Exception as exc:  # tifffile raises many types for corrupt files
                 raise RawFormatError(f"{name}: unreadable TIFF: {exc}") from None
-            if data.shape != shape or data.dtype != np.uint16:
+            if data.shape != self.shape or data.dtype != np.uint16:
                 raise RawFormatError(
-                    f"{name}: {data.dtype}{list(data.shape)}, expected uint16{list(shape)}"
+                    f"{name}: {data.dtype}{list(data.shape)}, expected uint16{list(self.shape)}"
                 )
-            return data
-        size = os.fstat(fh.fileno()).st_size
+            self._whole, self._hash = data, None
+            return
+        size = os.fstat(self._fh.fileno()).st_size
         expected = layout.expected_bytes
         if size != expected:
             kind = "truncated" if size < expected else "too large"
             raise RawFormatError(
                 f"{name}: {kind}: {size} bytes, expected {expected} ({_describe(layout)})"
             )
-        blob = fh.read()
-    if layout.format == "raw12":
-        return unpack12(blob, layout.values).reshape(shape)
-    header_notes(blob[:NIFTI_HEADER_BYTES], layout, name)
-    if not layout.complex:
-        return np.frombuffer(blob, np.uint16, offset=NIFTI_HEADER_BYTES).reshape(shape)
-    b, _, a, z = shape
-    block = np.frombuffer(blob, "<f4", offset=NIFTI_HEADER_BYTES).reshape(z, b, 4, a)
-    out = np.empty(shape, np.complex64)
-    for ch in (0, 1):
-        re, im = block[:, :, 2 * ch], block[:, :, 2 * ch + 1]  # [Z, B, A]
-        out[:, ch].real = re.transpose(1, 2, 0)[..., ::-1]
-        out[:, ch].imag = -im.transpose(1, 2, 0)[..., ::-1]  # undo the conjugation
-    return out
+        self._map = np.memmap(self._fh, dtype=np.uint8, mode="r", shape=(size,))
+        self._start = 0
+        if layout.format != "raw12":
+            header = bytes(self._map[:NIFTI_HEADER_BYTES])
+            header_notes(header, layout, name)
+            self._hash.update(header)
+            self._start = NIFTI_HEADER_BYTES
+        if layout.complex:
+            self._hash = None  # a B-line block is not contiguous in the file
+            b, _, a, z = self.shape
+            self._complex = self._map[self._start :].view("<f4").reshape(z, b, 4, a)
+        b, c, a, s = self.shape
+        self._bline_bytes = (c * a * s * 3) // 2 if layout.format == "raw12" else c * a * s * 2
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        b0, b1, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("TileSource reads contiguous B-line blocks")
+        if self._whole is not None:
+            return np.array(self._whole[b0:b1])
+        if b0 != self._next:
+            self._hash = None  # out of order: no digest of the file
+        self._next = b1
+        if self.layout.complex:
+            return self._complex_lines(b0, b1)
+        raw = self._map[self._start + b0 * self._bline_bytes : self._start + b1 * self._bline_bytes]
+        if self._hash is not None:
+            self._hash.update(raw)
+        n = b1 - b0
+        if self.layout.format == "raw12":
+            count = n * self._bline_bytes * 2 // 3
+            return unpack12(raw, count).reshape(n, *self.shape[1:])
+        return np.frombuffer(raw, "<u2").reshape(n, *self.shape[1:]).astype(np.uint16)
+
+    def _complex_lines(self, b0: int, b1: int) -> np.ndarray:
+        """B-lines of a complex tile in tilepipe's convention (unflipped, not conjugated)."""
+        block = self._complex[:, b0:b1]  # [Z, b, 4, A]
+        out = np.empty((b1 - b0, *self.shape[1:]), np.complex64)
+        for ch in (0, 1):
+            re, im = block[:, :, 2 * ch], block[:, :, 2 * ch + 1]  # [Z, b, A]
+            out[:, ch].real = re.transpose(1, 2, 0)[..., ::-1]
+            out[:, ch].imag = -im.transpose(1, 2, 0)[..., ::-1]  # undo the conjugation
+        return out
+
+    @property
+    def sha256(self) -> str | None:
+        """`sha256:<hex>` of the whole file once it was read in order, else None."""
+        if self._hash is None or self._next < self.shape[0]:
+            return None
+        return "sha256:" + self._hash.hexdigest()
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def close(self) -> None:
+        self._map = self._complex = None  # type: ignore[assignment]
+        self._fh.close()
+
+    def __enter__(self) -> TileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_tile(path: Path, layout: RawLayout) -> TileSource:
+    """A raw tile opened read-only for block reading (see :class:`TileSource`)."""
+    return TileSource(path, layout)
+
+
+def read_tile(path: Path, layout: RawLayout) -> np.ndarray:
+    """Read a whole raw tile read-only and check it against the manifest's layout. Only a
+    regular file is opened (`NotRegularFile` otherwise, never a blocking open or read)."""
+    with open_tile(path, layout) as tile:
+        return tile[0 : tile.shape[0]]
 
 
 def _describe(layout: RawLayout) -> str:

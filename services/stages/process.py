@@ -22,8 +22,10 @@ from kernels.streaming import CPU_BLOCK_BSCANS, stream_tile
 from messages.events import TileConverted, TileProcessed, utcnow
 from services.atomic import COMPLETE_ATTR, atomic_directory, is_complete, zarr_attrs
 from services.layout import products_path
+from services.manifest import RawLayout
 from services.metrics import TILES_BY_DEVICE
-from services.stage import Context, Result, Stage
+from services.rawio import open_tile
+from services.stage import Context, PermanentError, Result, Stage
 
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 PRODUCT_UNITS = {
@@ -101,20 +103,32 @@ class Process(Stage):
         if not ctx.force and is_complete(target, **source):
             device = zarr_attrs(target).get("device", device)
         else:
-            raw = zarr.open_array(str(source_dir), mode="r")  # read block by block
-            read = raw.nbytes
             cal = SpectrometerCalibration(**source_attrs["calibration"])
             params = ProcessingParams(**{**source_attrs.get("processing", {}), **self.runtime})
-            validate_input(raw, cal)
-            attrs = {
-                "acq": event.acq,
-                "tile": event.tile.model_dump(),
-                "params": params.__dict__,
-                "units": PRODUCT_UNITS,
-                **source,
-                "calibration": source_attrs["calibration"],
-            }
-            device, written = self._stream(target, raw, cal, params, attrs)
+            layout = RawLayout(**source_attrs["layout"])
+            raw_file = roots.resolve("raw", source_attrs["raw_path"])
+            st = raw_file.stat()
+            if (st.st_size, st.st_mtime_ns) != (
+                source_attrs["raw_size"],
+                source_attrs["raw_mtime_ns"],
+            ):
+                raise PermanentError(
+                    f"{source_attrs['raw_path']} changed since it was converted "
+                    "(replay convert for this tile)"
+                )
+            with open_tile(raw_file, layout) as raw:  # streamed block by block, read once
+                validate_input(raw, cal)
+                attrs = {
+                    "acq": event.acq,
+                    "tile": event.tile.model_dump(),
+                    "params": params.__dict__,
+                    "units": PRODUCT_UNITS,
+                    **source,
+                    "raw_path": source_attrs["raw_path"],
+                    "calibration": source_attrs["calibration"],
+                }
+                device, written = self._stream(target, raw, cal, params, attrs)
+                read = st.st_size
         seconds = time.perf_counter() - started
         TILES_BY_DEVICE.labels(device).inc()
         names = {**{v: f"{rel}/{v}" for v in VOLUMES}, **{v: f"{rel}/{v}" for v in ENFACE.values()}}
@@ -169,6 +183,6 @@ class Process(Stage):
                     compressors=COMPRESSOR,
                     dimension_names=("bline", "aline"),
                 )
-            group.attrs.update({**attrs, "device": maps.device})
+            group.attrs.update({**attrs, "device": maps.device, "raw_sha256": raw.sha256})
             group.attrs[COMPLETE_ATTR] = True
         return maps.device, sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
