@@ -4,8 +4,9 @@ A durable pull consumer per stage (explicit ack, `max_ack_pending` = concurrency
 read through standing pull requests for this worker's free slots (`services.pullfeed`),
 validation on receipt (`term` with a logged, counted reason), handler in a worker thread with
 in-progress heartbeats, retries by negative ack with backoff up to `max_deliver`, then a
-stage-failed event; outputs published with `Nats-Msg-Id` de-duplication before the input is
-acknowledged; graceful drain on stop; reconnection after a server restart; backlog gauges.
+stage-failed event (never for an input that is itself a failure); outputs published with
+`Nats-Msg-Id` de-duplication before the input is acknowledged; graceful drain on stop;
+reconnection after a server restart; backlog gauges.
 """
 
 from __future__ import annotations
@@ -425,7 +426,18 @@ class StageRunner:
         log,
         started_at=None,
     ) -> None:
-        """Record the failure as an event, then stop redelivery of the input."""
+        """Record the failure as an event, then stop redelivery of the input.
+
+        Failures never trigger failures: an input that is itself a `stage_failed` is logged,
+        counted and terminated, never failed again (a stage consuming failures would
+        receive its own failure in turn, without end)."""
+        if isinstance(event, StageFailed):
+            self.m.failed.inc()
+            log.error("failure_dropped", error=error, attempts=attempts, failed_stage=event.stage)
+            await _quietly(msg.term())
+            started_at = started_at or utcnow()
+            await self._record(msg, event, attempts, "failed", started_at, replay, error)
+            return
         failed = failure_event(self.name, event, msg.subject, error, attempts)
         try:
             await self._publish(
