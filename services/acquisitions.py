@@ -11,7 +11,7 @@ from nats.js.errors import KeyNotFoundError
 
 from messages.events import TileCoord
 from messages.paths import resolve_in_root
-from messages.subjects import event_filter
+from messages.subjects import event_filter, parse_subject
 from services.eventlog import subjects_seen
 from services.manifest import Manifest, load_manifest
 
@@ -81,4 +81,4 @@ def missing_tiles(manifest: Manifest, arrived: set[str]) -> list[TileCoord]:
 async def arrived_tiles(js: JetStreamContext, stream: str, acq: str) -> set[str]:
     """Tile keys of an acquisition that have a `tile_arrived` event in the log."""
     seen = await subjects_seen(js, stream, event_filter("tile_arrived", acq))
-    return {s.split(".", 3)[3] for s in seen}
+    return {parse_subject(s).key() for s in seen}

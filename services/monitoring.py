@@ -56,7 +56,7 @@ from messages.events import (
     TileCoord,
     TileEvent,
 )
-from messages.subjects import ANY, PREFIX, subject
+from messages.subjects import ANY, PREFIX, parse_subject, subject
 from services.metrics import (
     ACQ_TILES_DONE,
     DATA_ROOT_FREE,
@@ -306,9 +306,9 @@ class StageMonitor:
         if kind not in ("slice_stitched", "slice_registered"):
             keys = set()
             for subj in seen:
-                _p, _k, _a, slice_token, tile_token = subj.split(".", 4)
-                if tile_token != ANY and re.fullmatch(r"m\d+-r\d+-c\d+", tile_token):
-                    keys.add(f"{slice_token}.{tile_token}")
+                parsed = parse_subject(subj)
+                if parsed.tile != ANY and re.fullmatch(r"m\d+-r\d+-c\d+", parsed.tile):
+                    keys.add(parsed.key())
             return keys
         keys: set[str] = set()
         for subj in seen:

@@ -4,9 +4,10 @@ The lists come from what the code does on the wire (read from a nats-server trac
 pipeline, then enforced by tests/test_security.py):
 
 - a stage creates or updates, reads and pulls from its own durable consumer (named after it)
-  and acknowledges its own deliveries; publishes its output events, `stage_failed`, `attempt`
-  records and parked inputs (`tp.hold_<stage>`); reads stream info and single messages of the
-  event log (progress and latency bookkeeping); watches the hold keys of the `tp-lattice` KV
+  and acknowledges its own deliveries; publishes its output events, `stage_failed` and
+  `attempt` records in its own name (their subjects end with the stage) and parked inputs
+  (`tp.hold_<stage>`); reads stream info and single messages of the event log (progress and
+  latency bookkeeping); watches the hold keys of the `tp-lattice` KV
   bucket (an ordered consumer with flow control).
 - stitch and register also write and read their bookkeeping in `tp-lattice` and read
   `tp-acquisitions` (where an acquisition's manifest is).
@@ -30,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from messages.subjects import PREFIX, STREAM
+from messages.subjects import PREFIX, STREAM, event_filter
 from services.acquisitions import ACQ_BUCKET
 from services.bus import inbox_prefix
 from services.config import Config, NatsSettings
@@ -39,7 +40,7 @@ from services.lattice import LATTICE_BUCKET
 ADMIN = "admin"
 WATCHER = "watcher"
 
-# stage -> event kinds it publishes (besides stage_failed, attempt and its own hold subject)
+# stage -> event kinds it publishes (besides its own stage_failed, attempt and hold subjects)
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "convert": ("tile_converted",),
     "process": ("tile_processed",),
@@ -83,8 +84,8 @@ def stage_permissions(
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
         f"$JS.ACK.{stream}.{name}.>",
         *(f"{PREFIX}.{kind}.>" for kind in outputs),
-        f"{PREFIX}.stage_failed.>",
-        f"{PREFIX}.attempt.>",
+        # failure and attempt records in its own name only (the subject's last token)
+        *(event_filter(kind, stage=name) for kind in ("stage_failed", "attempt")),
         f"{PREFIX}.hold_{name}.>",
         # watching the hold keys: an ephemeral ordered consumer on the lattice bucket
         f"$JS.API.STREAM.INFO.{lattice}",

@@ -2,11 +2,11 @@
 
 A durable pull consumer per stage (explicit ack, `max_ack_pending` = concurrency x workers)
 read through standing pull requests for this worker's free slots (`services.pullfeed`),
-validation on receipt (`term` with a logged, counted reason), handler in a worker thread with
-in-progress heartbeats, retries by negative ack with backoff up to `max_deliver`, then a
-stage-failed event (never for an input that is itself a failure); outputs published with
-`Nats-Msg-Id` de-duplication before the input is acknowledged; graceful drain on stop;
-reconnection after a server restart; backlog gauges.
+validation on receipt, of the payload and against its subject (`term` with a logged, counted
+reason), handler in a worker thread with in-progress heartbeats, retries by negative ack with
+backoff up to `max_deliver`, then a stage-failed event (never for an input that is itself a
+failure); outputs published with `Nats-Msg-Id` de-duplication before the input is
+acknowledged; graceful drain on stop; reconnection after a server restart; backlog gauges.
 """
 
 from __future__ import annotations
@@ -248,7 +248,9 @@ class StageRunner:
         if attempt > 1:
             m.redeliveries.inc()
         try:
-            event = decode_event(msg.data, accept=self._accepts)
+            # a payload must be what its subject says (kind, acquisition, slice, tile, stage):
+            # permissions are granted on subjects, so the subject vouches for the payload
+            event = decode_event(msg.data, accept=self._accepts, subject=msg.subject)
         except InvalidEvent as exc:
             EVENTS_INVALID.labels(self.name, exc.reason).inc()
             m.invalid.inc()

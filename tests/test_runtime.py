@@ -177,6 +177,8 @@ async def test_transient_error_retried_then_succeeds(config, js, tmp_path):
             json.dumps({**json.loads(arrived(1).to_json()), "path": "../../etc/passwd"}).encode(),
             "invalid_fields",
         ),
+        (arrived(2).to_json(), "subject_mismatch"),  # another tile's event on this subject
+        (arrived(1, acq="acq2").to_json(), "subject_mismatch"),  # another acquisition's
     ],
 )
 async def test_invalid_payload_terminated_counted_never_retried(

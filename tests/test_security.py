@@ -25,8 +25,9 @@ import nats
 import pytest
 from prometheus_client import REGISTRY
 
-from messages import TileArrived, TileCoord, utcnow
+from messages import StageFailed, TileArrived, TileCoord, utcnow
 from messages.events import EVENT_TYPES
+from messages.subjects import STAGE_NAMED, parse_subject
 from services.bus import connect, inbox_prefix, publish_event
 from services.config import Config, ConfigError, NatsSettings, Roots, StageSettings, load_config
 from services.natsauth import (
@@ -90,12 +91,18 @@ def test_render_authorization_refuses_a_user_without_permissions():
 
 
 # ---------------------------------------------------------------- a server with users
-def allowed_kinds(user: str) -> set[str]:
-    """Event kinds (subject tokens) a user may publish."""
+def allowed_subjects(user: str, subjects: set[str]) -> set[str]:
+    """The subjects (of `subjects`) a user may publish: its own kinds of events, and failure
+    and attempt records in its own name only."""
     if user == WATCHER:
-        return set(WATCHER_OUTPUTS)
-    outputs = STAGE_OUTPUTS.get(user, ("tile_converted",))
-    return {*outputs, "stage_failed", "attempt", f"hold_{user}"}
+        kinds = set(WATCHER_OUTPUTS)
+    else:
+        kinds = {*STAGE_OUTPUTS.get(user, ("tile_converted",)), f"hold_{user}"}
+    return {
+        s
+        for s in subjects
+        if (p := parse_subject(s)).kind in kinds or (p.stage == user and user != WATCHER)
+    }
 
 
 class AuthServer:
@@ -152,28 +159,37 @@ async def open_as(auth: AuthServer, user: str, errors: list[str]):
 
 async def test_each_service_publishes_its_own_events_only(auth, admin_js):
     users = [WATCHER, *STAGE_OUTPUTS]
-    kinds = {*EVENT_TYPES, *(f"hold_{u}" for u in STAGE_OUTPUTS), "redo_convert"}
+    kinds = {*EVENT_TYPES, *(f"hold_{u}" for u in STAGE_OUTPUTS), "redo_convert"} - STAGE_NAMED
     for user in users:
+        subjects = {f"tp.{kind}.u-{user}.0.m0-r0-c0" for kind in kinds} | {
+            f"tp.{kind}.u-{user}.0.m0-r0-c0.{name}"  # failures and attempts in any stage's name
+            for kind in STAGE_NAMED
+            for name in STAGE_OUTPUTS
+        }
+        allowed = allowed_subjects(user, subjects)
         errors: list[str] = []
         nc = await open_as(auth, user, errors)
-        for kind in sorted(kinds):
-            await nc.publish(f"tp.{kind}.u-{user}.0.m0-r0-c0", b"{}")
+        for subject in sorted(subjects):
+            await nc.publish(subject, b"{}")
         await nc.flush(timeout=5)
-        forbidden = kinds - allowed_kinds(user)
+        forbidden = subjects - allowed
         await wait_for(lambda: len(errors) >= len(forbidden))  # noqa: B023
         await nc.close()
-        refused = {e.split('"')[1].split(".")[1] for e in errors if "permissions violation" in e}
+        refused = {e.split('"')[1] for e in errors if "permissions violation" in e}
         assert refused == forbidden, user
 
         async def landed(user=user):
             info = await admin_js.stream_info("TILEPIPE", subjects_filter=f"tp.*.u-{user}.>")
-            return {s.split(".")[1] for s in (info.state.subjects or {})}
+            return set(info.state.subjects or {})
 
-        await wait_for(lambda: _equal(landed(), allowed_kinds(user)))  # noqa: B023
-        assert await landed() == allowed_kinds(user), user
+        await wait_for(lambda: _equal(landed(), allowed))  # noqa: B023
+        assert await landed() == allowed, user
+        if user != WATCHER:  # its own failures and attempts, nobody else's
+            assert {parse_subject(s).stage for s in allowed} == {None, user}, user
     log = auth.log()
     assert violation(log, "convert", "tp.tile_processed.u-convert.0.m0-r0-c0")
-    assert violation(log, "watcher", "tp.stage_failed.u-watcher.0.m0-r0-c0")
+    assert violation(log, "convert", "tp.stage_failed.u-convert.0.m0-r0-c0.process")
+    assert violation(log, "watcher", "tp.stage_failed.u-watcher.0.m0-r0-c0.convert")
 
 
 def violation(log: str, user: str, subject: str) -> bool:
@@ -310,6 +326,78 @@ async def test_stage_runs_under_its_own_user_without_violations(auth, admin_js, 
         stop.set()
         await asyncio.wait_for(task, 30)
     assert "Violation" not in auth.log()
+
+
+# ---------------------------------------------------------------- forged events
+async def test_a_stage_user_cannot_pass_a_forged_event_off_as_another_stages(
+    auth, admin_js, tmp_path
+):
+    """convert may not publish `tile_processed`; it tries to slip one to stitch on a failure
+    subject. Failure subjects name their stage and each user may publish only its own: the
+    server drops the other subjects; on its own failure subject the payload disagrees with
+    the subject, and stitch's runtime refuses it (terminated, counted as
+    `subject_mismatch`), so the victim acquisition's lattice is untouched."""
+    from services.acquisitions import record_acquisition
+    from services.lattice import tile_state
+    from services.simulate import small_manifest, write_manifest
+    from services.stages.stitch import Stitch
+
+    roots = Roots(raw=tmp_path / "raw", work=tmp_path / "work", output=tmp_path / "output")
+    manifest = small_manifest("victim", slices=1, rows=2, cols=2)
+    write_manifest(manifest, roots.raw / "victim")
+    await record_acquisition(admin_js, manifest, "victim/manifest.toml", "acquiring")
+    config = Config(nats=auth.settings("stitch"), roots=roots)
+    runner = StageRunner(Stitch(config, StageSettings(backoff_s=[0.1])), config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    labels = {"stage": "stitch", "reason": "subject_mismatch"}
+    before = REGISTRY.get_sample_value("tilepipe_events_invalid_total", labels) or 0.0
+    forged = processed_event().model_copy(
+        update={"acq": "victim", "tile": TileCoord(slice=0, row=1, col=0)}
+    )
+    as_process = StageFailed(
+        acq="victim",
+        stage="process",
+        input_type="tile_converted",
+        input_subject="tp.tile_converted.victim.0.m0-r1-c0",
+        error="forged",
+        attempts=1,
+        tile=TileCoord(slice=0, row=1, col=0),
+    )
+    try:
+        await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
+        errors: list[str] = []
+        nc = await open_as(auth, "convert", errors)
+        js = nc.jetstream(timeout=2)
+        for subject in (
+            "tp.stage_failed.victim.0.m0-r1-c0",  # no stage named
+            "tp.stage_failed.victim.0.m0-r1-c0.process",  # another stage's name
+            "tp.attempt.victim.0.m0-r1-c0.process",
+        ):
+            with pytest.raises(nats.errors.TimeoutError):
+                await js.publish(subject, forged.to_json())
+            assert violation(auth.log(), "convert", subject), subject
+        # its own failure subject: the server takes it, stitch refuses what it carries
+        own = "tp.stage_failed.victim.0.m0-r1-c0.convert"
+        for payload in (forged.to_json(), as_process.to_json()):
+            assert (await js.publish(own, payload)).stream == "TILEPIPE"
+        await nc.close()
+
+        async def refused() -> bool:
+            now = REGISTRY.get_sample_value("tilepipe_events_invalid_total", labels) or 0.0
+            info = await admin_js.consumer_info("TILEPIPE", "stitch")
+            return now - before == 2 and not info.num_pending and not info.num_ack_pending
+
+        await wait_for(refused, timeout=30)
+        await asyncio.sleep(1.0)  # a delivery that was not terminated would come back
+        info = await admin_js.consumer_info("TILEPIPE", "stitch")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+    assert await tile_state(admin_js, "victim", 0, 0, 1, 0) is None
+    assert await stream_messages(admin_js, "tp.attempt.victim.>") == []  # never handled
+    assert await stream_messages(admin_js, "tp.tile_processed.>") == []
 
 
 # ---------------------------------------------------------------- tilepipe up --auth
