@@ -23,7 +23,7 @@ from messages.events import Attempt, Event, StageFailed
 from messages.subjects import HOLD, PREFIX, REDO, parse_subject, redo_subject
 from services.bus import MSG_ID, REPLAY_HEADER
 from services.eventlog import subjects_seen
-from services.lattice import HOLD_PREFIX, LATTICE_BUCKET
+from services.lattice import HOLD_BUCKET
 from services.stage import REPAIR_PREFIX
 from services.status import checked, read_events
 
@@ -61,15 +61,15 @@ async def resume(js: JetStreamContext, stream: str, stage: str) -> None:
 
 async def hold(js: JetStreamContext, stream: str, acq: str) -> None:
     """Hold one acquisition's work in every stage; other acquisitions continue."""
-    kv = await js.key_value(LATTICE_BUCKET)
-    await kv.put(f"{HOLD_PREFIX}.{acq}", b"held")
+    kv = await js.key_value(HOLD_BUCKET)
+    await kv.put(acq, b"held")
 
 
 async def release(js: JetStreamContext, stream: str, acq: str, settle_s: float = 1.0) -> int:
     """Lift the hold and send every parked input back to its stage; returns how many."""
-    kv = await js.key_value(LATTICE_BUCKET)
+    kv = await js.key_value(HOLD_BUCKET)
     with contextlib.suppress(KeyNotFoundError):
-        await kv.delete(f"{HOLD_PREFIX}.{acq}")
+        await kv.delete(acq)
     await asyncio.sleep(settle_s)  # stages see the release before the parked inputs return
     tag = f"{REPAIR_PREFIX}release-{uuid.uuid4().hex[:8]}"
     sent = 0

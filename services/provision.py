@@ -28,7 +28,8 @@ from services.stage import Stage
 # KV buckets: acquisitions known to the pipeline, and per-stage bookkeeping (e.g. stitch lattice).
 KV_BUCKETS = {
     "tp-acquisitions": "acquisition id -> manifest path and state",
-    "tp-lattice": "per slice/mosaic bookkeeping of processed tiles (stitch)",
+    "tp-lattice": "per slice/mosaic bookkeeping of processed tiles (stitch, register)",
+    "tp-holds": "acquisition id -> on hold in every stage (tilepipe pause --acq)",
 }
 
 

@@ -40,7 +40,7 @@ from messages.paths import PathEscapeError
 from messages.subjects import hold_subject
 from services.bus import REPLAY_HEADER, connect, delivery_count, publish_event
 from services.config import Config, StageSettings
-from services.lattice import HOLD_PREFIX, LATTICE_BUCKET
+from services.lattice import HOLD_BUCKET
 from services.logs import get_logger
 from services.metrics import (
     BYTES_READ,
@@ -514,15 +514,15 @@ class StageRunner:
         await self._record(msg, event, delivery_count(msg), "held", utcnow(), replay)
 
     async def _watch_holds(self, js: JetStreamContext, stop: asyncio.Event) -> None:
-        """Keep `held` in step with the hold keys in KV (pushed by the server)."""
+        """Keep `held` in step with the keys of the holds bucket (pushed by the server)."""
         while not stop.is_set():
             try:
-                kv = await js.key_value(LATTICE_BUCKET)
-                watcher = await kv.watch(f"{HOLD_PREFIX}.*")
+                kv = await js.key_value(HOLD_BUCKET)
+                watcher = await kv.watch(">")
                 async for entry in watcher:
                     if entry is None:
                         continue
-                    acq = entry.key.split(".", 1)[1]
+                    acq = entry.key
                     if entry.operation in ("DEL", "PURGE"):
                         self.held.discard(acq)
                     else:

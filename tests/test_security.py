@@ -82,7 +82,7 @@ def test_docs_list_every_permission():
             )
             generic = generic.removesuffix(f".{user}")
             generic = generic + ".<stage>" if subject.endswith(f".{user}") else generic
-            assert f"`{generic}`" in text, (user, subject)
+            assert f"`{generic}`" in text or f"`{subject}`" in text, (user, subject)
 
 
 def test_render_authorization_refuses_a_user_without_permissions():
@@ -308,8 +308,9 @@ async def test_stage_runs_under_its_own_user_without_violations(auth, admin_js, 
     task = asyncio.create_task(runner.run(stop))
     try:
         await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
-        kv = await admin_js.key_value("tp-lattice")
-        await kv.put("holds.held", b"{}")
+        from services.ops import hold
+
+        await hold(admin_js, "TILEPIPE", "held")
         await wait_for(lambda: "held" in runner.held)
         for i in range(3):
             await publish_event(admin_js, arrived(i))
@@ -400,6 +401,59 @@ async def test_a_stage_user_cannot_pass_a_forged_event_off_as_another_stages(
     assert await stream_messages(admin_js, "tp.tile_processed.>") == []
 
 
+# ---------------------------------------------------------------- KV buckets
+async def test_kv_permissions_are_what_each_service_needs(auth, admin_js):
+    """Only the bookkeepers (stitch, register) may read `tp-lattice`, and each writes only
+    its own keys; no stage writes the holds (operators do, `tilepipe pause --acq`)."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    from services.ops import hold
+
+    lattice = await admin_js.key_value("tp-lattice")
+    await lattice.put("victim.0.m0.tile.r0-c0", b'{"state": "processed"}')
+    await hold(admin_js, "TILEPIPE", "victim")
+    direct = "$JS.API.DIRECT.GET.KV_tp-lattice.$KV.tp-lattice.victim.0.m0.tile.r0-c0"
+    for user in ("convert", "process", "upload", PLUGIN):
+        nc = await open_as(auth, user, [])
+        js = nc.jetstream(timeout=2)
+        with pytest.raises(nats.errors.TimeoutError):  # the bucket's info
+            await js.key_value("tp-lattice")
+        with pytest.raises(nats.errors.TimeoutError):  # a watch: a consumer on its stream
+            await js.add_consumer(
+                "KV_tp-lattice",
+                ConsumerConfig(
+                    filter_subject="$KV.tp-lattice.>",
+                    deliver_subject=nc.new_inbox(),
+                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                ),
+            )
+        with pytest.raises(nats.errors.TimeoutError):  # a key by direct get
+            await nc.request(direct, b"", timeout=2)
+        await nc.close()
+        for subject in ("$JS.API.STREAM.INFO.KV_tp-lattice", direct):
+            assert violation(auth.log(), user, subject), (user, subject)
+    mine = {"stitch": "victim.0.m0.tile.r1-c0", "register": "victim.register.m0.0.stitched"}
+    for user, own in mine.items():
+        nc = await open_as(auth, user, [])
+        js = nc.jetstream(timeout=2)
+        kv = await js.key_value("tp-lattice")
+        assert (await kv.get("victim.0.m0.tile.r0-c0")).value == b'{"state": "processed"}'
+        await kv.put(own, b"{}")
+        other = next(key for name, key in mine.items() if name != user)
+        with pytest.raises(nats.errors.TimeoutError):  # the other bookkeeper's keys
+            await kv.put(other, b"{}")
+        holds = await js.key_value("tp-holds")  # watched by every stage, written by admin
+        with pytest.raises(nats.errors.TimeoutError):
+            await holds.put("other", b"held")
+        await nc.close()
+    assert await lattice.keys() == [
+        "victim.0.m0.tile.r0-c0",
+        "victim.0.m0.tile.r1-c0",
+        "victim.register.m0.0.stitched",
+    ]
+    assert await (await admin_js.key_value("tp-holds")).keys() == ["victim"]
+
+
 # ---------------------------------------------------------------- tilepipe up --auth
 async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
     from services.simulate import simulate, small_manifest, write_manifest
@@ -427,7 +481,7 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
             "--work",
             str(work),
             "--services",
-            "watcher,convert,process",
+            "watcher,convert,process,stitch,register",  # the bookkeepers too
         ],
         cwd=REPO,
         env=env,
@@ -447,10 +501,11 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
         nc = await connect(admin, name="test-admin", retry_for_s=10)
         js = nc.jetstream()
 
-        async def processed():
-            return len(await stream_messages(js, "tp.tile_processed.secure.>")) == 4
+        async def registered():
+            processed = await stream_messages(js, "tp.tile_processed.secure.>")
+            return len(processed) == 4 and await stream_messages(js, "tp.slice_registered.>")
 
-        await wait_for(processed, timeout=240)
+        await wait_for(registered, timeout=240)
         await nc.close()
         # the operator CLI works as admin; without credentials the server refuses a client
         status = subprocess.run(
@@ -486,7 +541,7 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
     assert proc.returncode == 0, out
     assert f"export TILEPIPE_NATS__PASSWORD_FILE={work / 'auth' / 'admin.pass'}" in out
     passwords = [p.read_text() for p in (work / "auth").glob("*.pass")]
-    assert len(passwords) == 4  # watcher, convert, process, admin
+    assert len(passwords) == 6  # watcher, convert, process, stitch, register, admin
     text = (work / "tilepipe.toml").read_text()
     for secret in passwords:
         assert secret not in out and secret not in text

@@ -162,8 +162,9 @@ class RegisterBook:
         partial read, which would leave a slice waiting for good)."""
         out: dict[int, dict[str, dict]] = {}
         for key, value in (await read_keys(self.js, self.kv, self.prefix)).items():
-            s, part = key.split(".", 1)
-            out.setdefault(int(s), {})[part] = value
+            s, _, part = key.partition(".")
+            if s.isdigit() and part:  # not another writer's key that looks like one
+                out.setdefault(int(s), {})[part] = value
         return out
 
 
