@@ -6,7 +6,8 @@ Metric reference (all exported on every service's /metrics):
 - per stage (runtime): `tilepipe_events_handled_total{stage,outcome}`,
   `tilepipe_handle_duration_seconds`, `tilepipe_in_flight`, `tilepipe_read_bytes_total`,
   `tilepipe_written_bytes_total`, `tilepipe_consumer_{pending,ack_pending,redelivered}_messages`,
-  `tilepipe_consumer_paused`;
+  `tilepipe_consumer_paused`, `tilepipe_stream_{used,max}_bytes{stream}` (the event stream,
+  `KV_tp-holds`, and the KV buckets a stage keeps bookkeeping in);
 - `tilepipe_end_to_end_latency_seconds{stage,event}` and
   `tilepipe_acquisition_tiles_done{acq,stage}`: `StageMonitor` below;
 - watcher: `tilepipe_watcher_latency_seconds`, `tilepipe_acquisition_tiles_{expected,arrived}`;

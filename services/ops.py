@@ -183,7 +183,6 @@ async def history(
     return sorted((event for event, _m in checked(messages)), key=lambda e: e.emitted_at)
 
 
-
 def _ts(when: datetime) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 

@@ -57,6 +57,8 @@ from services.metrics import (
     IN_FLIGHT,
     NO_SPACE_WAITS,
     REDELIVERIES,
+    STREAM_MAX,
+    STREAM_USED,
 )
 from services.monitoring import StageMonitor
 from services.provision import ensure_consumer
@@ -551,7 +553,10 @@ class StageRunner:
     async def _poll_backlog(
         self, js: JetStreamContext, stop: asyncio.Event, interval: float = 5.0
     ) -> None:
-        """Export the consumer's backlog gauges."""
+        """Export the consumer's backlog gauges, and how full the streams it uses are (the
+        event stream, the holds bucket, its bookkeeping buckets)."""
+        buckets = (HOLD_BUCKET, *self.stage.buckets)
+        streams = [self.config.nats.stream, *(f"KV_{bucket}" for bucket in buckets)]
         while not stop.is_set():
             with contextlib.suppress(Exception):
                 info = await js.consumer_info(self.config.nats.stream, self.name, timeout=2.0)
@@ -559,6 +564,12 @@ class StageRunner:
                 CONSUMER_ACK_PENDING.labels(self.name).set(info.num_ack_pending or 0)
                 CONSUMER_REDELIVERED.labels(self.name).set(info.num_redelivered or 0)
                 CONSUMER_PAUSED.labels(self.name).set(1 if getattr(info, "paused", False) else 0)
+            for stream in streams:
+                with contextlib.suppress(Exception):
+                    info = await asyncio.wait_for(js.stream_info(stream), 2.0)
+                    STREAM_USED.labels(stream).set(info.state.bytes or 0)
+                    if (info.config.max_bytes or 0) > 0:  # unlimited: nothing to compare to
+                        STREAM_MAX.labels(stream).set(info.config.max_bytes)
             await _sleep_or_stop(stop, interval)
 
 

@@ -454,6 +454,108 @@ async def test_kv_permissions_are_what_each_service_needs(auth, admin_js):
     assert await (await admin_js.key_value("tp-holds")).keys() == ["victim"]
 
 
+# ---------------------------------------------------------------- stream and KV limits
+def init_with(tmp_path: Path, url: str, **limits: int) -> subprocess.CompletedProcess:
+    """`tilepipe init` with these `[nats]` limits in its config file."""
+    cfg = tmp_path / "limits.toml"
+    cfg.write_text(
+        f'[nats]\nurl = "{url}"\n' + "".join(f"{key} = {value}\n" for key, value in limits.items())
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TILEPIPE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "init", "--config", str(cfg)],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_init_applies_stream_and_kv_limits_and_they_hold(nats_server, tmp_path):
+    """An unbounded stream and bucket (as an older `tilepipe init` made them) get the
+    configured limits from `tilepipe init`, which updates them again when the config changes
+    and keeps every event; then the server enforces them: an oversized event or KV value is
+    refused, a subject keeps its newest `max_msgs_per_subject` records, and a full stream
+    refuses new events instead of dropping old ones (a flood cannot erase the log)."""
+    from nats.js.api import DiscardPolicy, KeyValueConfig, StreamConfig
+    from nats.js.errors import APIError
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="TILEPIPE", subjects=["tp.>"]))
+    await js.create_key_value(KeyValueConfig(bucket="tp-lattice", history=5))
+    first = await js.publish("tp.acq_started.old._._", b"{}")
+    limits = {
+        "max_bytes": 1 << 20,
+        "max_msg_size": 4096,
+        "max_msgs_per_subject": 3,
+        "kv_max_bytes": 1 << 19,
+        "kv_max_value_size": 512,
+        "kv_history": 2,
+    }
+    try:
+        for attempt in ({**limits, "max_bytes": 2 << 20, "kv_history": 4}, limits, limits):
+            init = init_with(tmp_path, nats_server.url, **attempt)
+            assert init.returncode == 0, init.stdout + init.stderr
+            info = await js.stream_info("TILEPIPE")
+            assert (
+                info.config.max_bytes,
+                info.config.max_msg_size,
+                info.config.max_msgs_per_subject,
+                info.config.discard,
+            ) == (attempt["max_bytes"], 4096, 3, DiscardPolicy.NEW)
+            for bucket in ("tp-lattice", "tp-acquisitions", "tp-holds"):
+                kv = (await js.stream_info(f"KV_{bucket}")).config
+                assert (kv.max_bytes, kv.max_msg_size, kv.max_msgs_per_subject) == (
+                    1 << 19,
+                    512,
+                    attempt["kv_history"],
+                ), bucket
+        assert (await js.get_msg("TILEPIPE", first.seq)).data == b"{}"  # kept
+        # every stage exports how full the streams it uses are (alert TilepipeStreamNearlyFull)
+        config = Config(nats=NatsSettings(url=nats_server.url), roots=Roots(work=tmp_path))
+        runner = StageRunner(ConvertLike(config, StageSettings()), config)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+
+        def gauge(name: str, stream: str) -> float | None:
+            return REGISTRY.get_sample_value(f"tilepipe_stream_{name}_bytes", {"stream": stream})
+
+        try:
+            await wait_for(
+                lambda: (
+                    gauge("max", "TILEPIPE") == 1 << 20 and gauge("max", "KV_tp-holds") == 1 << 19
+                ),
+                timeout=30,
+            )
+            assert gauge("used", "TILEPIPE") == (await js.stream_info("TILEPIPE")).state.bytes
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        # an oversized event (payload and headers) and KV value are refused
+        attempt_subject = "tp.attempt.flood.0.m0-r0-c0.convert"
+        with pytest.raises(APIError, match="message size exceeds maximum allowed"):
+            await js.publish(attempt_subject, b"x" * 4000, headers={"Nats-Msg-Id": "y" * 100})
+        lattice = await js.key_value("tp-lattice")
+        with pytest.raises(APIError):
+            await lattice.put("big", b"z" * 513)
+        await lattice.put("small", b"z" * 512)
+        # one subject keeps its newest records
+        for i in range(5):
+            await js.publish(attempt_subject, str(i).encode())
+        kept = await js.stream_info("TILEPIPE", subjects_filter=attempt_subject)
+        assert kept.state.subjects == {attempt_subject: 3}
+        # a flood on many subjects fills the stream, then is refused; the log is kept
+        with pytest.raises(APIError, match="maximum bytes exceeded"):
+            for i in range(1000):
+                await js.publish(f"tp.attempt.flood.{i}.m0-r0-c0.convert", b"f" * 3000)
+        assert (await js.stream_info("TILEPIPE")).state.bytes <= 1 << 20
+        assert (await js.get_msg("TILEPIPE", first.seq)).data == b"{}"
+    finally:
+        await nc.close()
+
+
 # ---------------------------------------------------------------- tilepipe up --auth
 async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
     from services.simulate import simulate, small_manifest, write_manifest

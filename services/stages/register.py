@@ -59,7 +59,7 @@ from kernels.register import (
     warp_stack,
 )
 from messages.events import Event, SliceRegistered, SliceStitched
-from services.acquisitions import lookup_acquisition, manifest_at
+from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
 from services.atomic import COMPLETE_ATTR, zarr_attrs
 from services.lattice import LATTICE_BUCKET, read_keys
 from services.layout import volume_of, volume_path
@@ -186,6 +186,7 @@ class Register(Stage):
     name = "register"
     consumes = (SliceStitched,)
     produces = (SliceRegistered,)
+    buckets = (LATTICE_BUCKET, ACQ_BUCKET)
     defaults: ClassVar[dict[str, Any]] = {
         "concurrency": 1,
         "ack_wait_s": 600,

@@ -34,8 +34,8 @@ from messages.events import (
     TilePosition,
     TileProcessed,
 )
-from services.acquisitions import lookup_acquisition, manifest_at
-from services.lattice import TERMINAL, MosaicBook, MosaicState
+from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
+from services.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
 from services.layout import mosaic_path, volume_of
 from services.manifest import Manifest, MosaicGeometry
 from services.mosaic_volume import fuse_volume
@@ -66,6 +66,7 @@ class Stitch(Stage):
     name = "stitch"
     consumes = (TileProcessed, StageFailed, AcquisitionFinished)
     produces = (TilePairAligned, SliceStitched)
+    buckets = (LATTICE_BUCKET, ACQ_BUCKET)
     defaults: ClassVar[dict[str, Any]] = {"concurrency": 2, "ack_wait_s": 120}
 
     def __init__(self, *args, **kwargs) -> None:
