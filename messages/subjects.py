@@ -15,6 +15,7 @@ each stage's NATS user may publish only its own (services/natsauth.py).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -87,6 +88,16 @@ def parse_subject(text: str) -> Subject:
         if len(tokens) == 5 and kind not in STAGE_NAMED:
             return Subject(kind, tokens[2], tokens[3], tokens[4])
     raise ValueError(f"not an event subject: {text[:200]!r}")
+
+
+def event_subjects(subjects: Iterable[str]) -> Iterator[tuple[str, Subject]]:
+    """(subject, its tokens) of the event subjects among `subjects`; others (one published by
+    hand, a failure record of the scheme before the stage was its last token) are skipped."""
+    for text in subjects:
+        try:
+            yield text, parse_subject(text)
+        except ValueError:
+            continue
 
 
 class _Event(Protocol):

@@ -20,7 +20,7 @@ from nats.js.errors import KeyNotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed
-from messages.subjects import HOLD, PREFIX, REDO, parse_subject, redo_subject
+from messages.subjects import HOLD, PREFIX, REDO, event_subjects, parse_subject, redo_subject
 from services.bus import MSG_ID, REPLAY_HEADER
 from services.eventlog import subjects_seen
 from services.lattice import HOLD_BUCKET
@@ -75,7 +75,7 @@ async def release(js: JetStreamContext, stream: str, acq: str, settle_s: float =
     sent = 0
     for _ in range(5):  # inputs parked while releasing are picked up by the next round
         seen = await subjects_seen(js, stream, f"{PREFIX}.*.{acq}.>")
-        holds = sorted({p.kind for p in map(parse_subject, seen) if p.kind.startswith(HOLD)})
+        holds = sorted({p.kind for _s, p in event_subjects(seen) if p.kind.startswith(HOLD)})
         parked = [
             m for kind in holds for m in await read_events(js, stream, f"{PREFIX}.{kind}.{acq}.>")
         ]

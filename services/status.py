@@ -12,7 +12,7 @@ from nats.js.errors import NotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Event, utcnow
-from messages.subjects import PREFIX, parse_subject
+from messages.subjects import PREFIX, event_subjects
 from services.eventlog import subjects_seen
 
 # tile-level events in pipeline order: the furthest one reached colours a tile
@@ -96,12 +96,6 @@ class Status:
         )
 
 
-def _key(subject: str) -> tuple[str, str]:
-    """(kind, '<slice>.<tile>') of an event subject."""
-    parsed = parse_subject(subject)
-    return parsed.kind, parsed.key()
-
-
 async def snapshot(
     js: JetStreamContext, stream: str, acq: str, stages: list[str] | None = None
 ) -> Status:
@@ -110,8 +104,8 @@ async def snapshot(
     status = Status(acq)
     rank = {kind: i for i, kind in enumerate(TILE_PROGRESS)}
     uploaded = 0
-    for subject, count in seen.items():
-        kind, key = _key(subject)
+    for subject, parsed in event_subjects(seen):
+        kind, key, count = parsed.kind, parsed.key(), seen[subject]
         if kind == "artifact_uploaded":
             uploaded += count  # every verified artifact: tiles, mosaics, volume planes
         elif kind in rank:

@@ -29,6 +29,7 @@ from messages import (
     subject,
     utcnow,
 )
+from messages.subjects import event_subjects
 
 
 def tile_event(**over) -> TileArrived:
@@ -202,6 +203,8 @@ def test_failure_and_attempt_subjects_name_their_stage():
 def test_parse_subject_refuses_what_is_not_an_event_subject(text):
     with pytest.raises(ValueError, match="not an event subject"):
         parse_subject(text)
+    good = "tp.attempt.A1.3.m1-r2-c4.convert"
+    assert [s for s, _p in event_subjects([text, good])] == [good]  # the others skipped
 
 
 def test_an_event_must_be_what_its_subject_says():
