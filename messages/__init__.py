@@ -21,7 +21,15 @@ from messages.events import (
     utcnow,
 )
 from messages.paths import PathEscapeError, RelPath, relative_to_root, resolve_in_root
-from messages.subjects import STREAM, event_filter, subject
+from messages.subjects import (
+    STREAM,
+    Subject,
+    SubjectMismatch,
+    check_subject,
+    event_filter,
+    parse_subject,
+    subject,
+)
 
 __all__ = [
     "EVENT_TYPES",
@@ -38,15 +46,19 @@ __all__ = [
     "SliceRegistered",
     "SliceStitched",
     "StageFailed",
+    "Subject",
+    "SubjectMismatch",
     "TileArrived",
     "TileConverted",
     "TileCoord",
     "TilePairAligned",
     "TilePosition",
     "TileProcessed",
+    "check_subject",
     "decode_event",
     "event_filter",
     "json_schemas",
+    "parse_subject",
     "relative_to_root",
     "resolve_in_root",
     "subject",

@@ -9,6 +9,7 @@ from typing import Annotated, Union
 from pydantic import Field, TypeAdapter, ValidationError
 
 from messages.events import EVENT_TYPES, SCHEMA_VERSION, Event
+from messages.subjects import SubjectMismatch, check_subject
 
 MAX_PAYLOAD_BYTES = 256 * 1024
 
@@ -27,11 +28,16 @@ _ANY_EVENT: TypeAdapter = TypeAdapter(
 )
 
 
-def decode_event(data: bytes, accept: Iterable[str] | None = None) -> Event:
+def decode_event(
+    data: bytes, accept: Iterable[str] | None = None, subject: str | None = None
+) -> Event:
     """Parse and validate one event; raise InvalidEvent with a reason otherwise.
 
-    The common case is one pass of pydantic's JSON parser over a discriminated union; only a
-    payload that fails it is examined step by step to name the reason.
+    With `subject` (the one the payload arrived on), an event that disagrees with it (another
+    kind, acquisition, slice, tile or stage: `messages.subjects.check_subject`) is refused
+    as `subject_mismatch`. The common case is one pass of pydantic's JSON parser over a
+    discriminated union; only a payload that fails it is examined step by step to name the
+    reason.
     """
     if len(data) <= MAX_PAYLOAD_BYTES:
         try:
@@ -39,10 +45,19 @@ def decode_event(data: bytes, accept: Iterable[str] | None = None) -> Event:
         except ValidationError:
             pass
         else:
-            if accept is None or event.kind in accept:
-                return event
-            raise InvalidEvent("unexpected_type", f"{event.kind} is not consumed here")
-    return _diagnose(data, accept)
+            if accept is not None and event.kind not in accept:
+                raise InvalidEvent("unexpected_type", f"{event.kind} is not consumed here")
+            return event if subject is None else _on_its_subject(event, subject)
+    event = _diagnose(data, accept)
+    return event if subject is None else _on_its_subject(event, subject)
+
+
+def _on_its_subject(event: Event, subject: str) -> Event:
+    try:
+        check_subject(event, subject)
+    except SubjectMismatch as exc:
+        raise InvalidEvent("subject_mismatch", str(exc)) from None
+    return event
 
 
 def _diagnose(data: bytes, accept: Iterable[str] | None) -> Event:

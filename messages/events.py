@@ -104,14 +104,19 @@ class Event(BaseModel):
     def tile_token(self) -> str:
         return ANY
 
+    def stage_token(self) -> str | None:
+        """The stage a failure or attempt record names in its subject (None for others)."""
+        return None
+
     def subject(self) -> str:
-        """`tp.<event>.<acq>.<slice>.<tile>`, computed once per event (fields are frozen)."""
+        """`tp.<event>.<acq>.<slice>.<tile>[.<stage>]`, computed once per event (fields are
+        frozen)."""
         cache = self.__dict__
         try:
             return cache["_subject"]
         except KeyError:
             value = cache["_subject"] = subject(
-                self.kind, self.acq, self.slice_token(), self.tile_token()
+                self.kind, self.acq, self.slice_token(), self.tile_token(), self.stage_token()
             )
             return value
 
@@ -346,6 +351,9 @@ class StageFailed(TileOrSliceEvent):
     error: Text
     attempts: Index
 
+    def stage_token(self) -> str:
+        return self.stage
+
     def msg_id(self) -> str:
         return f"{self.subject()}:{self.stage}:{self.input_type}"
 
@@ -367,6 +375,9 @@ class Attempt(TileOrSliceEvent):
     error: Text = ""
     detail: Text = ""
     replay: Annotated[str, StringConstraints(max_length=MAX_REPLAY_TAG)] = ""
+
+    def stage_token(self) -> str:
+        return self.stage
 
     def msg_id(self) -> str:
         return f"{self.subject()}:{self.stage}:{self.started_at.timestamp()}:{self.attempt}"

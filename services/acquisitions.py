@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from messages.events import AcquisitionFinished, AcquisitionStarted, TileArrived, TileCoord
 from messages.paths import check_relative, resolve_in_root
-from messages.subjects import event_filter
+from messages.subjects import event_filter, parse_subject
 from services.eventlog import subjects_seen
 from services.manifest import InvalidManifest, Manifest, load_manifest
 
@@ -177,4 +177,4 @@ def missing_tiles(manifest: Manifest, arrived: set[str]) -> list[TileCoord]:
 async def arrived_tiles(js: JetStreamContext, stream: str, acq: str) -> set[str]:
     """Tile keys of an acquisition that have a `tile_arrived` event in the log."""
     seen = await subjects_seen(js, stream, event_filter("tile_arrived", acq))
-    return {s.split(".", 3)[3] for s in seen}
+    return {parse_subject(s).key() for s in seen}

@@ -49,7 +49,7 @@ async def provision(config: Config, stages: list[str] | None = None) -> list[str
         js = nc.jetstream()
         info = await ensure_stream(js, config.nats)
         report = [f"stream {info.config.name}: subjects {', '.join(info.config.subjects or [])}"]
-        for bucket in await ensure_kv(js, config.nats.replicas):
+        for bucket in await ensure_kv(js, config.nats):
             report.append(f"kv {bucket}")
         for name in stages if stages is not None else configured_stages(config):
             settings = config.stage(name)

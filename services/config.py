@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from messages.codec import MAX_PAYLOAD_BYTES
 from messages.paths import resolve_in_root
 from messages.subjects import STREAM
 
@@ -53,6 +54,23 @@ class NatsSettings(Strict):
     duplicate_window_s: Annotated[float, Field(gt=0)] = 3600.0
     max_age_days: Annotated[float, Field(ge=0)] = 0.0
     replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    # Limits, applied by `tilepipe init` (services/provision.py). A full stream or bucket
+    # refuses new messages (nothing already stored is dropped); alert TilepipeStreamNearlyFull
+    # fires at 80 %. nats-server reserves each max_bytes in its JetStream store.
+    max_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=8 << 30, description="size of the event stream"
+    )
+    max_msg_size: Annotated[int, Field(gt=0)] = Field(
+        default=MAX_PAYLOAD_BYTES + (8 << 10), description="largest event, headers included"
+    )
+    max_msgs_per_subject: Annotated[int, Field(gt=0)] = Field(
+        default=1000, description="newest messages a subject keeps (e.g. one tile's attempts)"
+    )
+    kv_max_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=256 << 20, description="size of each KV bucket"
+    )
+    kv_max_value_size: Annotated[int, Field(gt=0)] = 64 << 10
+    kv_history: Annotated[int, Field(ge=1, le=64)] = 5
 
     @model_validator(mode="before")
     @classmethod

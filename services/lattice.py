@@ -3,8 +3,13 @@
 Keys: `<acq>.<slice>.m<mosaic>.tile.r<R>-c<C>` -> {"state": processed|failed|missing, ...}
       `<acq>.<slice>.m<mosaic>.pair.r<R>-c<C>.r<R>-c<C>` -> the pair's alignment record
       `<acq>.<slice>.m<mosaic>.stitched` -> {"digest": ...} of the inputs last stitched
+      `<acq>.register.m<mosaic>.<slice>.stitched|registered` (services/stages/register.py)
 Tiles write their own keys, then read their neighbours': of two neighbours finishing at the
 same time at least one sees the other, so no pair is missed (a pair done twice is harmless).
+
+Only the bookkeeping stages (stitch, register) may read this bucket, each may write only its
+own keys (`LATTICE_KEYS`, the permissions of its NATS user); the holds every stage watches
+are in a bucket of their own, `tp-holds`, which only operators write.
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 LATTICE_BUCKET = "tp-lattice"
-HOLD_PREFIX = "holds"  # `holds.<acq>`: the acquisition is on hold in every stage
+# The keys each bookkeeping stage writes, as subject patterns after `$KV.tp-lattice.`.
+LATTICE_KEYS: dict[str, tuple[str, ...]] = {
+    "stitch": ("*.*.*.tile.*", "*.*.*.pair.*.*", "*.*.*.stitched"),  # MosaicBook
+    "register": ("*.register.*.*.*",),  # services.stages.register.RegisterBook
+}
+HOLD_BUCKET = "tp-holds"  # key `<acq>`: the acquisition is on hold in every stage
 TERMINAL = ("processed", "failed", "missing")
 
 

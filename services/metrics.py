@@ -65,6 +65,16 @@ CONSUMER_REDELIVERED = Gauge(
 CONSUMER_PAUSED = Gauge(
     "tilepipe_consumer_paused", "1 while the stage's consumer is paused.", ["stage"]
 )
+STREAM_USED = Gauge(
+    "tilepipe_stream_used_bytes",
+    "Bytes stored in a JetStream stream (the event stream, or KV_<bucket>).",
+    ["stream"],
+)
+STREAM_MAX = Gauge(
+    "tilepipe_stream_max_bytes",
+    "Configured size limit of a JetStream stream; at it new messages are refused.",
+    ["stream"],
+)
 
 WATCHER_FILES = Counter(
     "tilepipe_watcher_files_total",

@@ -6,7 +6,8 @@ Metric reference (all exported on every service's /metrics):
 - per stage (runtime): `tilepipe_events_handled_total{stage,outcome}`,
   `tilepipe_handle_duration_seconds`, `tilepipe_in_flight`, `tilepipe_read_bytes_total`,
   `tilepipe_written_bytes_total`, `tilepipe_consumer_{pending,ack_pending,redelivered}_messages`,
-  `tilepipe_consumer_paused`;
+  `tilepipe_consumer_paused`, `tilepipe_stream_{used,max}_bytes{stream}` (the event stream,
+  `KV_tp-holds`, and the KV buckets a stage keeps bookkeeping in);
 - `tilepipe_end_to_end_latency_seconds{stage,event}` and
   `tilepipe_acquisition_tiles_done{acq,stage}`: `StageMonitor` below;
 - watcher: `tilepipe_watcher_latency_seconds`, `tilepipe_acquisition_tiles_{expected,arrived}`;
@@ -56,7 +57,7 @@ from messages.events import (
     TileCoord,
     TileEvent,
 )
-from messages.subjects import ANY, PREFIX, subject
+from messages.subjects import ANY, PREFIX, parse_subject, subject
 from services.metrics import (
     ACQ_TILES_DONE,
     DATA_ROOT_FREE,
@@ -306,9 +307,9 @@ class StageMonitor:
         if kind not in ("slice_stitched", "slice_registered"):
             keys = set()
             for subj in seen:
-                _p, _k, _a, slice_token, tile_token = subj.split(".", 4)
-                if tile_token != ANY and re.fullmatch(r"m\d+-r\d+-c\d+", tile_token):
-                    keys.add(f"{slice_token}.{tile_token}")
+                parsed = parse_subject(subj)
+                if parsed.tile != ANY and re.fullmatch(r"m\d+-r\d+-c\d+", parsed.tile):
+                    keys.add(parsed.key())
             return keys
         keys: set[str] = set()
         for subj in seen:

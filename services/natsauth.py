@@ -4,12 +4,14 @@ The lists come from what the code does on the wire (read from a nats-server trac
 pipeline, then enforced by tests/test_security.py):
 
 - a stage creates or updates, reads and pulls from its own durable consumer (named after it)
-  and acknowledges its own deliveries; publishes its output events, `stage_failed`, `attempt`
-  records and parked inputs (`tp.hold_<stage>`); reads stream info and single messages of the
-  event log (progress and latency bookkeeping); watches the hold keys of the `tp-lattice` KV
-  bucket (an ordered consumer with flow control).
-- stitch and register also write and read their bookkeeping in `tp-lattice` and read
-  `tp-acquisitions` (where an acquisition's manifest is).
+  and acknowledges its own deliveries; publishes its output events, `stage_failed` and
+  `attempt` records in its own name (their subjects end with the stage) and parked inputs
+  (`tp.hold_<stage>`); reads stream info and single messages of the event log (progress and
+  latency bookkeeping); watches the KV bucket `tp-holds` (an ordered consumer with flow
+  control), which only `admin` writes.
+- stitch and register also read `tp-lattice` and write their own keys there
+  (`services.lattice.LATTICE_KEYS`), and read `tp-acquisitions` (where an acquisition's
+  manifest is). No other stage can read `tp-lattice`.
 - the watcher publishes `acq_started`, `tile_arrived`, `acq_finished`, reads stream info and
   writes `tp-acquisitions`. It has no consumer.
 - every service subscribes to its own inbox only, `_INBOX_<user>.>` (replies of requests and
@@ -30,16 +32,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from messages.subjects import PREFIX, STREAM
+from messages.subjects import PREFIX, STREAM, event_filter
 from services.acquisitions import ACQ_BUCKET
 from services.bus import inbox_prefix
 from services.config import Config, NatsSettings
-from services.lattice import LATTICE_BUCKET
+from services.lattice import HOLD_BUCKET, LATTICE_BUCKET, LATTICE_KEYS
 
 ADMIN = "admin"
 WATCHER = "watcher"
 
-# stage -> event kinds it publishes (besides stage_failed, attempt and its own hold subject)
+# stage -> event kinds it publishes (besides its own stage_failed, attempt and hold subjects)
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "convert": ("tile_converted",),
     "process": ("tile_processed",),
@@ -48,13 +50,25 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "upload": ("artifact_uploaded",),
 }
 WATCHER_OUTPUTS = ("acq_started", "tile_arrived", "acq_finished")
-LATTICE_WRITERS = frozenset({"stitch", "register"})  # also read tp-acquisitions
+LATTICE_WRITERS = frozenset(LATTICE_KEYS)  # stitch, register; also read tp-acquisitions
 
 Permissions = dict[str, list[str]]
 
 
 def _kv_stream(bucket: str) -> str:
     return f"KV_{bucket}"
+
+
+def _watch_kv(bucket: str) -> list[str]:
+    """Watching a KV bucket: an ephemeral ordered consumer on its stream (nats-py names no
+    consumer and puts the filter in the request body, so this reads the whole bucket)."""
+    kv = _kv_stream(bucket)
+    return [
+        f"$JS.API.STREAM.INFO.{kv}",
+        f"$JS.API.CONSUMER.CREATE.{kv}",
+        f"$JS.API.CONSUMER.INFO.{kv}.*",
+        f"$JS.FC.{kv}.>",
+    ]
 
 
 def _read_kv(bucket: str) -> list[str]:
@@ -73,8 +87,8 @@ def stage_permissions(
     stream: str = STREAM,
     bookkeeping: bool = False,
 ) -> Permissions:
-    """Permissions of one stage user; `bookkeeping`: writes `tp-lattice`, reads acquisitions."""
-    lattice = _kv_stream(LATTICE_BUCKET)
+    """Permissions of one stage user; `bookkeeping`: reads `tp-lattice` and writes its own keys
+    there (`LATTICE_KEYS[name]`), reads acquisitions."""
     publish = [
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.STREAM.MSG.GET.{stream}",
@@ -83,20 +97,17 @@ def stage_permissions(
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
         f"$JS.ACK.{stream}.{name}.>",
         *(f"{PREFIX}.{kind}.>" for kind in outputs),
-        f"{PREFIX}.stage_failed.>",
-        f"{PREFIX}.attempt.>",
+        # failure and attempt records in its own name only (the subject's last token)
+        *(event_filter(kind, stage=name) for kind in ("stage_failed", "attempt")),
         f"{PREFIX}.hold_{name}.>",
-        # watching the hold keys: an ephemeral ordered consumer on the lattice bucket
-        f"$JS.API.STREAM.INFO.{lattice}",
-        f"$JS.API.CONSUMER.CREATE.{lattice}",
-        f"$JS.API.CONSUMER.INFO.{lattice}.*",
-        f"$JS.FC.{lattice}.>",
+        *_watch_kv(HOLD_BUCKET),  # which acquisitions are on hold
     ]
     if bookkeeping:
         publish += [
-            f"$KV.{LATTICE_BUCKET}.>",
-            f"$JS.API.STREAM.MSG.GET.{lattice}",
-            f"$JS.API.DIRECT.GET.{lattice}.>",
+            *_watch_kv(LATTICE_BUCKET),  # a mosaic's keys (services.lattice.read_keys)
+            f"$JS.API.STREAM.MSG.GET.{_kv_stream(LATTICE_BUCKET)}",
+            f"$JS.API.DIRECT.GET.{_kv_stream(LATTICE_BUCKET)}.>",
+            *(f"$KV.{LATTICE_BUCKET}.{keys}" for keys in LATTICE_KEYS.get(name, ())),
             *_read_kv(ACQ_BUCKET),
         ]
     return {"publish": publish, "subscribe": [f"{inbox_prefix(name)}.>"]}

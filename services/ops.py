@@ -18,14 +18,14 @@ from datetime import UTC, datetime, timedelta
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
-from messages.codec import decode_event
+from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed
-from messages.subjects import PREFIX, redo_subject
+from messages.subjects import HOLD, PREFIX, REDO, event_subjects, parse_subject, redo_subject
 from services.bus import MSG_ID, REPLAY_HEADER
 from services.eventlog import subjects_seen
-from services.lattice import HOLD_PREFIX, LATTICE_BUCKET
+from services.lattice import HOLD_BUCKET
 from services.stage import REPAIR_PREFIX
-from services.status import read_events
+from services.status import checked, read_events
 
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 FOREVER = "2999-12-31T23:59:59Z"
@@ -61,31 +61,33 @@ async def resume(js: JetStreamContext, stream: str, stage: str) -> None:
 
 async def hold(js: JetStreamContext, stream: str, acq: str) -> None:
     """Hold one acquisition's work in every stage; other acquisitions continue."""
-    kv = await js.key_value(LATTICE_BUCKET)
-    await kv.put(f"{HOLD_PREFIX}.{acq}", b"held")
+    kv = await js.key_value(HOLD_BUCKET)
+    await kv.put(acq, b"held")
 
 
 async def release(js: JetStreamContext, stream: str, acq: str, settle_s: float = 1.0) -> int:
     """Lift the hold and send every parked input back to its stage; returns how many."""
-    kv = await js.key_value(LATTICE_BUCKET)
+    kv = await js.key_value(HOLD_BUCKET)
     with contextlib.suppress(KeyNotFoundError):
-        await kv.delete(f"{HOLD_PREFIX}.{acq}")
+        await kv.delete(acq)
     await asyncio.sleep(settle_s)  # stages see the release before the parked inputs return
     tag = f"{REPAIR_PREFIX}release-{uuid.uuid4().hex[:8]}"
     sent = 0
     for _ in range(5):  # inputs parked while releasing are picked up by the next round
         seen = await subjects_seen(js, stream, f"{PREFIX}.*.{acq}.>")
-        stages = sorted({s.split(".")[1] for s in seen if s.split(".")[1].startswith("hold_")})
+        holds = sorted({p.kind for _s, p in event_subjects(seen) if p.kind.startswith(HOLD)})
         parked = [
-            m for st in stages for m in await read_events(js, stream, f"{PREFIX}.{st}.{acq}.>")
+            m for kind in holds for m in await read_events(js, stream, f"{PREFIX}.{kind}.{acq}.>")
         ]
         if not parked:
             break
         for msg in parked:
-            stage = msg.subject.split(".")[1].removeprefix("hold_")
-            await republish(js, stage, decode_event(msg.data), tag, msg.metadata.sequence.stream)
-            await js.delete_msg(stream, msg.metadata.sequence.stream)
-            sent += 1
+            seq = msg.metadata.sequence.stream
+            with contextlib.suppress(InvalidEvent):  # not the input its subject says: dropped
+                event = decode_event(msg.data, subject=msg.subject)
+                await republish(js, parse_subject(msg.subject).target, event, tag, seq)
+                sent += 1
+            await js.delete_msg(stream, seq)
     return sent
 
 
@@ -133,16 +135,17 @@ async def failures(js: JetStreamContext, stream: str, acq: str | None = None) ->
     """Unresolved `stage_failed` events (no successful attempt of that stage since)."""
     acq_token = acq or "*"
     failed = [
-        (decode_event(m.data), m.metadata.sequence.stream)
-        for m in await read_events(js, stream, f"{PREFIX}.stage_failed.{acq_token}.>")
+        (event, m.metadata.sequence.stream)
+        for event, m in checked(
+            await read_events(js, stream, f"{PREFIX}.stage_failed.{acq_token}.>")
+        )
     ]
     if not failed:
         return []
     ok: dict[tuple[str, str], datetime] = {}
-    for m in await read_events(js, stream, f"{PREFIX}.*.{acq_token}.>"):
-        if m.subject.split(".")[1].startswith(("hold_", "redo_")):
+    for event, m in checked(await read_events(js, stream, f"{PREFIX}.*.{acq_token}.>")):
+        if m.subject.split(".")[1].startswith((HOLD, REDO)):
             continue
-        event = decode_event(m.data)
         if isinstance(event, Attempt) and event.outcome == "ok":
             stage, when = event.stage, event.ended_at
         elif event.origin is not None:
@@ -165,19 +168,19 @@ async def retry(js: JetStreamContext, stream: str, items: list[Failure]) -> int:
     tag = f"retry-{uuid.uuid4().hex[:8]}"
     for item in items:
         original = await js.get_last_msg(stream, item.event.input_subject)
-        await republish(js, item.event.stage, decode_event(original.data), tag, item.seq)
+        event = decode_event(original.data, subject=original.subject)
+        await republish(js, item.event.stage, event, tag, item.seq)
     return len(items)
 
 
 async def history(
     js: JetStreamContext, stream: str, acq: str, slice_index: int, tile_token: str
 ) -> list[Event]:
-    """Every event of one tile, attempts included, in time order."""
-    events = [
-        decode_event(m.data)
-        for m in await read_events(js, stream, f"{PREFIX}.*.{acq}.{slice_index}.{tile_token}")
-    ]
-    return sorted(events, key=lambda e: e.emitted_at)
+    """Every event of one tile, attempts and failures (their subjects end with the stage)
+    included, in time order."""
+    tile = f"{PREFIX}.*.{acq}.{slice_index}.{tile_token}"
+    messages = [m for f in (tile, f"{tile}.*") for m in await read_events(js, stream, f)]
+    return sorted((event for event, _m in checked(messages)), key=lambda e: e.emitted_at)
 
 
 def _ts(when: datetime) -> str:

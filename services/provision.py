@@ -28,20 +28,28 @@ from services.stage import Stage
 # KV buckets: acquisitions known to the pipeline, and per-stage bookkeeping (e.g. stitch lattice).
 KV_BUCKETS = {
     "tp-acquisitions": "acquisition id -> manifest path and state",
-    "tp-lattice": "per slice/mosaic bookkeeping of processed tiles (stitch)",
+    "tp-lattice": "per slice/mosaic bookkeeping of processed tiles (stitch, register)",
+    "tp-holds": "acquisition id -> on hold in every stage (tilepipe pause --acq)",
 }
 
 
 def stream_config(settings: NatsSettings) -> StreamConfig:
-    """The event log: limits retention on file storage, so it doubles as the replay source."""
+    """The event log: limits retention on file storage, so it doubles as the replay source.
+
+    Bounded (`max_bytes`, `max_msg_size`, `max_msgs_per_subject`): when full it refuses new
+    events rather than dropping old ones, so no publisher can flood the log away; a subject
+    keeps its newest `max_msgs_per_subject` messages (e.g. one tile's attempt records)."""
     return StreamConfig(
         name=settings.stream,
         description="tilepipe events (the event log and replay source)",
         subjects=stream_subjects(),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
+        discard=DiscardPolicy.NEW,
         max_age=settings.max_age_days * 86400.0 if settings.max_age_days else None,
+        max_bytes=settings.max_bytes,
+        max_msg_size=settings.max_msg_size,
+        max_msgs_per_subject=settings.max_msgs_per_subject,
         duplicate_window=settings.duplicate_window_s,
         num_replicas=settings.replicas,
         allow_direct=True,
@@ -82,8 +90,10 @@ async def ensure_stream(js: JetStreamContext, settings: NatsSettings) -> StreamI
     return await js.update_stream(config)
 
 
-async def ensure_kv(js: JetStreamContext, replicas: int = 1) -> list[str]:
-    """Create the KV buckets that do not exist yet."""
+async def ensure_kv(js: JetStreamContext, settings: NatsSettings | None = None) -> list[str]:
+    """Create the KV buckets, or bring existing ones to the configured limits (`kv_max_bytes`,
+    `kv_max_value_size`, `kv_history`; full, a bucket refuses writes)."""
+    settings = settings or NatsSettings()
     for bucket, description in KV_BUCKETS.items():
         try:
             await js.key_value(bucket)
@@ -92,11 +102,22 @@ async def ensure_kv(js: JetStreamContext, replicas: int = 1) -> list[str]:
                 KeyValueConfig(
                     bucket=bucket,
                     description=description,
-                    history=5,
+                    history=settings.kv_history,
+                    max_bytes=settings.kv_max_bytes,
+                    max_value_size=settings.kv_max_value_size,
                     storage=StorageType.FILE,
-                    replicas=replicas,
+                    replicas=settings.replicas,
                 )
             )
+            continue
+        info = await js.stream_info(f"KV_{bucket}")
+        limits = {
+            "max_bytes": settings.kv_max_bytes,
+            "max_msg_size": settings.kv_max_value_size,
+            "max_msgs_per_subject": settings.kv_history,
+        }
+        if any(getattr(info.config, key) != value for key, value in limits.items()):
+            await js.update_stream(info.config.evolve(**limits))
     return list(KV_BUCKETS)
 
 

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 
 from messages.codec import decode_event
 from messages.events import TileArrived, TileCoord
-from messages.subjects import PREFIX, subject
+from messages.subjects import PREFIX, event_subjects, subject
 from services.acquisitions import acquisition_dir, lookup_acquisition, manifest_at, tile_key
 from services.atomic import is_complete
 from services.config import Config
@@ -53,9 +53,8 @@ async def plan(js: JetStreamContext, config: Config, acq: str) -> list[Action]:
     stream = config.nats.stream
     seen = await subjects_seen(js, stream, f"{PREFIX}.*.{acq}.>")
     by_kind: dict[str, set[str]] = {}
-    for subj in seen:
-        _p, kind, _a, slice_token, tile_token = subj.split(".", 4)
-        by_kind.setdefault(kind, set()).add(f"{slice_token}.{tile_token}")
+    for _subject, parsed in event_subjects(seen):
+        by_kind.setdefault(parsed.kind, set()).add(parsed.key())
     failed = by_kind.get("stage_failed", set())
     roots = config.roots
     actions: list[Action] = []

@@ -2,9 +2,10 @@
 
 A durable pull consumer per stage (explicit ack, `max_ack_pending` = concurrency x workers)
 read through standing pull requests for this worker's free slots (`services.pullfeed`),
-validation on receipt (`term` with a logged, counted reason), handler in a worker thread with
-in-progress heartbeats, retries by negative ack with backoff up to `max_deliver`, then a
-stage-failed event; outputs published with `Nats-Msg-Id` de-duplication before the input is
+validation on receipt, of the payload and against its subject (`term` with a logged, counted
+reason), handler in a worker thread with in-progress heartbeats, retries by negative ack with
+backoff up to `max_deliver`, then a stage-failed event (never for an input that is itself a
+failure); outputs published with `Nats-Msg-Id` de-duplication before the input is
 acknowledged; graceful drain on stop; reconnection after a server restart; backlog gauges.
 """
 
@@ -39,7 +40,7 @@ from messages.paths import PathEscapeError
 from messages.subjects import hold_subject
 from services.bus import REPLAY_HEADER, connect, delivery_count, publish_event
 from services.config import Config, StageSettings
-from services.lattice import HOLD_PREFIX, LATTICE_BUCKET
+from services.lattice import HOLD_BUCKET
 from services.logs import get_logger
 from services.metrics import (
     BYTES_READ,
@@ -56,6 +57,8 @@ from services.metrics import (
     IN_FLIGHT,
     NO_SPACE_WAITS,
     REDELIVERIES,
+    STREAM_MAX,
+    STREAM_USED,
 )
 from services.monitoring import StageMonitor
 from services.provision import ensure_consumer
@@ -247,7 +250,9 @@ class StageRunner:
         if attempt > 1:
             m.redeliveries.inc()
         try:
-            event = decode_event(msg.data, accept=self._accepts)
+            # a payload must be what its subject says (kind, acquisition, slice, tile, stage):
+            # permissions are granted on subjects, so the subject vouches for the payload
+            event = decode_event(msg.data, accept=self._accepts, subject=msg.subject)
         except InvalidEvent as exc:
             EVENTS_INVALID.labels(self.name, exc.reason).inc()
             m.invalid.inc()
@@ -425,7 +430,18 @@ class StageRunner:
         log,
         started_at=None,
     ) -> None:
-        """Record the failure as an event, then stop redelivery of the input."""
+        """Record the failure as an event, then stop redelivery of the input.
+
+        Failures never trigger failures: an input that is itself a `stage_failed` is logged,
+        counted and terminated, never failed again (a stage consuming failures would
+        receive its own failure in turn, without end)."""
+        if isinstance(event, StageFailed):
+            self.m.failed.inc()
+            log.error("failure_dropped", error=error, attempts=attempts, failed_stage=event.stage)
+            await _quietly(msg.term())
+            started_at = started_at or utcnow()
+            await self._record(msg, event, attempts, "failed", started_at, replay, error)
+            return
         failed = failure_event(self.name, event, msg.subject, error, attempts)
         try:
             await self._publish(
@@ -500,15 +516,15 @@ class StageRunner:
         await self._record(msg, event, delivery_count(msg), "held", utcnow(), replay)
 
     async def _watch_holds(self, js: JetStreamContext, stop: asyncio.Event) -> None:
-        """Keep `held` in step with the hold keys in KV (pushed by the server)."""
+        """Keep `held` in step with the keys of the holds bucket (pushed by the server)."""
         while not stop.is_set():
             try:
-                kv = await js.key_value(LATTICE_BUCKET)
-                watcher = await kv.watch(f"{HOLD_PREFIX}.*")
+                kv = await js.key_value(HOLD_BUCKET)
+                watcher = await kv.watch(">")
                 async for entry in watcher:
                     if entry is None:
                         continue
-                    acq = entry.key.split(".", 1)[1]
+                    acq = entry.key
                     if entry.operation in ("DEL", "PURGE"):
                         self.held.discard(acq)
                     else:
@@ -537,7 +553,10 @@ class StageRunner:
     async def _poll_backlog(
         self, js: JetStreamContext, stop: asyncio.Event, interval: float = 5.0
     ) -> None:
-        """Export the consumer's backlog gauges."""
+        """Export the consumer's backlog gauges, and how full the streams it uses are (the
+        event stream, the holds bucket, its bookkeeping buckets)."""
+        buckets = (HOLD_BUCKET, *self.stage.buckets)
+        streams = [self.config.nats.stream, *(f"KV_{bucket}" for bucket in buckets)]
         while not stop.is_set():
             with contextlib.suppress(Exception):
                 info = await js.consumer_info(self.config.nats.stream, self.name, timeout=2.0)
@@ -545,6 +564,12 @@ class StageRunner:
                 CONSUMER_ACK_PENDING.labels(self.name).set(info.num_ack_pending or 0)
                 CONSUMER_REDELIVERED.labels(self.name).set(info.num_redelivered or 0)
                 CONSUMER_PAUSED.labels(self.name).set(1 if getattr(info, "paused", False) else 0)
+            for stream in streams:
+                with contextlib.suppress(Exception):
+                    info = await asyncio.wait_for(js.stream_info(stream), 2.0)
+                    STREAM_USED.labels(stream).set(info.state.bytes or 0)
+                    if (info.config.max_bytes or 0) > 0:  # unlimited: nothing to compare to
+                        STREAM_MAX.labels(stream).set(info.config.max_bytes)
             await _sleep_or_stop(stop, interval)
 
 

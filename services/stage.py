@@ -61,6 +61,7 @@ class Stage:
     blocking: ClassVar[bool] = True
     consumes: ClassVar[tuple[type[Event], ...]]
     produces: ClassVar[tuple[type[Event], ...]] = ()
+    buckets: ClassVar[tuple[str, ...]] = ()  # KV buckets it keeps bookkeeping in (usage gauges)
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Config, settings: StageSettings, name: str | None = None) -> None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from messages.codec import decode_event
-from messages.events import utcnow
-from messages.subjects import ANY, PREFIX
+from messages.codec import InvalidEvent, decode_event
+from messages.events import Event, utcnow
+from messages.subjects import ANY, PREFIX, event_subjects
 from services.eventlog import subjects_seen
 
 # tile-level events in pipeline order: the furthest one reached colours a tile
@@ -95,12 +97,6 @@ class Status:
         )
 
 
-def _key(subject: str) -> tuple[str, str]:
-    """(kind, '<slice>.<tile>') of an event subject."""
-    _prefix, kind, _acq, slice_token, tile_token = subject.split(".", 4)
-    return kind, f"{slice_token}.{tile_token}"
-
-
 async def snapshot(
     js: JetStreamContext, stream: str, acq: str, stages: list[str] | None = None
 ) -> Status:
@@ -109,8 +105,8 @@ async def snapshot(
     status = Status(acq)
     rank = {kind: i for i, kind in enumerate(TILE_PROGRESS)}
     uploaded = 0
-    for subject, count in seen.items():
-        kind, key = _key(subject)
+    for subject, parsed in event_subjects(seen):
+        kind, key, count = parsed.kind, parsed.key(), seen[subject]
         if kind == "artifact_uploaded":
             uploaded += count  # every verified artifact: tiles, mosaics, volume planes
         elif kind in rank:
@@ -163,10 +159,8 @@ async def snapshot(
 
 
 async def _failed_events(js: JetStreamContext, stream: str, acq: str) -> list:
-    return [
-        decode_event(m.data)
-        for m in await read_events(js, stream, f"{PREFIX}.stage_failed.{acq}.>")
-    ]
+    messages = await read_events(js, stream, f"{PREFIX}.stage_failed.{acq}.>")
+    return [event for event, _m in checked(messages)]
 
 
 async def read_events(
@@ -185,4 +179,14 @@ async def read_events(
             out.append(await sub.next_msg(timeout=5))
     finally:
         await sub.unsubscribe()
+    return out
+
+
+def checked(messages: list) -> list[tuple[Event, Msg]]:
+    """(event, message) of the messages whose payload is the event their subject says (a
+    payload that disagrees with its subject is not what it claims to be: left out)."""
+    out = []
+    for m in messages:
+        with contextlib.suppress(InvalidEvent):
+            out.append((decode_event(m.data, subject=m.subject), m))
     return out

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import zarr
 
-from messages import decode_event
+from messages import TileArrived, TileCoord, decode_event, utcnow
 from services.atomic import is_complete
+from services.bus import publish_event
 from services.cli import provision
 from services.config import Config
 from services.layout import converted_path, mosaic_path, products_path, volume_path
@@ -542,6 +543,41 @@ async def test_tiles_out_of_order_and_a_tile_after_finish(config, js, tmp_path):
     assert attrs["tilepipe"]["missing_tiles"] == []
     assert np.isfinite(volume.read_plane(0)).any()
     assert await events(js, "stage_failed") == []
+
+
+# ------------------------------------------------------------------ no failure loops
+async def test_a_failure_never_triggers_a_failure(config, js, tmp_path):
+    """One `tile_arrived` of an acquisition that does not exist ("ghost"): convert gives up
+    on it (`stage_failed`); stitch, which consumes convert's failures, cannot act on one of
+    an unknown acquisition and ignores it instead of failing in turn (its own failure would
+    come back to it, and so on without end). Over the next seconds the log holds convert's
+    failure and nothing else, and stitch has nothing left to do."""
+    stages = ("convert", "stitch")
+    cfg = fault_config(config, stages, max_deliver=2, backoff_s=[0.2])
+    ghost = TileArrived(
+        acq="ghost",
+        tile=TileCoord(slice=0, row=1, col=0),
+        path="ghost/tile.nii",
+        manifest="ghost/manifest.toml",
+        size_bytes=1,
+        completed_at=utcnow(),
+    )
+    await provision(cfg)
+    with Services(cfg, tmp_path / "svc", list(stages)) as services:
+        await publish_event(js, ghost)
+        await wait_for(lambda: count_kind(js, "stage_failed", "ghost"), timeout=120)
+
+        async def stitch_got_it() -> bool:  # convert's failure, the stream's second event
+            return (await js.consumer_info(STREAM, "stitch")).delivered.stream_seq >= 2
+
+        await wait_for(stitch_got_it, timeout=120, interval=0.2)
+        await asyncio.sleep(5.0)  # a loop publishes a failure every ~0.3 s
+        failed = await events(js, "stage_failed", "ghost")
+        info = await js.consumer_info(STREAM, "stitch")
+        stitch_log = services.log("stitch")
+    assert [(f.stage, f.input_type) for f in failed] == [("convert", "tile_arrived")]
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+    assert not [r for r in stitch_log if r.get("event") in ("stage_failed", "handler_failed_final")]
 
 
 # ------------------------------------------------------------------------------- soak

@@ -48,6 +48,7 @@ REASONS = {
     "unexpected_type",
     "unsupported_version",
     "invalid_fields",
+    "subject_mismatch",
 }
 PURE = settings(max_examples=200, deadline=None)
 
@@ -391,9 +392,12 @@ bad_payloads = st.one_of(
 ).filter(lambda data: _reason(data) is not None)
 
 
+FUZZ_SUBJECT = "tp.tile_arrived.fz.0.m0-r0-c0"  # where the batch is published
+
+
 def _reason(data: bytes) -> str | None:
     try:
-        decode_event(data, accept={"tile_arrived"})
+        decode_event(data, accept={"tile_arrived"}, subject=FUZZ_SUBJECT)
     except InvalidEvent as exc:
         return exc.reason
     return None
@@ -443,7 +447,7 @@ async def _through_stage(server: EmbeddedServer, tmp: Path, batch: list[bytes]) 
     try:
         await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
         for data in batch:
-            await js.publish("tp.tile_arrived.fz.0.m0-r0-c0", data)
+            await js.publish(FUZZ_SUBJECT, data)
         good = TileArrived(
             acq=f"good{tmp.name}",
             tile=TileCoord(slice=0, row=0, col=0),

@@ -16,15 +16,20 @@ from messages import (
     PathEscapeError,
     SliceStitched,
     StageFailed,
+    Subject,
+    SubjectMismatch,
     TileArrived,
     TileCoord,
+    check_subject,
     decode_event,
     event_filter,
     json_schemas,
+    parse_subject,
     resolve_in_root,
     subject,
     utcnow,
 )
+from messages.subjects import event_subjects
 
 
 def tile_event(**over) -> TileArrived:
@@ -152,3 +157,76 @@ def test_cli_schema_prints_json_schemas():
         text=True,
     )
     assert bad.returncode == 2 and "unknown event kind" in bad.stderr
+
+
+def failed_event(**over) -> StageFailed:
+    fields = {
+        "acq": "A1",
+        "stage": "convert",
+        "input_type": "tile_arrived",
+        "input_subject": "tp.tile_arrived.A1.3.m1-r2-c4",
+        "error": "e",
+        "attempts": 1,
+        "tile": TileCoord(slice=3, mosaic=1, row=2, col=4),
+    }
+    return StageFailed(**{**fields, **over})
+
+
+def test_failure_and_attempt_subjects_name_their_stage():
+    """`tp.stage_failed.<acq>.<slice>.<tile>.<stage>`: permissions can allow a stage's user
+    only failures in its own name, and `tp.stage_failed.>` still selects every failure."""
+    failed = failed_event()
+    assert failed.subject() == "tp.stage_failed.A1.3.m1-r2-c4.convert"
+    assert parse_subject(failed.subject()) == Subject(
+        "stage_failed", "A1", "3", "m1-r2-c4", "convert"
+    )
+    assert event_filter("stage_failed") == "tp.stage_failed.>"
+    assert event_filter("stage_failed", "A1", stage="process") == "tp.stage_failed.A1.*.*.process"
+    assert event_filter("stage_failed", "A1", 3) == "tp.stage_failed.A1.3.*.*"
+    with pytest.raises(ValueError, match="need stage"):
+        subject("attempt", "A1", "3", "m1-r2-c4")
+    with pytest.raises(ValueError, match="take no stage"):
+        subject("tile_arrived", "A1", "3", "m1-r2-c4", "convert")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "tp.stage_failed.A1.3.m1-r2-c4",  # a failure without its stage
+        "tp.tile_arrived.A1.3.m1-r2-c4.convert",  # a stage where none belongs
+        "tp.tile_arrived.A1.3",
+        "xx.tile_arrived.A1.3.m1-r2-c4",
+        "tp.tile_arrived.A1.3.m1-r2-c4\n",
+        "tp.tile_arrived.A1.*.m1-r2-c4",
+    ],
+)
+def test_parse_subject_refuses_what_is_not_an_event_subject(text):
+    with pytest.raises(ValueError, match="not an event subject"):
+        parse_subject(text)
+    good = "tp.attempt.A1.3.m1-r2-c4.convert"
+    assert [s for s, _p in event_subjects([text, good])] == [good]  # the others skipped
+
+
+def test_an_event_must_be_what_its_subject_says():
+    arrived, failed = tile_event(), failed_event()
+    assert check_subject(arrived, arrived.subject()).kind == "tile_arrived"
+    assert check_subject(failed, failed.subject()).stage == "convert"
+    # a redo_/hold_ subject carries an input of its stage: any kind, the same coordinates
+    assert check_subject(arrived, "tp.redo_convert.A1.3.m1-r2-c4").target == "convert"
+    assert check_subject(failed, "tp.hold_stitch.A1.3.m1-r2-c4").target == "stitch"
+    for event, text, why in [
+        (arrived, "tp.tile_processed.A1.3.m1-r2-c4", "type"),
+        (arrived, "tp.stage_failed.A1.3.m1-r2-c4.convert", "type"),
+        (arrived, "tp.tile_arrived.victim.3.m1-r2-c4", "acq"),
+        (arrived, "tp.tile_arrived.A1.4.m1-r2-c4", "slice"),
+        (arrived, "tp.tile_arrived.A1.3.m0-r2-c4", "tile"),
+        (arrived, "tp.redo_convert.victim.3.m1-r2-c4", "acq"),
+        (failed, "tp.stage_failed.A1.3.m1-r2-c4.process", "stage"),  # another stage's name
+        (arrived, "tp.tile_arrived.A1.3.m1-r2-c4.x", "not an event subject"),
+    ]:
+        with pytest.raises(SubjectMismatch, match=why):
+            check_subject(event, text)
+        with pytest.raises(InvalidEvent) as err:
+            decode_event(event.to_json(), subject=text)
+        assert err.value.reason == "subject_mismatch", text
+    assert decode_event(failed.to_json(), subject=failed.subject()) == failed

@@ -348,6 +348,7 @@ def test_alert_rules_check_and_unit_tests():
     # the stalled-stage scenario is among them
     text = "".join(t.read_text() for t in tests)
     assert "alertname: TilepipeStageStalled" in text and "stage: process" in text
+    assert "alertname: TilepipeStreamNearlyFull" in text  # the stream and KV limits
 
 
 # ---------------------------------------------------------------------------- dashboards

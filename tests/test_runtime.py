@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from messages import TileArrived, TileConverted, TileCoord, decode_event, utcnow
+from messages import StageFailed, TileArrived, TileConverted, TileCoord, decode_event, utcnow
 from services.bus import publish_event
 from services.config import Config, StageSettings, dump_toml
 from services.natsserver import free_port
 from services.runtime import StageRunner
-from services.stage import Result
+from services.stage import Result, Stage
 from tests.conftest import stream_messages, wait_for
 from tests.stages_for_tests import ConvertLike, ProcessLike
 
@@ -177,6 +177,8 @@ async def test_transient_error_retried_then_succeeds(config, js, tmp_path):
             json.dumps({**json.loads(arrived(1).to_json()), "path": "../../etc/passwd"}).encode(),
             "invalid_fields",
         ),
+        (arrived(2).to_json(), "subject_mismatch"),  # another tile's event on this subject
+        (arrived(1, acq="acq2").to_json(), "subject_mismatch"),  # another acquisition's
     ],
 )
 async def test_invalid_payload_terminated_counted_never_retried(
@@ -360,3 +362,38 @@ async def test_an_over_long_replay_tag_is_cut_not_a_stuck_delivery(config, js):
     (out,) = await kinds_on(js, "tp.tile_converted.acq8.>")
     assert out.origin is not None and out.origin.replay == tag[:64]
     assert info.num_ack_pending == 0 and info.num_redelivered == 0
+
+
+class FailsOnFailures(Stage):
+    """Consumes failures and can act on none of them (the handler always raises)."""
+
+    name = "fails_on_failures"
+    consumes = (StageFailed,)
+
+    def handle(self, event: StageFailed, ctx) -> Result:
+        raise RuntimeError(f"cannot act on {event.stage}'s failure")
+
+
+async def test_a_failure_is_never_failed_again(config, js):
+    """Failures never trigger failures: a stage that gives up on a `stage_failed` input
+    logs it, counts it and terminates it, but publishes no `stage_failed` of its own (which
+    a stage consuming failures would receive in turn, without end)."""
+    failed = StageFailed(
+        acq="acq7",
+        stage="convert",
+        input_type="tile_arrived",
+        input_subject="tp.tile_arrived.acq7.0.m0-r0-c0",
+        error="boom",
+        attempts=5,
+        tile=TileCoord(slice=0, row=0, col=0),
+    )
+    labels = {"stage": FailsOnFailures.name, "outcome": "failed"}
+    before = metric("tilepipe_events_handled_total", **labels)
+    async with running(FailsOnFailures, config, max_deliver=2, backoff_s=[0.1]) as runner:
+        await publish_event(js, failed)
+        await wait_for(lambda: metric("tilepipe_events_handled_total", **labels) > before)
+        await asyncio.sleep(1.0)  # a failure of the failure would be published by now
+        info = await js.consumer_info("TILEPIPE", runner.name)
+    assert [e.stage for e in await kinds_on(js, "tp.stage_failed.>")] == ["convert"]
+    assert metric("tilepipe_events_handled_total", **labels) == before + 1
+    assert info.num_ack_pending == 0 and info.num_pending == 0  # terminated, not redelivered

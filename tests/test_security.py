@@ -25,8 +25,9 @@ import nats
 import pytest
 from prometheus_client import REGISTRY
 
-from messages import TileArrived, TileCoord, utcnow
+from messages import StageFailed, TileArrived, TileCoord, utcnow
 from messages.events import EVENT_TYPES
+from messages.subjects import STAGE_NAMED, parse_subject
 from services.bus import connect, inbox_prefix, publish_event
 from services.config import Config, ConfigError, NatsSettings, Roots, StageSettings, load_config
 from services.natsauth import (
@@ -81,7 +82,7 @@ def test_docs_list_every_permission():
             )
             generic = generic.removesuffix(f".{user}")
             generic = generic + ".<stage>" if subject.endswith(f".{user}") else generic
-            assert f"`{generic}`" in text, (user, subject)
+            assert f"`{generic}`" in text or f"`{subject}`" in text, (user, subject)
 
 
 def test_render_authorization_refuses_a_user_without_permissions():
@@ -90,12 +91,18 @@ def test_render_authorization_refuses_a_user_without_permissions():
 
 
 # ---------------------------------------------------------------- a server with users
-def allowed_kinds(user: str) -> set[str]:
-    """Event kinds (subject tokens) a user may publish."""
+def allowed_subjects(user: str, subjects: set[str]) -> set[str]:
+    """The subjects (of `subjects`) a user may publish: its own kinds of events, and failure
+    and attempt records in its own name only."""
     if user == WATCHER:
-        return set(WATCHER_OUTPUTS)
-    outputs = STAGE_OUTPUTS.get(user, ("tile_converted",))
-    return {*outputs, "stage_failed", "attempt", f"hold_{user}"}
+        kinds = set(WATCHER_OUTPUTS)
+    else:
+        kinds = {*STAGE_OUTPUTS.get(user, ("tile_converted",)), f"hold_{user}"}
+    return {
+        s
+        for s in subjects
+        if (p := parse_subject(s)).kind in kinds or (p.stage == user and user != WATCHER)
+    }
 
 
 class AuthServer:
@@ -152,28 +159,37 @@ async def open_as(auth: AuthServer, user: str, errors: list[str]):
 
 async def test_each_service_publishes_its_own_events_only(auth, admin_js):
     users = [WATCHER, *STAGE_OUTPUTS]
-    kinds = {*EVENT_TYPES, *(f"hold_{u}" for u in STAGE_OUTPUTS), "redo_convert"}
+    kinds = {*EVENT_TYPES, *(f"hold_{u}" for u in STAGE_OUTPUTS), "redo_convert"} - STAGE_NAMED
     for user in users:
+        subjects = {f"tp.{kind}.u-{user}.0.m0-r0-c0" for kind in kinds} | {
+            f"tp.{kind}.u-{user}.0.m0-r0-c0.{name}"  # failures and attempts in any stage's name
+            for kind in STAGE_NAMED
+            for name in STAGE_OUTPUTS
+        }
+        allowed = allowed_subjects(user, subjects)
         errors: list[str] = []
         nc = await open_as(auth, user, errors)
-        for kind in sorted(kinds):
-            await nc.publish(f"tp.{kind}.u-{user}.0.m0-r0-c0", b"{}")
+        for subject in sorted(subjects):
+            await nc.publish(subject, b"{}")
         await nc.flush(timeout=5)
-        forbidden = kinds - allowed_kinds(user)
+        forbidden = subjects - allowed
         await wait_for(lambda: len(errors) >= len(forbidden))  # noqa: B023
         await nc.close()
-        refused = {e.split('"')[1].split(".")[1] for e in errors if "permissions violation" in e}
+        refused = {e.split('"')[1] for e in errors if "permissions violation" in e}
         assert refused == forbidden, user
 
         async def landed(user=user):
             info = await admin_js.stream_info("TILEPIPE", subjects_filter=f"tp.*.u-{user}.>")
-            return {s.split(".")[1] for s in (info.state.subjects or {})}
+            return set(info.state.subjects or {})
 
-        await wait_for(lambda: _equal(landed(), allowed_kinds(user)))  # noqa: B023
-        assert await landed() == allowed_kinds(user), user
+        await wait_for(lambda: _equal(landed(), allowed))  # noqa: B023
+        assert await landed() == allowed, user
+        if user != WATCHER:  # its own failures and attempts, nobody else's
+            assert {parse_subject(s).stage for s in allowed} == {None, user}, user
     log = auth.log()
     assert violation(log, "convert", "tp.tile_processed.u-convert.0.m0-r0-c0")
-    assert violation(log, "watcher", "tp.stage_failed.u-watcher.0.m0-r0-c0")
+    assert violation(log, "convert", "tp.stage_failed.u-convert.0.m0-r0-c0.process")
+    assert violation(log, "watcher", "tp.stage_failed.u-watcher.0.m0-r0-c0.convert")
 
 
 def violation(log: str, user: str, subject: str) -> bool:
@@ -292,8 +308,9 @@ async def test_stage_runs_under_its_own_user_without_violations(auth, admin_js, 
     task = asyncio.create_task(runner.run(stop))
     try:
         await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
-        kv = await admin_js.key_value("tp-lattice")
-        await kv.put("holds.held", b"{}")
+        from services.ops import hold
+
+        await hold(admin_js, "TILEPIPE", "held")
         await wait_for(lambda: "held" in runner.held)
         for i in range(3):
             await publish_event(admin_js, arrived(i))
@@ -310,6 +327,233 @@ async def test_stage_runs_under_its_own_user_without_violations(auth, admin_js, 
         stop.set()
         await asyncio.wait_for(task, 30)
     assert "Violation" not in auth.log()
+
+
+# ---------------------------------------------------------------- forged events
+async def test_a_stage_user_cannot_pass_a_forged_event_off_as_another_stages(
+    auth, admin_js, tmp_path
+):
+    """convert may not publish `tile_processed`; it tries to slip one to stitch on a failure
+    subject. Failure subjects name their stage and each user may publish only its own: the
+    server drops the other subjects; on its own failure subject the payload disagrees with
+    the subject, and stitch's runtime refuses it (terminated, counted as
+    `subject_mismatch`), so the victim acquisition's lattice is untouched."""
+    from services.acquisitions import record_acquisition
+    from services.lattice import tile_state
+    from services.simulate import small_manifest, write_manifest
+    from services.stages.stitch import Stitch
+
+    roots = Roots(raw=tmp_path / "raw", work=tmp_path / "work", output=tmp_path / "output")
+    manifest = small_manifest("victim", slices=1, rows=2, cols=2)
+    write_manifest(manifest, roots.raw / "victim")
+    await record_acquisition(admin_js, manifest, "victim/manifest.toml", "acquiring")
+    config = Config(nats=auth.settings("stitch"), roots=roots)
+    runner = StageRunner(Stitch(config, StageSettings(backoff_s=[0.1])), config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    labels = {"stage": "stitch", "reason": "subject_mismatch"}
+    before = REGISTRY.get_sample_value("tilepipe_events_invalid_total", labels) or 0.0
+    forged = processed_event().model_copy(
+        update={"acq": "victim", "tile": TileCoord(slice=0, row=1, col=0)}
+    )
+    as_process = StageFailed(
+        acq="victim",
+        stage="process",
+        input_type="tile_converted",
+        input_subject="tp.tile_converted.victim.0.m0-r1-c0",
+        error="forged",
+        attempts=1,
+        tile=TileCoord(slice=0, row=1, col=0),
+    )
+    try:
+        await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
+        errors: list[str] = []
+        nc = await open_as(auth, "convert", errors)
+        js = nc.jetstream(timeout=2)
+        for subject in (
+            "tp.stage_failed.victim.0.m0-r1-c0",  # no stage named
+            "tp.stage_failed.victim.0.m0-r1-c0.process",  # another stage's name
+            "tp.attempt.victim.0.m0-r1-c0.process",
+        ):
+            with pytest.raises(nats.errors.TimeoutError):
+                await js.publish(subject, forged.to_json())
+            assert violation(auth.log(), "convert", subject), subject
+        # its own failure subject: the server takes it, stitch refuses what it carries
+        own = "tp.stage_failed.victim.0.m0-r1-c0.convert"
+        for payload in (forged.to_json(), as_process.to_json()):
+            assert (await js.publish(own, payload)).stream == "TILEPIPE"
+        await nc.close()
+
+        async def refused() -> bool:
+            now = REGISTRY.get_sample_value("tilepipe_events_invalid_total", labels) or 0.0
+            info = await admin_js.consumer_info("TILEPIPE", "stitch")
+            return now - before == 2 and not info.num_pending and not info.num_ack_pending
+
+        await wait_for(refused, timeout=30)
+        await asyncio.sleep(1.0)  # a delivery that was not terminated would come back
+        info = await admin_js.consumer_info("TILEPIPE", "stitch")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+    assert await tile_state(admin_js, "victim", 0, 0, 1, 0) is None
+    assert await stream_messages(admin_js, "tp.attempt.victim.>") == []  # never handled
+    assert await stream_messages(admin_js, "tp.tile_processed.>") == []
+
+
+# ---------------------------------------------------------------- KV buckets
+async def test_kv_permissions_are_what_each_service_needs(auth, admin_js):
+    """Only the bookkeepers (stitch, register) may read `tp-lattice`, and each writes only
+    its own keys; no stage writes the holds (operators do, `tilepipe pause --acq`)."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    from services.ops import hold
+
+    lattice = await admin_js.key_value("tp-lattice")
+    await lattice.put("victim.0.m0.tile.r0-c0", b'{"state": "processed"}')
+    await hold(admin_js, "TILEPIPE", "victim")
+    direct = "$JS.API.DIRECT.GET.KV_tp-lattice.$KV.tp-lattice.victim.0.m0.tile.r0-c0"
+    for user in ("convert", "process", "upload", PLUGIN):
+        nc = await open_as(auth, user, [])
+        js = nc.jetstream(timeout=2)
+        with pytest.raises(nats.errors.TimeoutError):  # the bucket's info
+            await js.key_value("tp-lattice")
+        with pytest.raises(nats.errors.TimeoutError):  # a watch: a consumer on its stream
+            await js.add_consumer(
+                "KV_tp-lattice",
+                ConsumerConfig(
+                    filter_subject="$KV.tp-lattice.>",
+                    deliver_subject=nc.new_inbox(),
+                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                ),
+            )
+        with pytest.raises(nats.errors.TimeoutError):  # a key by direct get
+            await nc.request(direct, b"", timeout=2)
+        await nc.close()
+        for subject in ("$JS.API.STREAM.INFO.KV_tp-lattice", direct):
+            assert violation(auth.log(), user, subject), (user, subject)
+    mine = {"stitch": "victim.0.m0.tile.r1-c0", "register": "victim.register.m0.0.stitched"}
+    for user, own in mine.items():
+        nc = await open_as(auth, user, [])
+        js = nc.jetstream(timeout=2)
+        kv = await js.key_value("tp-lattice")
+        assert (await kv.get("victim.0.m0.tile.r0-c0")).value == b'{"state": "processed"}'
+        await kv.put(own, b"{}")
+        other = next(key for name, key in mine.items() if name != user)
+        with pytest.raises(nats.errors.TimeoutError):  # the other bookkeeper's keys
+            await kv.put(other, b"{}")
+        holds = await js.key_value("tp-holds")  # watched by every stage, written by admin
+        with pytest.raises(nats.errors.TimeoutError):
+            await holds.put("other", b"held")
+        await nc.close()
+    assert await lattice.keys() == [
+        "victim.0.m0.tile.r0-c0",
+        "victim.0.m0.tile.r1-c0",
+        "victim.register.m0.0.stitched",
+    ]
+    assert await (await admin_js.key_value("tp-holds")).keys() == ["victim"]
+
+
+# ---------------------------------------------------------------- stream and KV limits
+def init_with(tmp_path: Path, url: str, **limits: int) -> subprocess.CompletedProcess:
+    """`tilepipe init` with these `[nats]` limits in its config file."""
+    cfg = tmp_path / "limits.toml"
+    cfg.write_text(
+        f'[nats]\nurl = "{url}"\n' + "".join(f"{key} = {value}\n" for key, value in limits.items())
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TILEPIPE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "init", "--config", str(cfg)],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_init_applies_stream_and_kv_limits_and_they_hold(nats_server, tmp_path):
+    """An unbounded stream and bucket (as an older `tilepipe init` made them) get the
+    configured limits from `tilepipe init`, which updates them again when the config changes
+    and keeps every event; then the server enforces them: an oversized event or KV value is
+    refused, a subject keeps its newest `max_msgs_per_subject` records, and a full stream
+    refuses new events instead of dropping old ones (a flood cannot erase the log)."""
+    from nats.js.api import DiscardPolicy, KeyValueConfig, StreamConfig
+    from nats.js.errors import APIError
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="TILEPIPE", subjects=["tp.>"]))
+    await js.create_key_value(KeyValueConfig(bucket="tp-lattice", history=5))
+    first = await js.publish("tp.acq_started.old._._", b"{}")
+    limits = {
+        "max_bytes": 1 << 20,
+        "max_msg_size": 4096,
+        "max_msgs_per_subject": 3,
+        "kv_max_bytes": 1 << 19,
+        "kv_max_value_size": 512,
+        "kv_history": 2,
+    }
+    try:
+        for attempt in ({**limits, "max_bytes": 2 << 20, "kv_history": 4}, limits, limits):
+            init = init_with(tmp_path, nats_server.url, **attempt)
+            assert init.returncode == 0, init.stdout + init.stderr
+            info = await js.stream_info("TILEPIPE")
+            assert (
+                info.config.max_bytes,
+                info.config.max_msg_size,
+                info.config.max_msgs_per_subject,
+                info.config.discard,
+            ) == (attempt["max_bytes"], 4096, 3, DiscardPolicy.NEW)
+            for bucket in ("tp-lattice", "tp-acquisitions", "tp-holds"):
+                kv = (await js.stream_info(f"KV_{bucket}")).config
+                assert (kv.max_bytes, kv.max_msg_size, kv.max_msgs_per_subject) == (
+                    1 << 19,
+                    512,
+                    attempt["kv_history"],
+                ), bucket
+        assert (await js.get_msg("TILEPIPE", first.seq)).data == b"{}"  # kept
+        # every stage exports how full the streams it uses are (alert TilepipeStreamNearlyFull)
+        config = Config(nats=NatsSettings(url=nats_server.url), roots=Roots(work=tmp_path))
+        runner = StageRunner(ConvertLike(config, StageSettings()), config)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+
+        def gauge(name: str, stream: str) -> float | None:
+            return REGISTRY.get_sample_value(f"tilepipe_stream_{name}_bytes", {"stream": stream})
+
+        try:
+            await wait_for(
+                lambda: (
+                    gauge("max", "TILEPIPE") == 1 << 20 and gauge("max", "KV_tp-holds") == 1 << 19
+                ),
+                timeout=30,
+            )
+            assert gauge("used", "TILEPIPE") == (await js.stream_info("TILEPIPE")).state.bytes
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        # an oversized event (payload and headers) and KV value are refused
+        attempt_subject = "tp.attempt.flood.0.m0-r0-c0.convert"
+        with pytest.raises(APIError, match="message size exceeds maximum allowed"):
+            await js.publish(attempt_subject, b"x" * 4000, headers={"Nats-Msg-Id": "y" * 100})
+        lattice = await js.key_value("tp-lattice")
+        with pytest.raises(APIError):
+            await lattice.put("big", b"z" * 513)
+        await lattice.put("small", b"z" * 512)
+        # one subject keeps its newest records
+        for i in range(5):
+            await js.publish(attempt_subject, str(i).encode())
+        kept = await js.stream_info("TILEPIPE", subjects_filter=attempt_subject)
+        assert kept.state.subjects == {attempt_subject: 3}
+        # a flood on many subjects fills the stream, then is refused; the log is kept
+        with pytest.raises(APIError, match="maximum bytes exceeded"):
+            for i in range(1000):
+                await js.publish(f"tp.attempt.flood.{i}.m0-r0-c0.convert", b"f" * 3000)
+        assert (await js.stream_info("TILEPIPE")).state.bytes <= 1 << 20
+        assert (await js.get_msg("TILEPIPE", first.seq)).data == b"{}"
+    finally:
+        await nc.close()
 
 
 # ---------------------------------------------------------------- tilepipe up --auth
@@ -339,7 +583,7 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
             "--work",
             str(work),
             "--services",
-            "watcher,convert,process",
+            "watcher,convert,process,stitch,register",  # the bookkeepers too
         ],
         cwd=REPO,
         env=env,
@@ -359,10 +603,11 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
         nc = await connect(admin, name="test-admin", retry_for_s=10)
         js = nc.jetstream()
 
-        async def processed():
-            return len(await stream_messages(js, "tp.tile_processed.secure.>")) == 4
+        async def registered():
+            processed = await stream_messages(js, "tp.tile_processed.secure.>")
+            return len(processed) == 4 and await stream_messages(js, "tp.slice_registered.>")
 
-        await wait_for(processed, timeout=240)
+        await wait_for(registered, timeout=240)
         await nc.close()
         # the operator CLI works as admin; without credentials the server refuses a client
         status = subprocess.run(
@@ -398,7 +643,7 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
     assert proc.returncode == 0, out
     assert f"export TILEPIPE_NATS__PASSWORD_FILE={work / 'auth' / 'admin.pass'}" in out
     passwords = [p.read_text() for p in (work / "auth").glob("*.pass")]
-    assert len(passwords) == 4  # watcher, convert, process, admin
+    assert len(passwords) == 6  # watcher, convert, process, stitch, register, admin
     text = (work / "tilepipe.toml").read_text()
     for secret in passwords:
         assert secret not in out and secret not in text

@@ -59,7 +59,7 @@ from kernels.register import (
     warp_stack,
 )
 from messages.events import Event, SliceRegistered, SliceStitched
-from services.acquisitions import lookup_acquisition, manifest_at
+from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
 from services.atomic import COMPLETE_ATTR, zarr_attrs
 from services.lattice import LATTICE_BUCKET, read_keys
 from services.layout import volume_of, volume_path
@@ -162,8 +162,9 @@ class RegisterBook:
         partial read, which would leave a slice waiting for good)."""
         out: dict[int, dict[str, dict]] = {}
         for key, value in (await read_keys(self.js, self.kv, self.prefix)).items():
-            s, part = key.split(".", 1)
-            out.setdefault(int(s), {})[part] = value
+            s, _, part = key.partition(".")
+            if s.isdigit() and part:  # not another writer's key that looks like one
+                out.setdefault(int(s), {})[part] = value
         return out
 
 
@@ -185,6 +186,7 @@ class Register(Stage):
     name = "register"
     consumes = (SliceStitched,)
     produces = (SliceRegistered,)
+    buckets = (LATTICE_BUCKET, ACQ_BUCKET)
     defaults: ClassVar[dict[str, Any]] = {
         "concurrency": 1,
         "ack_wait_s": 600,

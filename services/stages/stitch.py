@@ -35,8 +35,8 @@ from messages.events import (
     TilePosition,
     TileProcessed,
 )
-from services.acquisitions import lookup_acquisition, manifest_at
-from services.lattice import TERMINAL, MosaicBook, MosaicState
+from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
+from services.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
 from services.layout import mosaic_path, volume_of
 from services.manifest import Manifest, MosaicGeometry
 from services.mosaic_volume import fuse_volume
@@ -67,6 +67,7 @@ class Stitch(Stage):
     name = "stitch"
     consumes = (TileProcessed, StageFailed, AcquisitionFinished)
     produces = (TilePairAligned, SliceStitched)
+    buckets = (LATTICE_BUCKET, ACQ_BUCKET)
     defaults: ClassVar[dict[str, Any]] = {"concurrency": 2, "ack_wait_s": 120}
 
     def __init__(self, *args, **kwargs) -> None:
@@ -77,24 +78,14 @@ class Stitch(Stage):
         self.fuse_volume = bool(opts.get("fuse_volume", False))
 
     async def handle(self, event: Event, ctx: Context) -> Result:
+        if isinstance(event, StageFailed):
+            return await self._on_failure(event, ctx)
         manifest = await self._manifest(ctx, event.acq)
         if isinstance(event, TileProcessed):
             outside = manifest.outside(event.tile)
             if outside is not None:  # no mosaic holds it: never into the books
                 raise PermanentError(outside)
             return await self._on_tile(event, manifest, ctx)
-        if isinstance(event, StageFailed):
-            if event.tile is None or event.stage not in UPSTREAM:
-                return Result()  # not a tile this stage waits for (never our own failures)
-            if not manifest.contains(event.tile):
-                return Result()  # refused upstream as outside the lattice: no mosaic waits
-            book = await MosaicBook.open(ctx.js, event.acq, event.tile.slice, event.tile.mosaic)
-            await book.mark_tile(
-                event.tile.row, event.tile.col, "failed", stage=event.stage, error=event.error[:500]
-            )
-            return await self._maybe_stitch(
-                book, event.acq, event.tile.slice, event.tile.mosaic, manifest, ctx
-            )
         assert isinstance(event, AcquisitionFinished)
         books: dict[tuple[int, int], MosaicBook] = {}
         for tile in event.missing:
@@ -109,6 +100,27 @@ class Stitch(Stage):
             done = await self._maybe_stitch(book, event.acq, s, m, manifest, ctx)
             result.events.extend(done.events)
         return result
+
+    async def _on_failure(self, event: StageFailed, ctx: Context) -> Result:
+        """An upstream stage gave up on a tile: the tile is terminal (a hole in the mosaic).
+
+        A failure this stage cannot act on is ignored, never failed in turn (failures never
+        trigger failures): not a tile, not a stage it waits for (never its own failures), an
+        acquisition it does not know, a tile outside its lattice."""
+        tile = event.tile
+        if tile is None or event.stage not in UPSTREAM:
+            return Result()
+        record = await lookup_acquisition(ctx.js, event.acq)
+        manifest = manifest_at(self.config.roots.raw, record["manifest"]) if record else None
+        if manifest is None or not manifest.contains(tile):
+            why = "unknown acquisition" if manifest is None else "tile outside the lattice"
+            ctx.log.warning("failure_ignored", failed_stage=event.stage, reason=why)
+            return Result(detail=f"ignored: {why}")
+        book = await MosaicBook.open(ctx.js, event.acq, tile.slice, tile.mosaic)
+        await book.mark_tile(
+            tile.row, tile.col, "failed", stage=event.stage, error=event.error[:500]
+        )
+        return await self._maybe_stitch(book, event.acq, tile.slice, tile.mosaic, manifest, ctx)
 
     async def _manifest(self, ctx: Context, acq: str) -> Manifest:
         record = await lookup_acquisition(ctx.js, acq)
