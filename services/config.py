@@ -58,7 +58,7 @@ class NatsSettings(Strict):
     # refuses new messages (nothing already stored is dropped); alert TilepipeStreamNearlyFull
     # fires at 80 %. nats-server reserves each max_bytes in its JetStream store.
     max_bytes: Annotated[int, Field(gt=0)] = Field(
-        default=8 << 30, description="size of the event stream"
+        default=2 << 30, description="size of the event stream"
     )
     max_msg_size: Annotated[int, Field(gt=0)] = Field(
         default=MAX_PAYLOAD_BYTES + (8 << 10), description="largest event, headers included"
