@@ -7,6 +7,13 @@ wins. (2) Intensity-based refinement: Gauss-Newton on band-passed, apodized inte
 a per-iteration gain/bias fit, coarse to fine over a 2x pyramid down to ``refine_size``.
 The quality score is the weighted NCC of the band-passed images over their overlap.
 
+Models: ``rigid`` (rotation + translation; slice to slice), ``similarity`` (+ isotropic
+scale) and ``affine`` (6 parameters: the thru-plane registration of the tilted illumination's
+mosaic onto the normal one). For ``affine`` the global search is the similarity one and the
+Gauss-Newton refinement frees the whole linear part. Band-passing, unit-variance normalisation
+and the gain/bias fit make the match insensitive to the images' offset, scale and sign, which
+is what two modalities of one texture (e.g. apparent birefringence of two beams) differ by.
+
 Conventions (pixels, NumPy/SciPy on the host):
 
 * Coordinates ``(y, x)`` of an image array, y down (rows), x right (columns); homogeneous
@@ -49,13 +56,18 @@ __all__ = [
 ]
 
 
+MODELS = ("rigid", "similarity", "affine")
+
+
 @dataclass(frozen=True)
 class RegisterParams:
     """Registration settings (lengths in level-0 pixels unless stated)."""
 
-    model: str = "rigid"  # "rigid" (rotation + translation) or "similarity" (+ isotropic scale)
+    # "rigid" (rotation + translation), "similarity" (+ isotropic scale) or "affine" (any
+    # linear part: rotation, two scales and shear, e.g. the tilted illumination onto the normal)
+    model: str = "rigid"
     max_rotation_deg: float = 10.0  # search range; > 90 also tries the 180-degree flip
-    max_scale_change: float = 0.05  # similarity only: |s - 1| searched and accepted
+    max_scale_change: float = 0.05  # similarity / affine: |s - 1| searched and accepted
     max_shift_px: float | None = None  # accepted distance from the initial guess (None: any)
     coarse_size: int = 1024  # max side of the global-search image
     refine_size: int = 2048  # max side of the finest refinement level
@@ -67,8 +79,8 @@ class RegisterParams:
     min_overlap: float = 0.25  # overlap / smaller valid area below this is not accepted
 
     def __post_init__(self) -> None:
-        if self.model not in ("rigid", "similarity"):
-            raise ValueError(f"model must be 'rigid' or 'similarity', not {self.model!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, not {self.model!r}")
 
 
 @dataclass(frozen=True)
@@ -425,7 +437,7 @@ def _fourier_mellin(
     rot_deg = np.where(rot_idx < n_theta / 2, rot_idx, rot_idx - n_theta) * step
     r_idx = np.arange(2 * n_r)
     r_shift = np.where(r_idx < n_r, r_idx, r_idx - 2 * n_r)
-    max_ls = math.log1p(params.max_scale_change) if params.model == "similarity" else 0.0
+    max_ls = math.log1p(params.max_scale_change) if params.model != "rigid" else 0.0
     ok_r = np.abs(r_shift * dlog) <= max_ls + 1.5 * dlog
     if params.model == "rigid":
         ok_r = r_shift == 0
@@ -502,6 +514,10 @@ def _refine_level(
     fw = lv.fixed.win[fy, fx]
     c = np.array([(lv.fixed.bp.shape[0] - 1) / 2.0, (lv.fixed.bp.shape[1] - 1) / 2.0])
     x = np.stack([fy - c[0], fx - c[1]]).astype(np.float64)  # centred fixed coords (2, n)
+    if p.model == "affine":
+        g, it = _gauss_newton_affine(lv, g, c, x, fv, fw, p)
+        quality, overlap = _score(lv, g, fy, fx, fv, fw)
+        return _from_level(np.linalg.inv(g), lv.f), it, quality, overlap
     # parametrise g(x) = s R(phi) (x - c) + c + t, start from the given matrix
     a = g[:2, :2]
     phi = math.atan2(a[0, 1] - a[1, 0], a[0, 0] + a[1, 1])
@@ -557,6 +573,65 @@ def _refine_level(
     m_l = np.linalg.inv(g)
     quality, overlap = _score(lv, g, fy, fx, fv, fw)
     return _from_level(m_l, lv.f), it, quality, overlap
+
+
+def _photometric(mv: np.ndarray, fv: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray] | None:
+    """Per-iteration gain/bias fit ``f ~ gain m + bias``: (gain, residual), None if no data."""
+    sw = float(w.sum())
+    if sw < 16.0:
+        return None
+    mm, mf = float((w * mv).sum()) / sw, float((w * fv).sum()) / sw
+    var = float((w * (mv - mm) ** 2).sum())
+    gain = float((w * (mv - mm) * (fv - mf)).sum()) / var if var > 1e-12 else 1.0
+    gain = gain if abs(gain) > 1e-3 else 1e-3
+    return gain, gain * (mv - mm) - (fv - mf)
+
+
+def _gauss_newton_affine(
+    lv: _Level,
+    g: np.ndarray,
+    c: np.ndarray,
+    x: np.ndarray,
+    fv: np.ndarray,
+    fw: np.ndarray,
+    p: RegisterParams,
+) -> tuple[np.ndarray, int]:
+    """Gauss-Newton with gain/bias for a general affine ``g(x) = A (x - c) + c + t`` (fixed
+    level px -> moving level px), ``x`` the centred fixed coordinates. The linear part is
+    solved in units of the points' RMS radius so that all six unknowns are pixels."""
+    radius = float(np.sqrt(np.mean(np.sum(x * x, axis=0)))) or 1.0
+    u = x / radius
+    b = g[:2, :2] * radius  # A in pixels per radius
+    t = g[:2, :2] @ c + g[:2, 2] - c
+    it = 0
+    for it in range(1, p.max_iter + 1):  # noqa: B007 - the count is returned
+        bx = b @ u
+        yy = bx[0] + c[0] + t[0]
+        xx = bx[1] + c[1] + t[1]
+        mv = _sample(lv.moving.bp, yy, xx)
+        mw = _sample(lv.moving.win, yy, xx)
+        gy = _sample(lv.grad[0], yy, xx)
+        gx = _sample(lv.grad[1], yy, xx)
+        w = fw * mw
+        fit = _photometric(mv, fv, w)
+        if fit is None:
+            break
+        gain, r = fit
+        cols = [gy, gx, gy * u[0], gy * u[1], gx * u[0], gx * u[1]]
+        jac = gain * np.stack(cols, axis=1)
+        jw = jac * w[:, None]
+        h = jac.T @ jw
+        h += np.eye(6) * 1e-9 * np.trace(h)
+        delta = -np.linalg.solve(h, jw.T @ r)
+        t = t + delta[:2]
+        b = b + delta[2:].reshape(2, 2)
+        if float(np.abs(delta).sum()) < 1e-3:
+            break
+    a = b / radius
+    out = np.eye(3)
+    out[:2, :2] = a
+    out[:2, 2] = c + t - a @ c
+    return out, it
 
 
 def _score(
@@ -677,7 +752,11 @@ def register_slices(
         reasons.append(f"overlap {overlap:.2f} < {p.min_overlap:g}")
     if abs(rotation) > p.max_rotation_deg:
         reasons.append(f"rotation {rotation:.2f} deg beyond {p.max_rotation_deg:g}")
-    if abs(scale - 1.0) > (p.max_scale_change if p.model == "similarity" else 1e-6):
+    if p.model == "affine":
+        sv = np.linalg.svd(matrix[:2, :2], compute_uv=False)
+        if sv.max() > 1.0 + p.max_scale_change or sv.min() < 1.0 / (1.0 + p.max_scale_change):
+            reasons.append(f"scales {sv.min():.4f} .. {sv.max():.4f} out of range")
+    elif abs(scale - 1.0) > (p.max_scale_change if p.model == "similarity" else 1e-6):
         reasons.append(f"scale {scale:.4f} out of range")
     if p.max_shift_px is not None:
         moved = matrix @ np.linalg.inv(init)
