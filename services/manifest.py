@@ -235,7 +235,22 @@ class MosaicSpec(Strict):
     bscans: Annotated[int, Field(ge=1, le=10_000)] | None = None
     scan_order: ScanOrder | None = None
     overlap: Annotated[float, Field(ge=0.0, lt=0.9)] | None = None
-    mask_threshold_db: float | None = None
+    mask_threshold_db: Annotated[float, Field(ge=-100.0, le=300.0)] | None = Field(
+        default=None,
+        description="AIP level [dB] above which the (Gaussian sigma 5 px smoothed) AIP mosaic "
+        "is tissue; default 60 for normal illumination, 55 for a tilted one (the lab's)",
+    )
+
+
+# the lab's mask thresholds [dB] on the smoothed AIP mosaic (psoct-toolbox thruplane defaults
+# as the lab runs them: 60 normal, 55 tilted)
+MASK_THRESHOLD_DB = {"normal": 60.0, "tilted": 55.0}
+
+
+def default_mask_threshold(illumination: str, tilt_deg: float) -> float:
+    """The lab's threshold for a mosaic: 55 dB for a tilted beam, 60 dB otherwise."""
+    tilted = tilt_deg != 0.0 or illumination == "tilted"
+    return MASK_THRESHOLD_DB["tilted" if tilted else "normal"]
 
 
 class Numbering(Strict):
@@ -352,7 +367,7 @@ class MosaicGeometry:
     raw: RawLayout
     pixel_size_um: float
     position_tolerance_px: float
-    mask_threshold_db: float | None
+    mask_threshold_db: float  # the manifest's, else default_mask_threshold()
 
     @property
     def tiles(self) -> int:
@@ -507,7 +522,11 @@ class Manifest(Strict):
                     raw=layout,
                     pixel_size_um=lat.pixel_size_um,
                     position_tolerance_px=lat.pair_tolerance_px,
-                    mask_threshold_db=spec.mask_threshold_db,
+                    mask_threshold_db=(
+                        default_mask_threshold(spec.illumination, spec.tilt_deg)
+                        if spec.mask_threshold_db is None
+                        else spec.mask_threshold_db
+                    ),
                 )
             )
         return tuple(out)
