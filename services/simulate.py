@@ -43,6 +43,10 @@ from services.manifest import (
 from services.tomlio import write_atomically
 
 TRUTH_NAME = "ground_truth.json"
+# a tilted view (PhantomParams.tilted_affine): 3 % longer along the tilt (x), a little shear,
+# and shifted by about the en-face depth x tan(-15 deg) (-67 um in x)
+TILTED_VIEW = (1.0, 0.0, 0.006, 1.03, -25.0, -67.0)
+SIM_MASK_DB = {"normal": 45.0, "tilted": 40.0}  # mask thresholds for the simulated instrument
 CALIBRATION_MAT = "calibration/wave-pixel.mat"
 DISPERSION_FILE = "calibration/dispersion.dat"
 
@@ -138,6 +142,20 @@ class PhantomParams:
     attenuation_um: float = 400.0
     max_shift_um: float = 30.0
     max_rotation_deg: float = 1.5
+    # the 3-D fibre field (issue 21): inclination of the optic axis out of the section plane
+    # (amplitude, deg: |alpha| < this), and the log-amplitude of the fibre texture that
+    # modulates delta-n at 150..500 um (what the thru-plane registration matches)
+    inclination_deg: float = 45.0
+    birefringence_texture: float = 0.35
+    # what the tilted beam sees of the sample, relative to the normal beam: sample (y, x) =
+    # A (y, x) + b for a point the stage puts at (y, x) (um), A row-major (a_yy, a_yx, a_xy,
+    # a_xx), then b (um); the tilted->normal registration must recover it. Default: the same
+    # view (TILTED_VIEW is a realistic one: stretched along the tilt, shifted by the en-face
+    # depth x tan(gamma))
+    tilted_affine: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 1.0, 0, 0)
+    # a hole in the tissue (centre y, x and radius in um, sample frame): agarose only, 30 dB
+    # less reflective and not birefringent (what the masks must leave out); None: no hole
+    void_um: tuple[float, float, float] | None = None
 
 
 class Phantom:
@@ -164,6 +182,9 @@ class Phantom:
         self.layer = field(6, 0.5 / big, 2.0 / big)
         self.axis = field(5, 0.3 / big, 1.5 / big)
         self.bire = field(5, 0.3 / big, 1.5 / big)
+        # drawn after the fields above, so that those keep their values
+        self.incl = field(5, 0.3 / big, 1.5 / big)
+        self.fibre = field(48, 1 / 500.0, 1 / 150.0)
 
     @staticmethod
     def _eval(
@@ -192,13 +213,39 @@ class Phantom:
         return np.exp(0.55 * self._eval(self.texture, x, y, section))
 
     def orientation_deg(self, x: np.ndarray, y: np.ndarray, section: int) -> np.ndarray:
-        """Optic axis in [-90, 90)."""
+        """In-plane orientation of the optic axis in [-90, 90), as the instrument reports it
+        for the normal beam (the toolbox's `ori`; the model frame's azimuth is its negative,
+        :mod:`kernels.optic_axis`)."""
         theta = 70.0 * np.tanh(self._eval(self.axis, x, y, section)) + 25.0 * section
         return (theta + 90.0) % 180.0 - 90.0
 
-    def birefringence(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Round-trip retardance slope (rad/um) of the upper and lower layer."""
+    def azimuth_deg(self, x: np.ndarray, y: np.ndarray, section: int) -> np.ndarray:
+        """Azimuth of the 3-D optic axis in the model frame of :mod:`kernels.optic_axis`
+        (from +x towards +y, [-90, 90)): the negated normal-beam orientation."""
+        return (90.0 - self.orientation_deg(x, y, section)) % 180.0 - 90.0
+
+    def inclination_deg(self, x: np.ndarray, y: np.ndarray, section: int) -> np.ndarray:
+        """Elevation of the optic axis out of the section plane [deg], towards +z (the normal
+        beam), for the representative with a non-negative x component."""
+        return self.p.inclination_deg * np.tanh(self._eval(self.incl, x, y, section))
+
+    def tissue(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """1 in tissue, 0 in the void (``void_um``)."""
+        if self.p.void_um is None:
+            return np.ones(np.broadcast_shapes(x.shape, y.shape))
+        cy, cx, r = self.p.void_um
+        return ((x - cx) ** 2 + (y - cy) ** 2 > r * r).astype(np.float64)
+
+    def birefringence(
+        self, x: np.ndarray, y: np.ndarray, section: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """True round-trip retardance slope (rad/um) of the upper and lower layer: what a beam
+        perpendicular to the optic axis sees (a beam k sees it times 1 - (u.k)^2), modulated
+        by the fibre texture."""
         mod = 1.0 + 0.25 * np.tanh(self._eval(self.bire, x, y))
+        if self.p.birefringence_texture:
+            mod = mod * np.exp(self.p.birefringence_texture * self._eval(self.fibre, x, y, section))
+        mod = mod * self.tissue(x, y)
         return self.p.birefringence[0] * mod, self.p.birefringence[1] * mod
 
     def slice_transform(self, section: int) -> tuple[float, float, float]:
@@ -234,6 +281,9 @@ class Truth:
     slices: list[dict] = field(default_factory=list)
     tiles: list[TileTruth] = field(default_factory=list)
     instrument: dict = field(default_factory=dict)
+    # per mosaic: illumination, tilt and `to_normal`, the 3x3 (y, x, 1) map from its stage
+    # pixels to mosaic 0's stage pixels showing the same sample point
+    views: list[dict] = field(default_factory=list)
 
     def tile(self, coord: TileCoord) -> TileTruth:
         for t in self.tiles:
@@ -322,6 +372,15 @@ class Simulator:
             slices,
             tiles,
             instrument=asdict(self.instrument),
+            views=[
+                {
+                    "mosaic": g.index,
+                    "illumination": g.illumination,
+                    "tilt_deg": g.tilt_deg,
+                    "to_normal": self.tilted_matrix(g.index).tolist(),
+                }
+                for g in map(m.geometry, range(m.lattice.mosaics))
+            ],
         )
 
     def sample_coords(self, t: TileTruth) -> tuple[np.ndarray, np.ndarray]:
@@ -333,25 +392,73 @@ class Simulator:
         a = np.arange(raw.alines)[None, :]
         y = (t.y_px + b) * px + m.lattice.stage_origin_um[0]
         x = (t.x_px + a) * px + m.lattice.stage_origin_um[1]
+        if self.tilt_deg(t.mosaic) != 0.0:  # the tilted beam's view (PhantomParams.tilted_affine)
+            ayy, ayx, axy, axx, by, bx = self.params.tilted_affine
+            y, x = ayy * y + ayx * x + by, axy * y + axx * x + bx
         s = self.truth.slices[t.slice]
         rot = math.radians(s["rotation_deg"])
         xs = math.cos(rot) * x - math.sin(rot) * y + s["dx_um"]
         ys = math.sin(rot) * x + math.cos(rot) * y + s["dy_um"]
         return xs, ys
 
+    def delta_n_per_slope(self) -> float:
+        """Delta-n (the processing's units) of a retardance slope of 1 rad per um of the
+        phantom's depth: lambda / (2 pi) times the tissue's index, which the manifest's
+        axial pixel implies (the instrument's optical path per bin / ``axial_pixel_um``)."""
+        cal = self.cal
+        optical_um_per_bin = math.pi / (cal.n_samples * cal.k_step)
+        index = optical_um_per_bin / self.manifest.lattice.axial_pixel_um
+        return self.manifest.calibration.center_wavelength_um / (2 * math.pi) * index
+
+    def tilt_deg(self, mosaic: int) -> float:
+        """The beam's tilt of a mosaic (0: normal illumination)."""
+        return float(self.manifest.geometry(mosaic).tilt_deg)
+
+    def tilted_matrix(self, tilted: int) -> np.ndarray:
+        """3x3 ``(y, x, 1)`` map from the tilted mosaic's stage pixels to the normal mosaic's
+        stage pixels that show the same sample point (before any stitching offset)."""
+        ayy, ayx, axy, axx, by, bx = self.params.tilted_affine
+        px = self.manifest.lattice.pixel_size_um
+        oy, ox = self.manifest.lattice.stage_origin_um
+        lin = np.array([[ayy, ayx], [axy, axx]])
+        origin = np.array([oy, ox])
+        shift = (lin @ origin + np.array([by, bx]) - origin) / px
+        out = np.eye(3)
+        out[:2, :2] = lin
+        out[:2, 2] = shift
+        return out if self.tilt_deg(tilted) != 0.0 else np.eye(3)
+
     def tile_fields(self, t: TileTruth) -> dict[str, np.ndarray]:
-        """Ground-truth maps of a tile ([B, A]): surface, layer, reflectivity, axis, slopes."""
+        """Ground-truth maps of a tile ([B, A]): surface, layer, reflectivity, the 3-D axis
+        (azimuth, inclination, true slopes) and what this tile's beam sees of it (orientation
+        as the instrument reports it, apparent slopes)."""
+        from kernels.optic_axis import project
+
         x, y = self.sample_coords(t)
         flat = (t.slice, t.mosaic, t.row, t.col) in self.low_texture
         contrast = self.low_texture_contrast if flat else 1.0
-        upper, lower = self.phantom.birefringence(x, y)
+        upper, lower = self.phantom.birefringence(x, y, t.slice)
+        azimuth = self.phantom.azimuth_deg(x, y, t.slice)
+        inclination = self.phantom.inclination_deg(x, y, t.slice)
+        tilt = self.tilt_deg(t.mosaic)
+        # what the beam sees: delta-n times 1 - (u.k)^2 and the projected axis; the
+        # instrument reports the negated model-frame orientation (the toolbox's `ori`)
+        views = project(azimuth, inclination, np.ones_like(azimuth), tilt or -15.0)
+        seen = views[1] if tilt else views[0]
+        tissue = self.phantom.tissue(x, y)
+        reflectivity = self.phantom.reflectivity(x, y, t.slice) ** contrast
         return {
             "surface_um": self.phantom.surface_um(x, y),
             "layer_um": self.phantom.layer_um(x, y),
-            "reflectivity": self.phantom.reflectivity(x, y, t.slice) ** contrast,
-            "orientation_deg": self.phantom.orientation_deg(x, y, t.slice),
-            "birefringence_upper": upper,
-            "birefringence_lower": lower,
+            "reflectivity": reflectivity * (tissue + (1.0 - tissue) * 10**-1.5),
+            "orientation_deg": (90.0 - seen.orientation_deg) % 180.0 - 90.0,
+            "birefringence_upper": upper * seen.birefringence,
+            "birefringence_lower": lower * seen.birefringence,
+            "azimuth_deg": azimuth,
+            "inclination_deg": inclination,
+            "true_birefringence_upper": upper,
+            "true_birefringence_lower": lower,
+            "tissue": tissue,
         }
 
     def tile_raw(self, t: TileTruth) -> np.ndarray:
@@ -490,6 +597,7 @@ def small_manifest(
     raw_format: str = "nifti-spectral",
     settle_s: float = 0.5,
     mosaics: int = 1,
+    tilted_cols: int | None = None,
 ) -> Manifest:
     """A small acquisition laid out as the instrument writes it (tests, the demo).
 
@@ -497,7 +605,7 @@ def small_manifest(
     ``_processed.nii`` for complex tiles), numbers from 1, mosaics counted through the
     acquisition, the column snake grid, the lab's calibration files (written by
     :func:`write_manifest`) and psoct-toolbox conventions. ``mosaics`` = 2 adds the tilted
-    illumination with half the A-lines.
+    illumination with half the A-lines (and ``tilted_cols`` columns, default ``cols``).
     """
     if mosaics not in (1, 2):
         raise ValueError("mosaics: 1 (normal) or 2 (normal and tilted)")
@@ -507,9 +615,19 @@ def small_manifest(
         "tiff": "spectral_{counter:04d}.tif",
         "nifti-complex": "processed.nii",
     }[raw_format]
-    specs = [MosaicSpec(illumination="normal")]
+    # the simulated instrument's dB scale sits ~20 dB below the lab's (tissue AIP ~50-65 dB,
+    # no tissue ~35 dB), so its masks use 45 / 40 dB where the lab's use 60 / 55
+    specs = [MosaicSpec(illumination="normal", mask_threshold_db=SIM_MASK_DB["normal"])]
     if mosaics == 2:
-        specs.append(MosaicSpec(illumination="tilted", tilt_deg=-15.0, alines=max(1, alines // 2)))
+        specs.append(
+            MosaicSpec(
+                illumination="tilted",
+                tilt_deg=-15.0,
+                alines=max(1, alines // 2),
+                cols=tilted_cols,
+                mask_threshold_db=SIM_MASK_DB["tilted"],
+            )
+        )
     return Manifest(
         id=acq,
         lattice=Lattice(

@@ -108,7 +108,10 @@ async def test_instrument_acquisition_end_to_end(config, js, tmp_path, saving):
             geometry = manifest.geometry(m)
             # the mosaic spans its own grid: rows of 24 B-lines, columns of its own A-lines
             assert aip.shape[0] >= 24 + 2 * 19 - 8 and aip.shape[1] >= width * geometry.cols - 8
-            assert np.isfinite(aip).mean() > 0.8
+            # tilted tiles are 12 A-lines wide (2.4 px of overlap): some of their pairs cannot
+            # be aligned and are placed by the stage model, jitter (+-3 px) and all, so their
+            # mosaic's bounding box holds less data (0.73 .. 0.84 with the tilted beam's view)
+            assert np.isfinite(aip).mean() > (0.8 if m == 0 else 0.7)
     registered = [e for e in await events(js, "slice_registered") if e.mosaic == 0]
     assert sorted(e.slice for e in registered) == [0, 1]
     assert (config.roots.output / volume_path("e2e")).exists()
