@@ -82,15 +82,20 @@ async def test_stitch_while_acquiring_with_low_texture_and_missing_tile(config, 
     # the mosaic: multiscale OME-Zarr with the hole marked
     store = config.roots.output / event.path
     meta = read_multiscale(store)
-    assert meta["channel_names"] == ["aip", "mip", "retardance", "orientation", "birefringence"]
+    channels = ["aip", "mip", "retardance", "orientation", "birefringence", "mask"]
+    assert meta["channel_names"] == channels
     attrs = zarr.open_group(str(store), mode="r").attrs["tilepipe"]
     assert attrs["missing_tiles"] == ["r2-c3"] and attrs["slice"] == 0
     level0 = np.asarray(open_level(store, 0)[:])
-    assert level0.shape[0] == 5  # aip, mip, retardance, orientation, birefringence
+    assert level0.shape[0] == 6  # aip, mip, retardance, orientation, birefringence, mask
     aip = level0[0]
     assert np.isnan(aip).any() and np.isfinite(aip).mean() > 0.8
     orientation = level0[3][np.isfinite(level0[3])]
     assert orientation.min() >= -90 and orientation.max() < 90
+    # the lab's mask (smoothed AIP above the mosaic's threshold): tissue everywhere here
+    mask = level0[5]
+    assert np.array_equal(np.isfinite(mask), np.isfinite(aip)) and np.nanmean(mask) > 0.95
+    assert attrs["mask"] == {"of": "aip", "threshold_db": 45.0, "sigma_px": 5.0}
 
     # the 3-D dB volume, fused out of core: a tile's interior is that tile's data
     volume_store = config.roots.output / event.path.replace(".ome.zarr", "-db.ome.zarr")

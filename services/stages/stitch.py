@@ -6,6 +6,12 @@ still being acquired; the global solve (weighted least squares anchored to the s
 the feathered fusion of every en-face product and the multiscale OME-Zarr write happen once,
 when the last tile (or the last pair, or the declaration of missing tiles) completes the
 mosaic. A failed or missing tile leaves a hole marked in the metadata.
+
+Every mosaic also gets a ``mask`` channel, the lab's tissue mask: its fused AIP smoothed by a
+Gaussian of sigma 5 px (NaN-aware) above the mosaic's ``mask_threshold_db`` (manifest
+``[[mosaic]]``; 60 dB normal, 55 dB tilted by default): 1 tissue, 0 not, NaN where no tile
+covers. The en-face channels themselves are kept unmasked; the mask is applied where the lab
+applies it, in the register stage's thru-plane step (:mod:`kernels.thruplane`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from kernels.stitch import (
     fuse_products,
     solve_positions,
 )
+from kernels.thruplane import tissue_mask
 from messages.events import (
     AcquisitionFinished,
     Event,
@@ -57,7 +64,10 @@ UNITS = {  # of the fused channels (docs/conventions.md)
     "retardance": "degrees",
     "orientation": "degrees (optic axis, blended on doubled angles)",
     "birefringence": "delta-n (dimensionless)",
+    "mask": "1 tissue (AIP smoothed by a Gaussian of mask_sigma_px above mask_threshold_db), "
+    "0 not, NaN without data",
 }
+MASK_SIGMA_PX = 5.0  # the lab's imgaussfilt(mask, 5) before thresholding
 UPSTREAM = ("convert", "process")
 
 
@@ -334,9 +344,13 @@ class Stitch(Stage):
             mosaics = fuse_products(tiles, layout.positions_yx, angle_products=("orientation",))
             first = next(iter(mosaics.values()))
             px = geometry.pixel_size_um
+            images = {name: m.image for name, m in mosaics.items()}
+            threshold = geometry.mask_threshold_db
+            images["mask"] = tissue_mask(images["aip"], threshold, MASK_SIGMA_PX)
+            conventions = manifest.conventions()
             write_omezarr(
                 self.config.roots.resolve("output", rel),
-                {name: m.image for name, m in mosaics.items()},
+                images,
                 pixel_size_um=(px, px),
                 origin_um=(first.origin_yx[0] * px, first.origin_yx[1] * px),
                 attributes={
@@ -346,6 +360,12 @@ class Stitch(Stage):
                     "illumination": geometry.illumination,
                     "units": UNITS,
                     "tilt_deg": geometry.tilt_deg,
+                    "mask": {"of": "aip", "threshold_db": threshold, "sigma_px": MASK_SIGMA_PX},
+                    "orientation_convention": {
+                        "preset": manifest.processing.preset,
+                        "orientation_offset_deg": conventions["orientation_offset_deg"],
+                        "orientation_sign": conventions["orientation_sign"],
+                    },
                     "positions_yx_px": {
                         f"r{r}-c{c}": [p.y, p.x]
                         for p, (r, c) in zip(
