@@ -306,6 +306,42 @@ class SliceRegistered(SliceEvent):
         return f"{self.subject()}:{hashlib.sha256(body.encode()).hexdigest()[:16]}"
 
 
+class SliceAxis(SliceEvent):
+    """A slice's tilted-illumination mosaic was registered onto its normal one (`mosaic`) and
+    the 3-D optic axis fitted per pixel; the products are an OME-Zarr under the output root."""
+
+    kind: ClassVar[str] = "slice_axis"
+    type: Literal["slice_axis"] = "slice_axis"
+    path: RelPath
+    tilted_mosaic: Index
+    transform: list[list[float]] = Field(
+        min_length=3,
+        max_length=3,
+        description="3x3 (y, x, 1): tilted mosaic pixel -> normal mosaic pixel (level 0)",
+    )
+    quality: float = Field(description="registration: weighted NCC of the band-passed maps")
+    overlap: float = 0.0
+    accepted: bool = Field(description="false: low quality, the stage geometry was used")
+    reason: Text = ""
+    gamma_deg: float
+    fitted_px: Annotated[int, Field(ge=0, le=10**12)] = 0
+    fitted_fraction: float = Field(default=0.0, description="of the normal mosaic's mask")
+    residual_median: float | None = Field(
+        default=None, description="fit residual, relative (sqrt(cost) / |(b_n, b_t)|)"
+    )
+    residual_p95: float | None = None
+    delta_n_median: float | None = None
+    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="digest of the inputs (both mosaics, options)"
+    )
+
+    def msg_id(self) -> str:
+        """Same slice redone from other inputs or with another result: a new event; a
+        redelivery of the same work: a duplicate."""
+        body = json.dumps([self.path, self.transform, self.quality, self.accepted, self.basis])
+        return f"{self.subject()}:{hashlib.sha256(body.encode()).hexdigest()[:16]}"
+
+
 class TileOrSliceEvent(Event):
     """An event about one tile, or about a whole slice when `tile` is None."""
 
@@ -394,6 +430,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TilePairAligned,
         SliceStitched,
         SliceRegistered,
+        SliceAxis,
         ArtifactUploaded,
         StageFailed,
         Attempt,

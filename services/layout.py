@@ -32,3 +32,13 @@ def volume_of(mosaic_rel: str) -> str:
 def volume_path(acq: str) -> str:
     """Output-root-relative OME-Zarr of an acquisition's registered volume."""
     return f"{acq}/volume/registered.ome.zarr"
+
+
+def axis_path(acq: str, slice_index: int) -> str:
+    """Output-root-relative OME-Zarr of one slice's 3-D optic-axis products (thru-plane)."""
+    return f"{acq}/axis/slice{slice_index:04d}.ome.zarr"
+
+
+def axis_volume_path(acq: str) -> str:
+    """Output-root-relative OME-Zarr of the acquisition's stacked axis products."""
+    return f"{acq}/volume/axis.ome.zarr"

@@ -46,7 +46,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "convert": ("tile_converted",),
     "process": ("tile_processed",),
     "stitch": ("pair_aligned", "slice_stitched"),
-    "register": ("slice_registered",),
+    "register": ("slice_registered", "slice_axis"),
     "upload": ("artifact_uploaded",),
 }
 WATCHER_OUTPUTS = ("acq_started", "tile_arrived", "acq_finished")

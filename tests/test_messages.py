@@ -68,7 +68,7 @@ def test_msg_id_is_stable_per_work_item():
 def test_round_trip_every_kind_has_a_schema():
     schemas = json_schemas()
     assert set(schemas) == set(EVENT_TYPES)
-    assert len(EVENT_TYPES) == 11
+    assert len(EVENT_TYPES) == 12
     event = tile_event()
     assert decode_event(event.to_json()) == event
 
