@@ -37,11 +37,12 @@ Run it with concurrency 1 and one worker (the KV bookkeeping is read-modify-writ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -58,13 +59,26 @@ from kernels.register import (
     translation_matrix,
     warp_stack,
 )
-from messages.events import Event, SliceRegistered, SliceStitched
+from kernels.thruplane import UNITS as AXIS_UNITS
+from messages.events import Event, SliceAxis, SliceRegistered, SliceStitched
 from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
 from services.atomic import COMPLETE_ATTR, zarr_attrs
 from services.lattice import LATTICE_BUCKET, read_keys
-from services.layout import volume_of, volume_path
+from services.layout import axis_path, axis_volume_path, volume_of, volume_path
 from services.omezarr import open_level, read_multiscale
 from services.stage import Context, PermanentError, Result, Stage
+from services.stages.thruplane import (
+    AXIS_VOLUME_CHANNELS,
+    AxisBook,
+    AxisOptions,
+    axis_canvas,
+    axis_event,
+    compute_axis,
+    digest,
+    is_done,
+    pick_tilted,
+    warp_axis,
+)
 from services.volume import Canvas, Volume
 
 REGISTER_SLICES = Counter(
@@ -88,13 +102,15 @@ DEFAULT_THICKNESS_UM = 200.0
 
 @dataclass(frozen=True)
 class Mosaic:
-    """One slice's mosaic store: channels, pixel size and origin (level-0 pixels)."""
+    """One slice's mosaic store: channels, pixel size and origin (level-0 pixels), and its
+    `tilepipe` attributes (illumination, tilt, mask, conventions)."""
 
     path: Path
     channels: list[str]
     pixel_size_um: tuple[float, float]
     origin_px: tuple[float, float]
     shape: tuple[int, int]
+    attrs: dict = field(default_factory=dict, compare=False)
 
     @staticmethod
     def open(path: Path) -> Mosaic:
@@ -103,7 +119,14 @@ class Mosaic:
         py, px = float(scale["scale"][-2]), float(scale["scale"][-1])
         oy, ox = float(translation["translation"][-2]), float(translation["translation"][-1])
         shape = open_level(path, 0).shape
-        return Mosaic(path, list(meta["channel_names"]), (py, px), (oy / py, ox / px), shape[1:])
+        attrs = dict(zarr_attrs(path).get("tilepipe", {}))
+        return Mosaic(
+            path, list(meta["channel_names"]), (py, px), (oy / py, ox / px), shape[1:], attrs
+        )
+
+    def read(self, name: str) -> np.ndarray:
+        """Level 0 of one channel (float32)."""
+        return np.asarray(open_level(self.path, 0)[self.channels.index(name)], dtype=np.float32)
 
     def pyramid(self, name: str, read: list[int]) -> Pyramid:
         """Channel `name` (else the first) as a pyramid whose levels are read from the
@@ -185,7 +208,7 @@ class Register(Stage):
 
     name = "register"
     consumes = (SliceStitched,)
-    produces = (SliceRegistered,)
+    produces = (SliceRegistered, SliceAxis)
     buckets = (LATTICE_BUCKET, ACQ_BUCKET)
     defaults: ClassVar[dict[str, Any]] = {
         "concurrency": 1,
@@ -208,6 +231,7 @@ class Register(Stage):
         self.db_volume = bool(o.pop("db_volume", False))
         self.db_depth = o.pop("db_depth", None)
         self.db_block = int(o.pop("db_block", 16))
+        self.axis = AxisOptions.pop(o)
         known = set(RegisterParams.__dataclass_fields__)
         unknown = set(o) - known
         if unknown:
@@ -218,8 +242,22 @@ class Register(Stage):
     # ------------------------------------------------------------------ event flow
     async def handle(self, event: Event, ctx: Context) -> Result:
         assert isinstance(event, SliceStitched)
-        if event.mosaic != self.mosaic or event.slice < self.first_slice:
+        if event.slice < self.first_slice:
             return Result()
+        redo = bool(getattr(ctx, "force", getattr(ctx, "replay", None)))
+        result = Result()
+        if event.mosaic == self.mosaic:
+            result = await self._slice_to_slice(event, ctx, redo)
+        if self.axis.enabled:
+            axis = await self._thruplane(event, ctx, redo)
+            result.events.extend(axis.events)
+            result.bytes_read += axis.bytes_read
+            result.bytes_written += axis.bytes_written
+            await self._stack_axes(event.acq, ctx)
+        return result
+
+    async def _slice_to_slice(self, event: SliceStitched, ctx: Context, redo: bool) -> Result:
+        """Register slice k to k - 1 (and any waiting successors), grow the volume."""
         book = await RegisterBook.open(ctx.js, event.acq, self.mosaic)
         await book.put(event.slice, "stitched", {"path": event.path, "inputs": event.inputs})
         state = await book.state()
@@ -232,7 +270,7 @@ class Register(Stage):
         result = Result()
         # a replay or retry recomputes the slice it was given; otherwise a slice (and each
         # waiting successor) is computed unless the same work is recorded and in the volume
-        j, redo = k, bool(getattr(ctx, "force", getattr(ctx, "replay", None)))
+        j = k
         while "stitched" in state.get(j, {}):
             basis = self._basis(state, j)
             done = state[j].get("registered")
@@ -248,6 +286,131 @@ class Register(Stage):
             redo = False
             j += 1
         return result
+
+    # ------------------------------------------------------------------ thru-plane
+    async def _thruplane(self, event: SliceStitched, ctx: Context, redo: bool) -> Result:
+        """Record the stitched mosaic; when the slice has its normal and tilted mosaics, fit
+        the 3-D optic axis (or find it done) and announce it (services/stages/thruplane.py)."""
+        mosaic = self._mosaic(event.path)  # its attributes say illumination and tilt
+        book = await AxisBook.open(ctx.js, event.acq)
+        j = event.slice
+        await book.put(
+            j,
+            f"m{event.mosaic}",
+            {
+                "path": event.path,
+                "inputs": event.inputs,
+                "illumination": mosaic.attrs.get("illumination", ""),
+                "tilt_deg": float(mosaic.attrs.get("tilt_deg") or 0.0),
+            },
+        )
+        records = (await book.state()).get(j, {})
+        normal = records.get(f"m{self.mosaic}")
+        t = pick_tilted(records, self.mosaic, self.axis.tilted_mosaic)
+        if normal is None or t is None:
+            return Result()  # the slice's other mosaic is not stitched yet
+        tilted = records[f"m{t}"]
+        options = dataclasses.asdict(self.axis)
+        basis = digest([normal, tilted, t, options])
+        rel = axis_path(event.acq, j)
+        output = self.config.roots.resolve("output", rel)
+        done = records.get("done")
+        result = Result()
+        if redo or not is_done(output, done, basis):
+            inputs = {f"m{self.mosaic}": normal, f"m{t}": tilted}
+            done = await asyncio.to_thread(
+                compute_axis,
+                event.acq,
+                j,
+                self._mosaic(normal["path"]),
+                self._mosaic(tilted["path"]),
+                t,
+                self.axis,
+                basis,
+                inputs,
+                output,
+                rel,
+                self.threads,
+            )
+            await book.put(j, "done", done)
+            fig = done["figures"]
+            log = ctx.log.info if done["accepted"] else ctx.log.warning
+            log(
+                "slice_axis",
+                slice=j,
+                tilted_mosaic=t,
+                accepted=done["accepted"],
+                reason=done["reason"],
+                quality=round(done["quality"], 3),
+                fitted_fraction=round(fig.get("fitted_fraction") or 0.0, 3),
+                residual_median=fig.get("residual_median"),
+                register_s=round(fig.get("register_s", 0.0), 3),
+                fit_s=round(fig.get("fit_s", 0.0), 3),
+                total_s=round(fig.get("total_s", 0.0), 3),
+            )
+        result.events.append(axis_event(event.acq, j, self.mosaic, done, self.name))
+        return result
+
+    async def _stack_axes(self, acq: str, ctx: Context) -> None:
+        """Write the axis products of every registered slice whose plane in the axis volume
+        is missing or from other inputs (slice registered and axis fitted, in either order)."""
+        axis_state = await (await AxisBook.open(ctx.js, acq)).state()
+        if not any("done" in recs for recs in axis_state.values()):
+            return
+        reg_state = await (await RegisterBook.open(ctx.js, acq, self.mosaic)).state()
+        ready = {
+            j: (reg_state[j]["registered"], axis_state[j]["done"])
+            for j in axis_state
+            if "done" in axis_state[j] and "registered" in reg_state.get(j, {})
+        }
+        first = reg_state.get(self.first_slice, {}).get("stitched")
+        if not ready or first is None:
+            return
+        thickness = await self._slice_thickness(ctx, acq)
+        await asyncio.to_thread(self._write_axis_planes, acq, ready, first, thickness, ctx.log)
+
+    def _write_axis_planes(
+        self, acq: str, ready: dict, first: dict, thickness_um: float, log: Any
+    ) -> None:
+        path = self.config.roots.resolve("output", axis_volume_path(acq))
+        canvas = axis_canvas(self._canvas(self._mosaic(first["path"]), thickness_um))
+        volume = None
+        for j, (registered, axis) in sorted(ready.items()):
+            basis = digest([registered["basis"], registered["to_canvas"], axis["basis"]])
+            z = j - self.first_slice
+            if volume is None:
+                volume = Volume.open_or_create(
+                    path,
+                    canvas,
+                    attributes={
+                        "acq": acq,
+                        "mosaic": self.mosaic,
+                        "first_slice": self.first_slice,
+                        "units": {c: AXIS_UNITS[c] for c in AXIS_VOLUME_CHANNELS},
+                        "resampling": "azimuth as doubled angles, inclination as the vector "
+                        "(alpha cos theta, alpha sin theta), axis recomputed from both; levels "
+                        "> 0 are 2x2 means of each channel",
+                    },
+                )
+            if volume.planes().get(z, {}).get("basis") == basis:
+                continue
+            store = self._mosaic(axis["path"])
+            products = {name: store.read(name) for name in store.channels}
+            to_canvas = np.asarray(registered["to_canvas"], dtype=float)
+            plane = warp_axis(products, to_canvas, canvas.shape, self.threads)
+            volume.write_plane(
+                z,
+                plane,
+                {
+                    "slice": j,
+                    "basis": basis,
+                    "path": axis["path"],
+                    "to_canvas": registered["to_canvas"],
+                    "axis_basis": axis["basis"],
+                    "accepted": axis["accepted"],
+                },
+            )
+            log.info("axis_stacked", slice=j, volume=axis_volume_path(acq))
 
     def _done(self, acq: str, j: int, done: dict | None, basis: str) -> bool:
         """Whether slice j was registered from this basis and its plane is in the volume."""
