@@ -4,7 +4,8 @@ The demo writes 2 slices of small tiles into the raw root as the microscope writ
 normal-illumination mosaic of 3x3 tiles and a tilted one of 3x3 half-width tiles per slice,
 instrument file names, the lab's calibration files), shows the status lattice while
 every service works on them, and stops once every tile is processed and every slice stitched,
-registered and (when the upload stage runs) uploaded. Its figures come from the event log
+registered, its 3-D optic axis fitted from the two illuminations (the register stage's
+thru-plane step) and (when the upload stage runs) uploaded. Its figures come from the event log
 (`services.timeline`), the same computation as `bench/realtime.py`.
 """
 
@@ -21,9 +22,15 @@ from rich.live import Live
 
 from services.bus import connect
 from services.config import Config, StageSettings
-from services.layout import volume_path
+from services.layout import axis_volume_path, volume_path
 from services.manifest import Manifest
-from services.simulate import PhantomParams, simulate, small_manifest, write_manifest
+from services.simulate import (
+    TILTED_VIEW,
+    PhantomParams,
+    simulate,
+    small_manifest,
+    write_manifest,
+)
 from services.status import Status, snapshot
 from services.status_view import render
 from services.supervisor import Supervisor
@@ -58,12 +65,20 @@ def demo_config(config: Config, work: Path) -> Config:
     return config.model_copy(update={"stages": {**config.stages, "upload": upload}})
 
 
+def has_axis(manifest: Manifest) -> bool:
+    """Whether a slice holds a tilted mosaic besides mosaic 0 (register fits the 3-D axis)."""
+    return any(manifest.geometry(m).tilt_deg != 0.0 for m in range(1, manifest.lattice.mosaics))
+
+
 def expected_uploads(manifest: Manifest, stages: list[str]) -> int:
-    """artifact_uploaded events of a complete acquisition: tiles, mosaics, volume planes."""
+    """artifact_uploaded events of a complete acquisition, at least: tiles, mosaics, volume
+    planes, each slice's axis products (the stacked axis volume comes on top, once or twice
+    per slice depending on which of its two events comes last)."""
     if "upload" not in stages:
         return 0
     lat = manifest.lattice
-    per_slice = lat.mosaics * ("stitch" in stages) + ("register" in stages)
+    register = "register" in stages
+    per_slice = lat.mosaics * ("stitch" in stages) + register + (register and has_axis(manifest))
     return manifest.tiles * ("process" in stages) + lat.slices * per_slice
 
 
@@ -81,6 +96,11 @@ def finished(status: Status, manifest: Manifest, stages: list[str], uploaded: in
             "register" not in stages
             or len(status.mosaics.get("slice_registered", ())) >= lat.slices
         )
+        and (
+            "register" not in stages
+            or not has_axis(manifest)
+            or len(status.mosaics.get("slice_axis", ())) >= lat.slices
+        )
         and uploaded >= expected_uploads(manifest, stages)
     )
 
@@ -96,7 +116,7 @@ async def run_demo(
     """Simulate, show the live lattice until the acquisition is done; return the figures."""
     console = console or Console()
     path, manifest = demo_acquisition(Path(config.roots.raw))
-    params = PhantomParams(scatterers=12)
+    params = PhantomParams(scatterers=12, tilted_affine=TILTED_VIEW)
     sim = threading.Thread(
         target=simulate, args=(path, manifest, rate), daemon=True, kwargs={"params": params}
     )
@@ -128,6 +148,7 @@ async def run_demo(
         await nc.close()
     output = Path(config.roots.output)
     volume = output / volume_path(manifest.id)
+    axis_volume = output / axis_volume_path(manifest.id)
     return {
         "acq": manifest.id,
         "wall_s": time.monotonic() - started,
@@ -136,6 +157,8 @@ async def run_demo(
         "figures": figures(timeline, tail_slack(manifest.settle_s, services), backlog.max()),
         "mosaics": sorted(str(output / s.path) for s in timeline.slices.values() if s.path),
         "volume": str(volume) if volume.exists() else None,
+        "axis": sorted(str(output / s.axis_path) for s in timeline.slices.values() if s.axis_path),
+        "axis_volume": str(axis_volume) if axis_volume.exists() else None,
         "object_store": config.stage("upload").options.get("url") if "upload" in stages else None,
     }
 
@@ -155,6 +178,9 @@ def summary(figures: dict, config: Config, work: Path) -> list[str]:
     ]
     if figures["volume"]:
         lines.append(f"  volume:         {figures['volume']}")
+    lines += [f"  axis (3-D):     {a}" for a in figures.get("axis", [])]
+    if figures.get("axis_volume"):
+        lines.append(f"  axis volume:    {figures['axis_volume']}")
     if figures["object_store"]:
         lines.append(f"  uploaded to:    {figures['object_store']}")
     else:

@@ -36,6 +36,10 @@ GLYPH = {
 }
 # slice-level events: stage -> event kind (counted per slice and mosaic)
 SLICE_STAGES = {"stitch": "slice_stitched", "register": "slice_registered"}
+# slice-level steps a stage makes besides its main output: row -> (stage, event kind); shown
+# once the stage runs and the step has happened for a slice (e.g. the register stage's
+# thru-plane registration and 3-D axis, `slice_axis`, for slices with a tilted mosaic)
+SLICE_STEPS = {"axis": ("register", "slice_axis")}
 
 
 @dataclass
@@ -115,7 +119,7 @@ async def snapshot(
                 status.tiles[key] = kind
         elif kind == "acq_finished":
             status.finished = True
-        elif kind in SLICE_STAGES.values():
+        elif kind in SLICE_STAGES.values() or kind in (k for _, k in SLICE_STEPS.values()):
             status.mosaics.setdefault(kind, set()).add(key)
         elif kind == "stage_failed":
             status.failed_tiles.add(key)
@@ -126,13 +130,16 @@ async def snapshot(
     for stage, kind in SLICE_STAGES.items():
         if stages is None or stage in stages:
             status.stages[stage] = StageCounts(done=len(status.mosaics.get(kind, ())))
+    for row, (stage, kind) in SLICE_STEPS.items():
+        if (stages is None or stage in stages) and status.mosaics.get(kind):
+            status.stages[row] = StageCounts(done=len(status.mosaics[kind]))
     if uploaded or (stages is not None and "upload" in stages):
         status.stages["upload"] = StageCounts(done=uploaded)
     if status.failed_tiles:
         for event in await _failed_events(js, stream, acq):
             counts = status.stages.setdefault(event.stage, StageCounts())
             counts.failed += 1
-    for stage in stages or list(status.stages):
+    for stage in stages or [n for n in status.stages if n not in SLICE_STEPS]:
         counts = status.stages.setdefault(stage, StageCounts())
         try:
             info = await js.consumer_info(stream, stage, timeout=2)

@@ -41,6 +41,16 @@ def lattice_text(status: Status, slices: int, grids: list[Grid]) -> Text:
                     kind = status.tile_kind(s, m, r, c)
                     text.append(f"{GLYPH[kind]} ", style=STYLE[kind])
                 text.append("\n")
+        steps = [
+            (name, f"{s}.m0" in status.mosaics.get(kind, set()))
+            for name, kind in (("registered", "slice_registered"), ("axis", "slice_axis"))
+            if status.mosaics.get(kind)
+        ]
+        if steps:  # the slice-level steps, once any slice has reached them
+            text.append(f"slice {s}:", style="bold")
+            for name, done in steps:
+                text.append(f" {name} {'done' if done else '-'}", style="green" if done else "dim")
+            text.append("\n")
     legend = "  ".join(
         f"{GLYPH[k]}={n}"
         for k, n in (

@@ -31,6 +31,7 @@ from messages.codec import decode_event
 from messages.events import (
     ArtifactUploaded,
     Event,
+    SliceAxis,
     SliceRegistered,
     SliceStitched,
     StageFailed,
@@ -47,10 +48,11 @@ KINDS = (
     TileProcessed,
     SliceStitched,
     SliceRegistered,
+    SliceAxis,
     ArtifactUploaded,
     StageFailed,
 )
-OUTPUTS = (TileProcessed, SliceStitched, SliceRegistered, ArtifactUploaded)
+OUTPUTS = (TileProcessed, SliceStitched, SliceRegistered, SliceAxis, ArtifactUploaded)
 TileKey = tuple[int, int, int, int]  # slice, mosaic, row, col
 HOP_SLACK_S = 0.25  # allowance per hand-over between services (fetch, publish, ack)
 TAIL_HOPS = ("watcher", "convert", "process", "stitch", "register", "upload")
@@ -116,6 +118,11 @@ class SliceTimes:
     volume_upload_s: float | None = None
     path: str = ""
     registered_path: str = ""
+    # the slice's 3-D axis (thru-plane), on the tilted mosaic's entry: the register delivery
+    # of that mosaic's slice_stitched fits it
+    axis: float | None = None
+    axis_s: float | None = None
+    axis_path: str = ""
 
     @property
     def uploaded(self) -> float | None:
@@ -142,7 +149,8 @@ class SliceTimes:
 
 @dataclass
 class Budget:
-    """The tail goal: last tile's processing + its slice's stitch, register, upload + slack."""
+    """The tail goal: last tile's processing + its slice's stitch, register, axis, upload +
+    slack."""
 
     tile_s: float
     slice_s: float
@@ -202,6 +210,9 @@ class Timeline:
                 sl = tl._slice(e.slice, e.mosaic)
                 sl.registered, sl.register_s = _ts(e.emitted_at), handling_s(e)
                 sl.registered_path = e.path
+            elif isinstance(e, SliceAxis):
+                sl = tl._slice(e.slice, e.tilted_mosaic)
+                sl.axis, sl.axis_s, sl.axis_path = _ts(e.emitted_at), handling_s(e), e.path
             elif isinstance(e, ArtifactUploaded):
                 tl._uploaded(e)
         for (s, m), sl in tl.slices.items():
@@ -286,7 +297,7 @@ class Timeline:
         measured = self.done_after(start)
         if sl is None or last.processing_s is None or measured is None:
             return None
-        parts = (sl.stitch_s, sl.register_s, sl.upload_s)
+        parts = (sl.stitch_s, sl.register_s, sl.axis_s, sl.upload_s)
         slice_s = sum(p for p in parts if p is not None)
         return Budget(last.processing_s, slice_s, slack_s, measured)
 
@@ -375,6 +386,13 @@ def figures(
         rows[f"slice {s} m{m}: last tile -> stitched / registered / uploaded s"] = " / ".join(
             _s(sl.after_last_tile(t)) for t in steps
         )
+    for (s, _m), sl in sorted(tl.slices.items()):
+        if sl.axis is not None:  # after the slice's last tile, whichever mosaic it was in
+            last = max(
+                (o.last_complete for (k, _), o in tl.slices.items() if k == s and o.last_complete),
+                default=None,
+            )
+            rows[f"slice {s}: last tile -> axis s"] = _s(None if last is None else sl.axis - last)
     for stage, n in (backlog or {}).items():
         rows[f"max backlog {stage}"] = str(n)
     rows["end of acquisition -> last output s"] = _s(tl.done_after(start))

@@ -267,6 +267,10 @@ def test_demo_config_uploads_to_a_local_store(tmp_path):
         18 + 2 * 2
     )
     assert expected_uploads(manifest, ["convert", "process", "stitch", "register"]) == 0
+    both = small_manifest("x", slices=2, rows=3, cols=3, mosaics=2)  # + each slice's axis
+    assert expected_uploads(both, ["convert", "process", "stitch", "register", "upload"]) == (
+        36 + 2 * (2 + 1 + 1)
+    )
 
 
 def test_demo_runs_end_to_end_with_upload(tmp_path):
@@ -292,6 +296,9 @@ def test_demo_runs_end_to_end_with_upload(tmp_path):
     assert proc.returncode == 0, out + proc.stderr
     assert re.search(r"demo demo-\S+: 36 tiles, 2 slices \(4 mosaics\), done in", out), out
     assert out.count("  mosaic:  ") == 4 and "  volume:  " in out  # normal and tilted
+    assert out.count("  axis (3-D):  ") == 2 and "  axis volume:  " in out  # per slice, stacked
+    axis = re.findall(r"slice \d: last tile -> axis s\s+([\d.]+)", out)
+    assert len(axis) == 2, out
     assert f"uploaded to:    {store.as_uri()}" in out
     assert "tiles (failed)" in out and "36 (0)" in out
     slices = re.findall(r"slice \d m0: last tile -> stitched / registered / uploaded s\s+(.*)", out)
@@ -302,3 +309,5 @@ def test_demo_runs_end_to_end_with_upload(tmp_path):
     assert re.search(r"tail <= budget\s+(yes|no)", out), out
     stored = {p.name for p in store.rglob("*.ome.zarr")}
     assert any("volume" in name for name in stored) and any("mosaic" in n for n in stored)
+    assert sum(name.endswith("_axis.ome.zarr") for name in stored) == 2
+    assert any(name.endswith("_axisvolume.ome.zarr") for name in stored)

@@ -2,7 +2,9 @@
 
 Consumes `tile_processed` (the tile's product group under the work root; with `include_raw`
 also its raw file, found through the products' `source_path` and the converted store's
-`raw_path`), `slice_stitched` and `slice_registered` (paths under the output root). Each
+`raw_path`), `slice_stitched`, `slice_registered` and `slice_axis` (paths under the output
+root; `slice_registered` and `slice_axis` also send the stacked axis volume once register has
+written it: product `axisvolume`; a slice's axis products are product `axis`). Each
 artifact is uploaded by `services.storage.Storage` (checksums, verification, completeness
 marker, retries: see that module) and announced by one `artifact_uploaded` event whose `key`
 is the artifact's full URL.
@@ -38,6 +40,7 @@ from pydantic import Field, ValidationError, model_validator
 from messages.events import (
     ArtifactUploaded,
     Event,
+    SliceAxis,
     SliceRegistered,
     SliceStitched,
     TileCoord,
@@ -46,7 +49,7 @@ from messages.events import (
 from messages.paths import PathEscapeError
 from services.atomic import zarr_attrs
 from services.config import ConfigError, format_validation_error
-from services.layout import products_path
+from services.layout import axis_volume_path, products_path
 from services.metrics import UPLOAD_ARTIFACTS, UPLOAD_SECONDS
 from services.stage import Context, PermanentError, Result, Stage
 from services.storage import (
@@ -58,13 +61,15 @@ from services.storage import (
     check_key,
 )
 
-PRODUCTS = ("psoct", "raw", "mosaic", "volume")
+PRODUCTS = ("psoct", "raw", "mosaic", "volume", "axis", "axisvolume")
 _TILE_KEY = "sample-slice{slice:04d}_acq-m{mosaic}_chunk-r{row:03d}c{col:03d}_{product}{ext}"
 DEFAULT_KEYS: dict[str, str] = {
     "psoct": "sub-{acq}/micr/tiles/slice{slice:04d}/sub-{acq}_" + _TILE_KEY,
     "raw": "sub-{acq}/micr/raw/slice{slice:04d}/sub-{acq}_" + _TILE_KEY,
     "mosaic": "sub-{acq}/micr/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}_{product}{ext}",
     "volume": "sub-{acq}/micr/sub-{acq}_acq-m{mosaic}_{product}{ext}",
+    "axis": "sub-{acq}/micr/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}_{product}{ext}",
+    "axisvolume": "sub-{acq}/micr/sub-{acq}_acq-m{mosaic}_{product}{ext}",
 }
 COMMON_FIELDS = ("acq", "slice", "mosaic", "product", "name", "stem", "ext")
 TILE_FIELDS = (*COMMON_FIELDS, "row", "col", "tile")
@@ -174,7 +179,7 @@ class Upload(Stage):
     """Upload each artifact an event names; publish `artifact_uploaded` per artifact."""
 
     name = "upload"
-    consumes = (TileProcessed, SliceStitched, SliceRegistered)
+    consumes = (TileProcessed, SliceStitched, SliceRegistered, SliceAxis)
     produces = (ArtifactUploaded,)
     defaults: ClassVar[dict[str, Any]] = {"enabled": False, "concurrency": 4, "ack_wait_s": 60}
 
@@ -296,6 +301,13 @@ class Upload(Stage):
                         add("psoct", "work", group, tile, tile.slice, tile.mosaic, True)
         elif isinstance(event, SliceRegistered):
             add("volume", "output", event.path, None, event.slice, event.mosaic)
+        elif isinstance(event, SliceAxis):
+            add("axis", "output", event.path, None, event.slice, event.mosaic)
+        if isinstance(event, SliceRegistered | SliceAxis):
+            # the stacked axis products, when register has written (a plane of) them
+            stacked = axis_volume_path(event.acq)
+            if (roots.resolve("output", stacked) / "zarr.json").is_file():
+                add("axisvolume", "output", stacked, None, event.slice, event.mosaic)
         if len({a.key for a in found}) != len(found):
             raise StorageConfigError("key_template maps two artifacts of one event to one key")
         return found
