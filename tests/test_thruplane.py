@@ -303,6 +303,18 @@ async def test_stage_fits_the_axis_when_both_mosaics_are_stitched(config, js):
     done = json.loads((await kv.get(f"{acq}.register.axis.1.done")).value)
     assert done["transform"] == first[1].transform
 
+    # `tilepipe status`: the slice-level step, as a row and per slice
+    from rich.console import Console
+
+    from services.status import snapshot
+    from services.status_view import lattice_text
+
+    status = await snapshot(js, "TILEPIPE", acq, ["register"])
+    assert status.stages["axis"].done == 2 and status.stages["register"].done == 2
+    console = Console(width=100, record=True)
+    console.print(lattice_text(status, 2, [(1, 1, "normal"), (1, 1, "tilted")]))
+    assert console.export_text().count("registered done axis done") == 2
+
 
 # ----------------------------------------------------------------------------- end to end
 async def test_simulated_two_illumination_acquisition_recovers_the_axis(config, js):
