@@ -140,8 +140,9 @@ class ThruPlane:
 
     registration: Registration
     matrix: np.ndarray
-    products: dict[str, np.ndarray]
+    products: dict[str, np.ndarray]  # views into `stack`
     figures: dict[str, Any]
+    stack: np.ndarray | None = None  # (c, y, x) float32, channels in CHANNELS order
 
 
 def gaussian_nan(image: np.ndarray, sigma: float, truncate: float = 2.0) -> np.ndarray:
@@ -208,7 +209,8 @@ def thruplane(
     started = time.perf_counter()
     raw_n = np.asarray(normal["birefringence"], dtype=np.float32)
     raw_t = np.asarray(tilted["birefringence"], dtype=np.float32)
-    in_n = _inside(normal.get("mask"), raw_n)
+    data_n = np.isfinite(raw_n)  # where the normal mosaic has data
+    in_n = _inside(normal.get("mask"), raw_n) & data_n
     in_t = _inside(tilted.get("mask"), raw_t)
     raw_n = np.where(in_n, raw_n, np.nan)
     raw_t = np.where(in_t, raw_t, np.nan)
@@ -259,6 +261,7 @@ def thruplane(
     figures["fit_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    del fit, raw_t, o_t, stack, warped, mt_w
     fitted = dn[np.isfinite(dn)]
     if p.dn_range is not None:
         lo, hi = (float(v) for v in p.dn_range)
@@ -267,28 +270,30 @@ def thruplane(
     else:
         lo, hi = 0.0, 1.0
     hi = hi if hi > lo else lo + 1e-12
+    # every product in one (c, y, x) stack (what the store is written from), row block by
+    # row block so that the previews' float64 temporaries stay small
+    out = np.empty((len(CHANNELS), *raw_n.shape), dtype=np.float32)
+    at = {name: k for k, name in enumerate(CHANNELS)}
     weight = axis_weight(dn)
-    inplane = inplane_rgb(theta, dn, lo, hi)
-    through = through_plane_rgb(alpha, dn, lo, hi)
-    data_n = np.isfinite(np.asarray(normal["birefringence"], dtype=np.float32))
-    in_n = in_n & data_n
-    products = {
-        "delta_n": dn,
-        "inclination": alpha,
-        "azimuth": theta,
-        **{f"axis_{c}": axis[..., k] for k, c in enumerate("xyz")},
-        **{
-            f"vector_{c}": np.where(fit_mask, axis[..., k] * weight, np.nan)
-            for k, c in enumerate("xyz")
-        },
-        "residual": residual,
-        **{f"inplane_{c}": inplane[..., k] for k, c in enumerate("rgb")},
-        **{f"throughplane_{c}": through[..., k] for k, c in enumerate("rgb")},
-        "tilted_birefringence": np.where(fit_mask, b_t, np.nan),
-        "tilted_orientation": np.where(in_n, ot_w, np.nan),
-        "mask": np.where(data_n, fit_mask.astype(np.float32), np.nan),
-    }
-    products = {name: np.asarray(products[name], dtype=np.float32) for name in CHANNELS}
+    for r0 in range(0, raw_n.shape[0], 512):
+        r = slice(r0, min(r0 + 512, raw_n.shape[0]))
+        inside = fit_mask[r]
+        out[at["delta_n"], r] = dn[r]
+        out[at["inclination"], r] = alpha[r]
+        out[at["azimuth"], r] = theta[r]
+        for k, c in enumerate("xyz"):
+            out[at[f"axis_{c}"], r] = axis[r, :, k]
+            out[at[f"vector_{c}"], r] = np.where(inside, axis[r, :, k] * weight[r], np.nan)
+        out[at["residual"], r] = residual[r]
+        inplane = inplane_rgb(theta[r], dn[r], lo, hi)
+        through = through_plane_rgb(alpha[r], dn[r], lo, hi)
+        for k, c in enumerate("rgb"):
+            out[at[f"inplane_{c}"], r] = inplane[..., k]
+            out[at[f"throughplane_{c}"], r] = through[..., k]
+        out[at["tilted_birefringence"], r] = np.where(inside, b_t[r], np.nan)
+        out[at["tilted_orientation"], r] = np.where(in_n[r], ot_w[r], np.nan)
+        out[at["mask"], r] = np.where(data_n[r], inside.astype(np.float32), np.nan)
+    products = {name: out[k] for k, name in enumerate(CHANNELS)}
     figures["products_s"] = time.perf_counter() - t0
     figures["total_s"] = time.perf_counter() - started
 
@@ -306,5 +311,9 @@ def thruplane(
         gamma_deg=float(p.gamma_deg),
     )
     return ThruPlane(
-        registration=reg, matrix=np.asarray(matrix, float), products=products, figures=figures
+        registration=reg,
+        matrix=np.asarray(matrix, float),
+        products=products,
+        figures=figures,
+        stack=out,
     )

@@ -281,7 +281,8 @@ def compute_axis(
     py, px = normal.pixel_size_um
     write_omezarr(
         output,
-        result.products,
+        result.stack,
+        channel_names=list(result.products),
         pixel_size_um=(py, px),
         origin_um=(normal.origin_px[0] * py, normal.origin_px[1] * px),
         axial_channels=AXIAL_CHANNELS,
