@@ -1,6 +1,12 @@
-"""register: align each slice's mosaic to the previous slice and grow the registered volume.
+"""register: align each slice's mosaic to the previous slice and grow the registered volume;
+register each slice's tilted mosaic onto its normal one and fit the 3-D optic axis.
 
-Consumes `slice_stitched` (only mosaic `options.mosaic`, default 0). Slice k is registered
+Consumes `slice_stitched`. Thru-plane (every mosaic; :mod:`services.stages.thruplane`): when
+a slice's normal mosaic (`options.mosaic`) and a tilted one are both stitched, the tilted one
+is registered onto the normal one, the optic axis fitted per pixel, the products written to
+`<acq>/axis/sliceNNNN.ome.zarr` and `slice_axis` published; registered slices' axis products
+are stacked into `<acq>/volume/axis.ome.zarr`. Slice to slice (only mosaic `options.mosaic`,
+default 0): slice k is registered
 once slice k - 1 is registered: its en-face mosaic (`options.channel`, AIP by default) is
 aligned to slice k - 1's (:func:`kernels.register.register_slices`: Fourier-Mellin / phase
 correlation, then Gauss-Newton), starting from the stage prior given by the mosaics' origins.
@@ -30,7 +36,10 @@ max_shift_px (none), min_quality (0.2), min_overlap (0.25), coarse_size (1024),
 refine_size (2048), margin_px (max(64, 5% of slice 0's larger side)), first_slice (0),
 slice_thickness_um (else the manifest's, else 200), threads (resampling threads, 1),
 db_volume (false: also resample stitch's fused dB volume, when there is one), db_depth
-(planes per slice: slice thickness / axial pixel), db_block (16 planes at a time).
+(planes per slice: slice thickness / axial pixel), db_block (16 planes at a time); the
+thru-plane step's: axis (true), axis_mosaic (the tilted mosaic; default the first one with a
+tilt), axis_min_quality (0.2), axis_max_rotation_deg (5), axis_max_scale_change (0.1),
+axis_smooth_sigma_px (3), axis_dn_range (previews; default P1..P99), axis_device ("cpu").
 Run it with concurrency 1 and one worker (the KV bookkeeping is read-modify-write).
 """
 
