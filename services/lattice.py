@@ -4,6 +4,7 @@ Keys: `<acq>.<slice>.m<mosaic>.tile.r<R>-c<C>` -> {"state": processed|failed|mis
       `<acq>.<slice>.m<mosaic>.pair.r<R>-c<C>.r<R>-c<C>` -> the pair's alignment record
       `<acq>.<slice>.m<mosaic>.stitched` -> {"digest": ...} of the inputs last stitched
       `<acq>.register.m<mosaic>.<slice>.stitched|registered` (services/stages/register.py)
+      `<acq>.register.axis.<slice>.m<mosaic>|done` (the thru-plane step, stages/thruplane.py)
 Tiles write their own keys, then read their neighbours': of two neighbours finishing at the
 same time at least one sees the other, so no pair is missed (a pair done twice is harmless).
 
