@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import re
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from nats.js import JetStreamContext
@@ -20,12 +19,12 @@ from nats.js.errors import KeyNotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed
-from messages.subjects import HOLD, PREFIX, REDO, event_subjects, parse_subject, redo_subject
+from messages.subjects import HOLD, PREFIX, event_subjects, parse_subject, redo_subject
 from services.bus import MSG_ID, REPLAY_HEADER
 from services.eventlog import subjects_seen
 from services.lattice import HOLD_BUCKET
 from services.stage import REPAIR_PREFIX
-from services.status import checked, read_events
+from services.status import Failure, checked, read_events
 
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 FOREVER = "2999-12-31T23:59:59Z"
@@ -121,46 +120,6 @@ async def replay(
             await republish(js, stage, event, tag, msg.metadata.sequence.stream)
             sent.append(event)
     return sent
-
-
-@dataclass
-class Failure:
-    """A stage's give-up on an input that has not succeeded since."""
-
-    event: StageFailed
-    seq: int
-
-
-async def failures(js: JetStreamContext, stream: str, acq: str | None = None) -> list[Failure]:
-    """Unresolved `stage_failed` events (no successful attempt of that stage since)."""
-    acq_token = acq or "*"
-    failed = [
-        (event, m.metadata.sequence.stream)
-        for event, m in checked(
-            await read_events(js, stream, f"{PREFIX}.stage_failed.{acq_token}.>")
-        )
-    ]
-    if not failed:
-        return []
-    ok: dict[tuple[str, str], datetime] = {}
-    for event, m in checked(await read_events(js, stream, f"{PREFIX}.*.{acq_token}.>")):
-        if m.subject.split(".")[1].startswith((HOLD, REDO)):
-            continue
-        if isinstance(event, Attempt) and event.outcome == "ok":
-            stage, when = event.stage, event.ended_at
-        elif event.origin is not None:
-            stage, when = event.origin.stage, event.emitted_at
-        else:
-            continue
-        key = (stage, f"{event.acq}.{event.slice_token()}.{event.tile_token()}")
-        ok[key] = max(ok.get(key, when), when)
-    latest: dict[tuple[str, str, str], Failure] = {}
-    for event, seq in failed:
-        where = f"{event.acq}.{event.slice_token()}.{event.tile_token()}"
-        if ok.get((event.stage, where), datetime.min.replace(tzinfo=UTC)) > event.emitted_at:
-            continue
-        latest[(event.stage, where, event.input_type)] = Failure(event, seq)
-    return sorted(latest.values(), key=lambda f: f.seq)
 
 
 async def retry(js: JetStreamContext, stream: str, items: list[Failure]) -> int:

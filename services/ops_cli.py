@@ -14,6 +14,7 @@ from services import ops
 from services.bus import connect
 from services.config import Config
 from services.stages import stage_for
+from services.status import failures
 
 
 async def _run(config: Config, func, *args):
@@ -57,7 +58,7 @@ async def command(config: Config, args: argparse.Namespace) -> int:
             sent = await _run(config, ops.replay, args.stage, kinds, args.acq, args.slice, since)
             console.print(f"replayed {len(sent)} events to {args.stage}")
         elif args.command in ("failed", "retry"):
-            items = await _run(config, ops.failures, args.acq)
+            items = await _run(config, failures, args.acq)
             if args.command == "retry":
                 if args.stage:
                     items = [i for i in items if i.event.stage == args.stage]

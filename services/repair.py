@@ -7,7 +7,10 @@ Per tile, in pipeline order:
 - `tile_converted` logged, but no `tile_processed` or the products are missing -> process;
 - `tile_processed` logged, but the slice's mosaic is not stitched or its store is missing
   -> stitch (one tile of the mosaic).
-Inputs a stage gave up on are left to `tilepipe retry`. Repaired deliveries carry a
+An input a stage gave up on (an unresolved `stage_failed`, as `tilepipe failed` lists them) is
+left to `tilepipe retry`, except that a missing intermediate it depends on is rebuilt first:
+a tile `process` failed on whose converted store is gone goes back to convert, and the rebuilt
+store's `tile_converted` brings it to process again. Repaired deliveries carry a
 `repair-` tag: stages only fill in what is missing (complete outputs are not recomputed), and
 their outputs are published as new events, so deleted events come back too.
 """
@@ -30,6 +33,7 @@ from services.eventlog import subjects_seen
 from services.layout import converted_path, mosaic_path, products_path
 from services.ops import republish
 from services.stage import REPAIR_PREFIX
+from services.status import failures
 
 
 @dataclass
@@ -55,7 +59,10 @@ async def plan(js: JetStreamContext, config: Config, acq: str) -> list[Action]:
     by_kind: dict[str, set[str]] = {}
     for _subject, parsed in event_subjects(seen):
         by_kind.setdefault(parsed.kind, set()).add(parsed.key())
-    failed = by_kind.get("stage_failed", set())
+    failed = {}  # key -> stages with an unresolved failure on it
+    if by_kind.get("stage_failed"):
+        for failure in await failures(js, stream, acq):
+            failed.setdefault(failure.where, set()).add(failure.event.stage)
     roots = config.roots
     actions: list[Action] = []
     stitched_needed: set[tuple[int, int]] = set()
@@ -74,9 +81,13 @@ async def plan(js: JetStreamContext, config: Config, acq: str) -> list[Action]:
             if raw is not None and raw.stat().st_size >= layout.expected_bytes:
                 actions.append(Action("watcher", tile, "raw file complete, no tile_arrived"))
             continue
-        if key in failed:
-            continue  # a stage gave up: `tilepipe retry`
         converted = roots.resolve("work", converted_path(acq, tile))
+        if key in failed:  # a stage gave up: `tilepipe retry`, unless an intermediate is gone
+            rebuild = "convert" not in failed[key] and logged("tile_converted")
+            if rebuild and not is_complete(converted):
+                why = f"store missing ({', '.join(sorted(failed[key]))} failed on it)"
+                actions.append(Action("convert", tile, why, subj("tile_arrived")))
+            continue
         if not logged("tile_converted") or not is_complete(converted):
             why = "no tile_converted" if not logged("tile_converted") else "store missing"
             actions.append(Action("convert", tile, why, subj("tile_arrived")))

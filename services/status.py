@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from messages.codec import InvalidEvent, decode_event
-from messages.events import Event, utcnow
-from messages.subjects import ANY, PREFIX, event_subjects
+from messages.events import Attempt, Event, StageFailed, utcnow
+from messages.subjects import ANY, HOLD, PREFIX, REDO, event_subjects
 from services.eventlog import subjects_seen
 
 # tile-level events in pipeline order: the furthest one reached colours a tile
@@ -67,25 +67,36 @@ class Status:
         minutes = (self.taken_at - self.started_at).total_seconds() / 60.0
         return done / minutes if minutes > 0 else None
 
+    @property
+    def idle(self) -> bool:
+        """No stage has work waiting or in progress (as far as the consumers say)."""
+        return not any((c.waiting or 0) + (c.in_progress or 0) for c in self.stages.values())
+
     def eta_s(self) -> float | None:
-        """Seconds until every expected tile reaches the last tile stage, at the average rate."""
+        """Seconds until every expected tile reaches the last tile stage, at the average rate;
+        None when unknown, or when the acquisition is finished and nothing is left to do."""
         last = next((k for k in reversed(TILE_PROGRESS) if self.count(k)), None)
-        if self.expected is None or last is None:
+        if self.expected is None or last is None or (self.finished and self.idle):
             return None
         rate = self.rate_per_min(self.count(last))
-        remaining = self.expected - self.count(last) - len(self.failed_tiles)
+        remaining = self.expected - self.count(last) - len(self.failed_tiles) - len(self.missing)
         if remaining <= 0:
             return 0.0
+        if self.finished:
+            return None  # declared finished with tiles short: nothing more is coming
         return remaining / rate * 60.0 if rate else None
 
     finished: bool = False
     missing: set[str] = field(default_factory=set)  # declared missing, not arrived since
-    failed_tiles: set[str] = field(default_factory=set)
+    failed_tiles: set[str] = field(default_factory=set)  # an unresolved stage_failed
     mosaics: dict[str, set[str]] = field(default_factory=dict)  # kind -> {"<slice>.m<mosaic>"}
 
     def tile_kind(self, slice_index: int, mosaic: int, row: int, col: int) -> str | None:
         """The furthest stage a tile reached, slice-level stages included."""
-        kind = self.tiles.get(f"{slice_index}.m{mosaic}-r{row}-c{col}")
+        key = f"{slice_index}.m{mosaic}-r{row}-c{col}"
+        if key in self.failed_tiles:
+            return "failed"
+        kind = self.tiles.get(key)
         if kind == "tile_processed" and f"{slice_index}.m{mosaic}" in self.mosaics.get(
             "slice_stitched", set()
         ):
@@ -93,11 +104,10 @@ class Status:
         return kind
 
     def count(self, kind: str) -> int:
+        """Tiles that reached `kind` (a tile that failed later still counts as arrived)."""
         order = TILE_PROGRESS.index(kind)
         return sum(
-            1
-            for k in self.tiles.values()
-            if k is not None and k != "failed" and TILE_PROGRESS.index(k) >= order
+            1 for k in self.tiles.values() if k is not None and TILE_PROGRESS.index(k) >= order
         )
 
 
@@ -123,8 +133,6 @@ async def snapshot(
             status.mosaics.setdefault(kind, set()).add(key)
         elif kind == "stage_failed":
             status.failed_tiles.add(key)
-    for key in status.failed_tiles:
-        status.tiles[key] = "failed"
     for kind, stage in STAGE_OF.items():
         status.stages[stage] = StageCounts(done=status.count(kind))
     for stage, kind in SLICE_STAGES.items():
@@ -135,9 +143,11 @@ async def snapshot(
             status.stages[row] = StageCounts(done=len(status.mosaics[kind]))
     if uploaded or (stages is not None and "upload" in stages):
         status.stages["upload"] = StageCounts(done=uploaded)
-    if status.failed_tiles:
-        for event in await _failed_events(js, stream, acq):
-            counts = status.stages.setdefault(event.stage, StageCounts())
+    if status.failed_tiles:  # only failures nothing succeeded after (as `tilepipe failed`)
+        unresolved = await failures(js, stream, acq)
+        status.failed_tiles = {f.where for f in unresolved if f.event.tile is not None}
+        for failure in unresolved:
+            counts = status.stages.setdefault(failure.event.stage, StageCounts())
             counts.failed += 1
     for stage in stages or [n for n in status.stages if n not in SLICE_STEPS]:
         counts = status.stages.setdefault(stage, StageCounts())
@@ -165,9 +175,49 @@ async def snapshot(
     return status
 
 
-async def _failed_events(js: JetStreamContext, stream: str, acq: str) -> list:
-    messages = await read_events(js, stream, f"{PREFIX}.stage_failed.{acq}.>")
-    return [event for event, _m in checked(messages)]
+@dataclass
+class Failure:
+    """A stage's give-up on an input that has not succeeded since."""
+
+    event: StageFailed
+    seq: int
+
+    @property
+    def where(self) -> str:
+        """`<slice>.<tile token>`: the key status and repair use for the input."""
+        return f"{self.event.slice_token()}.{self.event.tile_token()}"
+
+
+async def failures(js: JetStreamContext, stream: str, acq: str | None = None) -> list[Failure]:
+    """Unresolved `stage_failed` events (no successful attempt of that stage since)."""
+    acq_token = acq or "*"
+    failed = [
+        (event, m.metadata.sequence.stream)
+        for event, m in checked(
+            await read_events(js, stream, f"{PREFIX}.stage_failed.{acq_token}.>")
+        )
+    ]
+    if not failed:
+        return []
+    ok: dict[tuple[str, str], datetime] = {}
+    for event, m in checked(await read_events(js, stream, f"{PREFIX}.*.{acq_token}.>")):
+        if m.subject.split(".")[1].startswith((HOLD, REDO)):
+            continue
+        if isinstance(event, Attempt) and event.outcome == "ok":
+            stage, when = event.stage, event.ended_at
+        elif event.origin is not None:
+            stage, when = event.origin.stage, event.emitted_at
+        else:
+            continue
+        key = (stage, f"{event.acq}.{event.slice_token()}.{event.tile_token()}")
+        ok[key] = max(ok.get(key, when), when)
+    latest: dict[tuple[str, str, str], Failure] = {}
+    for event, seq in failed:
+        where = f"{event.acq}.{event.slice_token()}.{event.tile_token()}"
+        if ok.get((event.stage, where), datetime.min.replace(tzinfo=UTC)) > event.emitted_at:
+            continue
+        latest[(event.stage, where, event.input_type)] = Failure(event, seq)
+    return sorted(latest.values(), key=lambda f: f.seq)
 
 
 async def read_events(

@@ -83,6 +83,7 @@ async def test_up_runs_embedded_server_and_services_until_ctrl_c(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a failed test kills `up` and every child it started
     )
     try:
         await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=30)
@@ -111,7 +112,7 @@ async def test_up_runs_embedded_server_and_services_until_ctrl_c(tmp_path):
         out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert "(embedded)" in out and "convert_like" in out
     host, port = url.removeprefix("nats://").split(":")
@@ -143,6 +144,7 @@ async def test_up_with_existing_server_leaves_it_running(nats_server, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a failed test kills `up` and every child it started
     )
     try:
         await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=30)
@@ -154,7 +156,7 @@ async def test_up_with_existing_server_leaves_it_running(nats_server, tmp_path):
         out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert "(embedded)" not in out and not (work / "nats").exists()
     assert port_open("127.0.0.1", nats_server.port)
@@ -196,6 +198,7 @@ async def test_up_honours_the_configs_nats_url_and_metrics_ports(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a failed test kills `up` and every child it started
     )
     try:
         await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=30)
@@ -228,6 +231,6 @@ async def test_up_honours_the_configs_nats_url_and_metrics_ports(tmp_path):
         out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert f"metrics http://127.0.0.1:{metrics_port}/metrics" in out

@@ -146,6 +146,7 @@ class Up:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # a kill below takes `up`'s children too
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -164,7 +165,7 @@ class Up:
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.reader.join(5)
         return self.proc.returncode

@@ -64,3 +64,52 @@ async def test_repair_republishes_exactly_what_was_deleted(config, js):
         await wait_for(repaired, timeout=120)
         await asyncio.sleep(1.0)
     assert await repair.plan(js, config, "rep") == []
+
+
+async def test_status_failed_and_repair_agree_when_an_intermediate_is_gone(config, js):
+    """Issue 19 (13): a converted store deleted under a tile makes process give up; status,
+    `tilepipe failed` and repair then agree (one failed tile, still counted as arrived), repair
+    rebuilds the store, process succeeds on it, and the failure is resolved everywhere."""
+    from services.finish import finish
+    from services.status import failures, snapshot
+
+    manifest = small_manifest("agree", slices=1, rows=1, cols=2, alines=32, bscans=16)
+    path = write_manifest(manifest, config.roots.raw / "agree")
+    await asyncio.to_thread(simulate, path, manifest, 0, params=PhantomParams(scatterers=4))
+    fast = {"max_deliver": 2, "backoff_s": [0.1]}
+    async with pipeline(config, js, STAGES, OPTIONS, **fast):
+        await wait_for(lambda: events(js, "slice_stitched"), timeout=120)
+    await finish(config, "agree")
+    tile = next(manifest.coords())
+    shutil.rmtree(config.roots.work / converted_path("agree", tile))
+    shutil.rmtree(config.roots.work / products_path("agree", tile))
+    async with pipeline(config, js, STAGES, OPTIONS, **fast):
+        replay = await asyncio.to_thread(
+            tilepipe, "replay", "process", "--acq", "agree", config=config
+        )
+        assert replay.returncode == 0, replay.stderr
+        await wait_for(lambda: events(js, "stage_failed"), timeout=60)
+
+    failed = await failures(js, "TILEPIPE", "agree")
+    assert [(f.event.stage, f.where) for f in failed] == [("process", f"0.{tile.token()}")]
+    status = await snapshot(js, "TILEPIPE", "agree", ["convert", "process"])
+    assert status.failed_tiles == {f"0.{tile.token()}"}
+    assert status.tile_kind(0, 0, tile.row, tile.col) == "failed"
+    assert status.count("tile_arrived") == 2  # the failed tile did arrive
+    assert status.stages["process"].failed == 1 and status.eta_s() is None  # finished, idle
+    actions = await repair.plan(js, config, "agree")
+    assert [(a.stage, a.tile.col) for a in actions] == [("convert", tile.col)]
+    assert "process failed on it" in actions[0].reason
+
+    async with pipeline(config, js, STAGES, OPTIONS, **fast):
+        assert await repair.apply(js, config, "agree", actions) == 1
+
+        async def resolved():
+            return not await failures(js, "TILEPIPE", "agree")
+
+        await wait_for(resolved, timeout=120)
+    status = await snapshot(js, "TILEPIPE", "agree", ["convert", "process"])
+    assert status.failed_tiles == set() and status.count("tile_processed") == 2
+    assert status.tile_kind(0, 0, tile.row, tile.col) != "failed"
+    assert is_complete(config.roots.work / products_path("agree", tile))
+    assert await repair.plan(js, config, "agree") == []

@@ -568,6 +568,7 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
         "[roots]\n"
         + "".join(f'{name} = "{path}"\n' for name, path in roots.items())
         + f"[metrics]\nbase_port = {base_port}\n"
+        + f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\n'  # `up --config` listens there
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env = {k: v for k, v in env.items() if not k.startswith("TILEPIPE_")}
@@ -590,6 +591,7 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a failed test kills `up` and every child it started
     )
     try:
         await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=60)
@@ -638,7 +640,7 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
         out, _ = await asyncio.to_thread(proc.communicate, timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode == 0, out
     assert f"export TILEPIPE_NATS__PASSWORD_FILE={work / 'auth' / 'admin.pass'}" in out
