@@ -251,9 +251,16 @@ class TilePairAligned(SliceEvent):
     confidence: float
     accepted: bool
     reason: Text = ""
+    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="digest of the two tiles' bases"
+    )
 
     def tile_token(self) -> str:
         return f"{self.a.token()}-{self.b.token()}"
+
+    def msg_id(self) -> str:
+        """The pair aligned again from recomputed tiles: a new event."""
+        return f"{self.subject()}:{self.basis}" if self.basis else self.subject()
 
 
 class TilePosition(BaseModel):

@@ -43,6 +43,7 @@ from messages.events import (
     TileProcessed,
 )
 from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
+from services.atomic import basis_digest
 from services.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
 from services.layout import mosaic_path, volume_of
 from services.manifest import Manifest, MosaicGeometry
@@ -173,6 +174,7 @@ class Stitch(Stage):
                     confidence=record["confidence"],
                     accepted=record["accepted"],
                     reason=record["reason"],
+                    basis=basis_digest(bases) if any(bases) else "",
                     producer=self.name,
                 )
             )
