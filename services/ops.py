@@ -26,7 +26,7 @@ from nats.js.errors import KeyNotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed
-from messages.subjects import HOLD, PREFIX, event_subjects, parse_subject, redo_subject
+from messages.subjects import HOLD, PREFIX, REDO, event_subjects, parse_subject, redo_subject
 from services.bus import MSG_ID, REPLAY_HEADER
 from services.eventlog import subjects_seen
 from services.lattice import HOLD_BUCKET
@@ -157,11 +157,15 @@ async def first_seq_since(js: JetStreamContext, stream: str, since: datetime) ->
     return message["seq"] if stamp >= since else None
 
 
-async def reset(js: JetStreamContext, stream: str, stage: str, seq: int | None) -> int:
+async def reset(js: JetStreamContext, stream: str, stage: str, seq: int | None) -> tuple[int, int]:
     """Rewind a stage's durable consumer to stream sequence `seq` (its ack floor: None) with
     the server's consumer reset: the running stage receives every input of its filter from
     there again, without a restart; other stages are untouched. Returns the sequence its
-    next delivery will be at or above.
+    next delivery will be at or above, and how many handled targeted replays were removed.
+
+    Targeted replays and retries the stage has already handled (`tp.redo_<stage>` messages
+    at or below its ack floor) are purged first: delivered again they would recompute
+    regardless of their basis (they are explicit requests to recompute).
 
     Raises ResetUnsupported on a server older than 2.14 (`tilepipe replay STAGE --acq ACQ`
     does a targeted replay there), NotFoundError for an unknown stage (the server does not
@@ -172,11 +176,18 @@ async def reset(js: JetStreamContext, stream: str, stage: str, seq: int | None) 
             f"nats-server {version} has no consumer reset (2.14 or later): use the targeted "
             f"`tilepipe replay {stage} --acq ACQ [--slice N] [--since T]` instead"
         )
-    await js.consumer_info(stream, stage)
     if seq is not None and seq < 1:
         raise ValueError("a stream sequence counts from 1")
+    info = await js.consumer_info(stream, stage)
+    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    redo = f"{PREFIX}.{REDO}{stage}.>"
+    purged = 0
+    if floor:
+        before = sum((await subjects_seen(js, stream, redo)).values())
+        await js.purge_stream(stream, seq=floor + 1, subject=redo)
+        purged = before - sum((await subjects_seen(js, stream, redo)).values())
     done = await js.reset_consumer(stream, stage, seq)
-    return done.reset_seq
+    return done.reset_seq, purged
 
 
 async def retry(js: JetStreamContext, stream: str, items: list[Failure]) -> int:

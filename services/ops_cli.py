@@ -136,7 +136,9 @@ async def _rewind(
         if seq is None:
             console.print(f"nothing logged since {since.isoformat()}: nothing to replay")
             return 0
-    at = await _run(config, ops.reset, stage, seq)
+    at, purged = await _run(config, ops.reset, stage, seq)
+    if purged:
+        console.print(f"removed {purged} targeted replays {stage} had handled")
     console.print(
         f"{stage} rewound: its inputs from stream sequence {at} are delivered again "
         "(outputs whose inputs and parameters are unchanged are not recomputed)"

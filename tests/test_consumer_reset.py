@@ -111,7 +111,7 @@ async def test_reset_rewinds_a_running_stage_for_the_cli_and_the_js_client(
 
         done = await ctl(natsctl, config, "reset", STREAM, "convert_like", seqs[2])
         assert done["type"] == "io.nats.jetstream.api.v1.consumer_reset_response"
-        assert done["reset_seq"] == seqs[2] and done["ack_floor"]["stream_seq"] == seqs[1]
+        assert done["reset_seq"] == seqs[2] and done["ack_floor"]["stream_seq"] == seqs[2] - 1
         await wait_for(lambda: handled() == 8)  # inputs 3, 4, 5 again, without a restart
         info = await js.consumer_info(STREAM, "convert_like")
         assert info.ack_floor.stream_seq == seqs[-1] and info.num_ack_pending == 0
@@ -120,22 +120,30 @@ async def test_reset_rewinds_a_running_stage_for_the_cli_and_the_js_client(
             f"done-m0-r0-c{c}" for c in (2, 3, 4)
         ]
 
+        # a targeted replay (5 redo messages), then a rewind to the start: the handled redo
+        # messages are purged first, so only the 5 inputs come again, not 10
+        sent = await ops.replay(js, STREAM, "convert_like", ["tile_arrived"], "ops")
+        assert len(sent) == 5
+        await wait_for(lambda: handled() == 13)
+        await wait_for(lambda: _acked_all(js, "convert_like"))
         proc = await asyncio.to_thread(
             tilepipe, "replay", "convert_like", "--from-seq", str(seqs[0]), config=config
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "removed 5 targeted replays" in proc.stdout, proc.stdout
         assert f"stream sequence {seqs[0]}" in proc.stdout
-        await wait_for(lambda: handled() == 13)
+        await wait_for(lambda: handled() == 18)
+        assert await stream_messages(js, "tp.redo_convert_like.>") == []
 
         between = datetime.now(UTC)
         await asyncio.sleep(0.05)
         late = (await js.publish(arrived(1, 0).subject(), arrived(1, 0).to_json())).seq
-        await wait_for(lambda: handled() == 14)
+        await wait_for(lambda: handled() == 19)
         proc = await asyncio.to_thread(
             tilepipe, "replay", "convert_like", "--since", between.isoformat(), config=config
         )
         assert proc.returncode == 0 and f"stream sequence {late}" in proc.stdout, proc.stdout
-        await wait_for(lambda: handled() == 15)
+        await wait_for(lambda: handled() == 20)
         proc = await asyncio.to_thread(
             tilepipe,
             "replay",
@@ -153,10 +161,15 @@ async def test_reset_rewinds_a_running_stage_for_the_cli_and_the_js_client(
         proc = await asyncio.to_thread(tilepipe, "replay", "convert_like", config=config)
         assert proc.returncode == 2 and "--from-seq" in proc.stdout
         await asyncio.sleep(0.5)
-        assert handled() == 15
+        assert handled() == 20
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def _acked_all(js, name: str) -> bool:
+    info = await js.consumer_info(STREAM, name)
+    return info.num_pending == 0 and info.num_ack_pending == 0
 
 
 async def kinds_by_tile(js, kind: str) -> Counter:
