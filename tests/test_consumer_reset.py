@@ -167,6 +167,40 @@ async def test_reset_rewinds_a_running_stage_for_the_cli_and_the_js_client(
         await asyncio.wait_for(task, 30)
 
 
+async def test_a_delivery_in_flight_during_a_reset_finishes_and_comes_again(config, js, tmp_path):
+    """The runtime's in-flight bookkeeping survives a reset: the delivery being handled when
+    the consumer is rewound over it finishes (its acknowledgement is for a state the server
+    cleared), the input is delivered again, and the consumer ends with nothing pending."""
+    marks = tmp_path / "marks"
+    options = {"marker_dir": str(marks), "sleep_s": 1.0}
+    stage = ConvertLike(config, StageSettings(ack_wait_s=3, options=options))
+    stop = asyncio.Event()
+    runner = StageRunner(stage, config)
+    task = asyncio.create_task(runner.run(stop))
+    await wait_for(lambda: runner.ready.is_set() or task.done())
+
+    def done() -> dict[str, int]:
+        return {p.name[5:]: len(p.read_text().splitlines()) for p in marks.glob("done-*")}
+
+    try:
+        seqs = [
+            (await js.publish(arrived(0, c).subject(), arrived(0, c).to_json())).seq
+            for c in range(3)
+        ]
+        await wait_for(lambda: (marks / "start-m0-r0-c0").exists())
+        assert done() == {}  # c0 is in flight
+        at, _ = await ops.reset(js, STREAM, "convert_like", seqs[0])
+        assert at == seqs[0]
+        await wait_for(lambda: sum(done().values()) == 4, timeout=30)
+        await wait_for(lambda: _acked_all(js, "convert_like"), timeout=30)
+        assert done() == {"m0-r0-c0": 2, "m0-r0-c1": 1, "m0-r0-c2": 1}
+        info = await js.consumer_info(STREAM, "convert_like")
+        assert info.ack_floor.stream_seq == seqs[-1] and info.num_redelivered == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
 async def _acked_all(js, name: str) -> bool:
     info = await js.consumer_info(STREAM, name)
     return info.num_pending == 0 and info.num_ack_pending == 0
