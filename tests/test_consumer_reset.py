@@ -19,15 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from messages import decode_event
+from messages import TileConverted, TileCoord, decode_event
 from services import ops
 from services.atomic import BASIS_ATTR, zarr_attrs
-from services.bus import MSG_ID
-from services.config import StageSettings
+from services.bus import MSG_ID, publish_event
+from services.config import Config, StageSettings
 from services.layout import products_path
 from services.manifest import dump_manifest
 from services.runtime import StageRunner
 from services.simulate import simulate, small_manifest, write_manifest
+from services.stages import stage_for
 from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.stitch import Stitch
@@ -196,6 +197,58 @@ async def test_a_delivery_in_flight_during_a_reset_finishes_and_comes_again(conf
         assert done() == {"m0-r0-c0": 2, "m0-r0-c1": 1, "m0-r0-c2": 1}
         info = await js.consumer_info(STREAM, "convert_like")
         assert info.ack_floor.stream_seq == seqs[-1] and info.num_redelivered == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_command_stage_runs_its_program_again_only_for_changed_inputs(config, js, tmp_path):
+    """A `command` stage records its output's basis: a reset does not run the program for an
+    unchanged input; a recomputed input (another basis) and a targeted replay do."""
+    runs = tmp_path / "runs.txt"
+    options = {
+        "consumes": "tile_converted",
+        "output": "{acq}/qc/{tile}.txt",
+        "command": ["sh", "-c", f"echo {{tile}} >> {runs}; echo {{tile}} > {{output}}"],
+    }
+    cfg = Config.model_validate(
+        {**config.model_dump(), "stages": {"qc": {"impl": "command", "options": options}}}
+    )
+    stage = stage_for(cfg, "qc")(cfg, cfg.stage("qc"), name="qc")
+    stop = asyncio.Event()
+    runner = StageRunner(stage, cfg)
+    task = asyncio.create_task(runner.run(stop))
+    await wait_for(lambda: runner.ready.is_set() or task.done())
+
+    def ran() -> list[str]:
+        return runs.read_text().split() if runs.exists() else []
+
+    def converted(col: int, basis: str) -> TileConverted:
+        return TileConverted(
+            acq="ops",
+            tile=TileCoord(slice=0, row=0, col=col),
+            path=f"ops/converted/t{col}.zarr",
+            raw_path=f"s0/t{col}.nii",
+            shape=[1, 2, 3],
+            dtype="uint16",
+            basis=basis,
+        )
+
+    try:
+        for col in (0, 1):
+            await publish_event(js, converted(col, "b1"))
+        await wait_for(lambda: len(ran()) == 2)
+        await wait_for(lambda: _acked_all(js, "qc"))
+        await ops.reset(js, STREAM, "qc", 1)
+        await asyncio.sleep(0.5)
+        await wait_for(lambda: _acked_all(js, "qc"))
+        assert sorted(ran()) == ["m0-r0-c0", "m0-r0-c1"]  # both skipped on the reset
+        await publish_event(js, converted(0, "b2"))  # recomputed upstream: a new event
+        await wait_for(lambda: len(ran()) == 3)
+        await ops.replay(js, STREAM, "qc", ["tile_converted"], "ops")
+        await wait_for(lambda: len(ran()) == 6)  # the targeted replay: all three events
+        await wait_for(lambda: _acked_all(js, "qc"))
+        assert sorted(ran()) == ["m0-r0-c0"] * 4 + ["m0-r0-c1"] * 2
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
