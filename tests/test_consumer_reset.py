@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from messages import TileConverted, TileCoord, decode_event
+from messages import TileArrived, TileConverted, TileCoord, decode_event
 from services import ops
 from services.atomic import BASIS_ATTR, zarr_attrs
 from services.bus import MSG_ID, publish_event
@@ -358,7 +358,25 @@ async def test_js_client_pauses_holds_and_resets_running_services_calibration_fi
         # the event log, failures and one tile's story, as `nats stream view` shows them
         log = await ctl(natsctl, config, "view", STREAM, "tp.*.calA.>")
         assert len(log) == len(await stream_messages(js, "tp.*.calA.>"))
-        assert await ctl(natsctl, config, "view", STREAM, "tp.stage_failed.calA.>") == []
+        outside = TileArrived(  # a tile outside calA's 2x2 lattice: convert refuses it
+            acq="calA",
+            tile=TileCoord(slice=0, row=9, col=9),
+            path="calA/nowhere.nii",
+            manifest="calA/manifest.toml",
+            size_bytes=1,
+            completed_at=datetime.now(UTC),
+        )
+        await publish_event(js, outside)
+
+        async def failed():
+            return await ctl(natsctl, config, "view", STREAM, "tp.stage_failed.calA.>")
+
+        failures = await wait_for(failed, timeout=30)
+        assert [(m["subject"], m["data"]["stage"]) for m in failures] == [
+            ("tp.stage_failed.calA.0.m0-r9-c9.convert", "convert")
+        ]
+        listed = await asyncio.to_thread(tilepipe, "failed", "calA", config=config)
+        assert "r9-c9" in listed.stdout and "convert" in listed.stdout, listed.stdout
         story = await ctl(natsctl, config, "view", STREAM, "tp.*.calA.0.m0-r1-c1")
         assert [m["data"]["type"] for m in story] == [
             "tile_arrived",
