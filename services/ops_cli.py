@@ -55,6 +55,8 @@ async def command(config: Config, args: argparse.Namespace) -> int:
             if since is not None and since.tzinfo is None:
                 since = since.astimezone()
             if args.acq is None:
+                if args.slice is not None:
+                    raise ValueError("--slice selects within --acq ACQ (a targeted replay)")
                 return await _rewind(config, console, args.stage, args.from_seq, since)
             if args.from_seq is not None:
                 raise ValueError("--from-seq rewinds the whole stage: leave out --acq")
