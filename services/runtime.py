@@ -301,7 +301,7 @@ class StageRunner:
                 out if out.origin is origin else out.model_copy(update={"origin": origin})
                 for out in result.events
             ]
-            if result.unchanged and replay is None:
+            if result.unchanged:  # a forced replay recomputes: never unchanged
                 outputs = [out for out in outputs if not await self._in_log(js, out)]
                 if not outputs:
                     result.detail = result.detail or "unchanged: outputs and events exist"

@@ -340,14 +340,21 @@ async def test_js_client_pauses_holds_and_resets_running_services_calibration_fi
         await wait_for(parked, timeout=30)
         assert not any(k[0] == "calB" for k in await kinds_by_tile(js, "tile_converted"))
 
-        # release with the plain tools: delete the hold, rewind convert to calB's first input
+        # release with the plain tools (README): delete the hold, then rewind each stage that
+        # parked inputs to the first of them (`Nats-Msg-Id` hold:<stage>:<original seq>)
         arrivals = await ctl(natsctl, config, "view", STREAM, "tp.tile_arrived.calB.>")
-        assert len(arrivals) == 4
+        parked_by: dict[str, list[int]] = {}
+        for m in await ctl(natsctl, config, "view", STREAM, "tp.*.calB.>"):
+            if m["subject"].startswith("tp.hold_"):
+                _hold, stage, seq = m["headers"][MSG_ID].split(":")
+                parked_by.setdefault(stage, []).append(int(seq))
+        assert sorted(parked_by["convert"]) == [m["seq"] for m in arrivals]
+        assert set(parked_by) <= {"convert", "stitch"}  # stitch parks calB's acq_finished
         await ctl(natsctl, config, "kv-del", "tp-holds", "calB")
         await asyncio.sleep(0.5)  # every stage has seen the release
-        first = min(m["seq"] for m in arrivals)
-        done = await ctl(natsctl, config, "reset", STREAM, "convert", first)
-        assert done["reset_seq"] == first
+        for stage, seqs in parked_by.items():
+            done = await ctl(natsctl, config, "reset", STREAM, stage, min(seqs))
+            assert done["reset_seq"] == min(seqs)
         before = await quiet(natsctl, config, js)
         for kind in ("tile_converted", "tile_processed"):
             assert before[kind] == Counter({("calA", "0", t): 1 for t in tiles["calA"]}) + Counter(
@@ -383,6 +390,14 @@ async def test_js_client_pauses_holds_and_resets_running_services_calibration_fi
             "tile_converted",
             "tile_processed",
         ]
+
+        # the parked copies are still in the log: `tilepipe resume --acq` sends them back
+        # (tagged as a repair, which only fills in) and they are skipped, adding no event
+        proc = await asyncio.to_thread(tilepipe, "resume", "--acq", "calB", config=config)
+        parked = sum(map(len, parked_by.values()))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"{parked} held inputs sent back" in proc.stdout, proc.stdout
+        assert await quiet(natsctl, config, js) == before
 
         # a reset of every stage without a change recomputes nothing and adds no event
         products = {
