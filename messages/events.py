@@ -211,6 +211,14 @@ class TileConverted(TileEvent):
     shape: list[Index] = Field(max_length=8)
     dtype: Name
     completed_at: datetime | None = None
+    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="digest of the raw tile's identity, calibration and conventions"
+    )
+
+    def msg_id(self) -> str:
+        """Recomputed from other inputs or parameters: a new event; the same work again: a
+        duplicate."""
+        return f"{self.subject()}:{self.basis}" if self.basis else self.subject()
 
 
 class TileProcessed(TileEvent):
@@ -222,6 +230,14 @@ class TileProcessed(TileEvent):
     device: Name
     seconds: Annotated[float, Field(ge=0)]
     completed_at: datetime | None = None
+    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="digest of the recipe's basis and the kernels' version"
+    )
+
+    def msg_id(self) -> str:
+        """Recomputed from other inputs or parameters: a new event; the same work again: a
+        duplicate."""
+        return f"{self.subject()}:{self.basis}" if self.basis else self.subject()
 
 
 class TilePairAligned(SliceEvent):
@@ -235,9 +251,16 @@ class TilePairAligned(SliceEvent):
     confidence: float
     accepted: bool
     reason: Text = ""
+    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="digest of the two tiles' bases"
+    )
 
     def tile_token(self) -> str:
         return f"{self.a.token()}-{self.b.token()}"
+
+    def msg_id(self) -> str:
+        """The pair aligned again from recomputed tiles: a new event."""
+        return f"{self.subject()}:{self.basis}" if self.basis else self.subject()
 
 
 class TilePosition(BaseModel):

@@ -20,7 +20,14 @@ from kernels.pipeline import ProcessingParams
 from kernels.spectral import output_depth, validate_input
 from kernels.streaming import CPU_BLOCK_BSCANS, stream_tile
 from messages.events import TileConverted, TileProcessed, utcnow
-from services.atomic import COMPLETE_ATTR, atomic_directory, is_complete, zarr_attrs
+from services.atomic import (
+    BASIS_ATTR,
+    COMPLETE_ATTR,
+    atomic_directory,
+    basis_digest,
+    is_complete,
+    zarr_attrs,
+)
 from services.layout import products_path
 from services.manifest import RawLayout
 from services.metrics import TILES_BY_DEVICE
@@ -53,6 +60,9 @@ ENFACE = {
 
 
 RUNTIME_OPTIONS = ("batch_bscans", "gpu_memory_budget_bytes", "cpu_threads")
+# Part of every product's basis: bump it when a change of the kernels changes their results,
+# and a replay (`tilepipe replay process --from-seq N`) recomputes the tiles made before.
+KERNELS_VERSION = 1
 
 
 def runtime_options(options: dict) -> dict[str, Any]:
@@ -97,10 +107,13 @@ class Process(Stage):
         rel = products_path(event.acq, event.tile)
         target = roots.resolve("work", rel)
         source = {"source_path": event.path, "source_mtime_ns": source_attrs["raw_mtime_ns"]}
+        recipe = source_attrs.get(BASIS_ATTR) or [source, source_attrs.get("calibration")]
+        basis = basis_digest([recipe, KERNELS_VERSION])  # runtime options change no result
         started = time.perf_counter()
         device = self.device
         read = written = 0
-        if not ctx.force and is_complete(target, **source):
+        unchanged = not ctx.force and is_complete(target, **source, **{BASIS_ATTR: basis})
+        if unchanged:
             device = zarr_attrs(target).get("device", device)
         else:
             cal = SpectrometerCalibration(**source_attrs["calibration"])
@@ -124,6 +137,8 @@ class Process(Stage):
                     "params": params.__dict__,
                     "units": PRODUCT_UNITS,
                     **source,
+                    BASIS_ATTR: basis,
+                    "kernels_version": KERNELS_VERSION,
                     "raw_path": source_attrs["raw_path"],
                     "calibration": source_attrs["calibration"],
                 }
@@ -141,9 +156,11 @@ class Process(Stage):
                     device=device,
                     seconds=seconds,
                     completed_at=utcnow(),
+                    basis=basis,
                     producer=self.name,
                 )
             ],
+            unchanged=unchanged,
             bytes_read=read,
             bytes_written=written,
         )

@@ -43,6 +43,7 @@ from messages.events import (
     TileProcessed,
 )
 from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
+from services.atomic import basis_digest
 from services.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
 from services.layout import mosaic_path, volume_of
 from services.manifest import Manifest, MosaicGeometry
@@ -142,7 +143,9 @@ class Stitch(Stage):
         tile = event.tile
         group = event.products[self.align_product].rsplit("/", 1)[0]
         book = await MosaicBook.open(ctx.js, event.acq, tile.slice, tile.mosaic)
-        await book.mark_tile(tile.row, tile.col, "processed", products=group)
+        # the tile's basis is part of the mosaic's digest: a tile recomputed from other
+        # inputs (a calibration fix) re-aligns its pairs and re-fuses its mosaic
+        await book.mark_tile(tile.row, tile.col, "processed", products=group, basis=event.basis)
         state = await book.state()
         events: list[Event] = []
         done = state.processed()
@@ -151,11 +154,14 @@ class Stitch(Stage):
             if nb not in done:
                 continue
             a, b = sorted([(tile.row, tile.col), nb])  # fixed = upper / left tile
-            if (a, b) in state.pairs and not ctx.force:
+            bases = [state.tiles[a].get("basis", ""), state.tiles[b].get("basis", "")]
+            known = state.pairs.get((a, b))
+            if known is not None and known.get("bases", ["", ""]) == bases and not ctx.force:
                 continue
             record = await asyncio.to_thread(
                 self._align, geometry, state.tiles[a]["products"], state.tiles[b]["products"], a, b
             )
+            record["bases"] = bases
             await book.record_pair(a, b, record)
             events.append(
                 TilePairAligned(
@@ -168,11 +174,12 @@ class Stitch(Stage):
                     confidence=record["confidence"],
                     accepted=record["accepted"],
                     reason=record["reason"],
+                    basis=basis_digest(bases) if any(bases) else "",
                     producer=self.name,
                 )
             )
         stitched = await self._maybe_stitch(book, event.acq, tile.slice, tile.mosaic, manifest, ctx)
-        return Result(events=events + stitched.events)
+        return Result(events=events + stitched.events, unchanged=stitched.unchanged and not events)
 
     def _image(self, group: str, product: str) -> np.ndarray:
         store = self.config.roots.resolve("work", group)
@@ -236,17 +243,13 @@ class Stitch(Stage):
             raise PermanentError(f"slice {slice_index} mosaic {mosaic} has no processed tile")
         digest = state.digest()
         rel = mosaic_path(acq, slice_index, mosaic)
-        positions, residual, missing, rejected, stage_placed = await asyncio.to_thread(
-            self._fuse,
-            manifest,
-            state,
-            rel,
-            acq,
-            slice_index,
-            mosaic,
+        write = (
             digest != state.stitched_digest
             or ctx.force
-            or not self.config.roots.resolve("output", rel).exists(),
+            or not self.config.roots.resolve("output", rel).exists()
+        )
+        positions, residual, missing, rejected, stage_placed = await asyncio.to_thread(
+            self._fuse, manifest, state, rel, acq, slice_index, mosaic, write
         )
         await book.mark_stitched(digest)
         ctx.log.info(
@@ -275,7 +278,7 @@ class Stitch(Stage):
             stage_placed=stage_placed,
             producer=self.name,
         )
-        return Result(events=[event])
+        return Result(events=[event], unchanged=not write)
 
     def _fuse(
         self,
