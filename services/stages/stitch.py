@@ -43,6 +43,7 @@ from messages.events import (
     TileProcessed,
 )
 from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
+from services.exports import export_mosaic
 from services.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
 from services.layout import mosaic_path, volume_of
 from services.manifest import Manifest, MosaicGeometry
@@ -236,7 +237,7 @@ class Stitch(Stage):
             raise PermanentError(f"slice {slice_index} mosaic {mosaic} has no processed tile")
         digest = state.digest()
         rel = mosaic_path(acq, slice_index, mosaic)
-        positions, residual, missing, rejected, stage_placed = await asyncio.to_thread(
+        positions, residual, missing, rejected, stage_placed, exports = await asyncio.to_thread(
             self._fuse,
             manifest,
             state,
@@ -273,6 +274,7 @@ class Stitch(Stage):
             inputs=digest,
             rejected=rejected,
             stage_placed=stage_placed,
+            exports=exports,
             producer=self.name,
         )
         return Result(events=[event])
@@ -381,7 +383,15 @@ class Stitch(Stage):
                 self._fuse_volume(
                     manifest, state, layout.positions_yx, index, rel, acq, slice_index, mosaic
                 )
-        return positions, rms, missing, rejected, stage_placed
+        exports = export_mosaic(  # NIfTI and previews beside the store (services/exports.py)
+            self.config.roots.output,
+            rel,
+            slice_index,
+            mosaic,
+            manifest.lattice.slice_thickness_um,
+            force=write,
+        )
+        return positions, rms, missing, rejected, stage_placed, exports
 
     def _fuse_volume(
         self,
