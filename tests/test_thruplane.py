@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 
+import nibabel
 import numpy as np
 import zarr
 
@@ -286,6 +287,10 @@ async def test_stage_fits_the_axis_when_both_mosaics_are_stitched(config, js):
         assert np.percentile(err["azimuth"], 95) < 5.0, k
         assert np.percentile(err["inclination"], 95) < 5.0, k
         assert np.median(err["delta_n"]) < 0.05, k
+        # NIfTI copies and previews of the axis products, listed in the event
+        nii = nibabel.load(config.roots.output / e.exports["nifti.delta_n"])
+        assert np.array_equal(nii.get_fdata()[:, :, 0], products["delta_n"].T, equal_nan=True)
+        assert (config.roots.output / e.exports["preview.inplane"]).is_file()
     # the void (slice 0): out of the mask, so no axis there
     yy, xx = np.mgrid[0:150, 0:160]
     hole = ((yy * PX_UM - 700.0) ** 2 + (xx * PX_UM - 400.0) ** 2) < 150.0**2
