@@ -6,6 +6,7 @@ the index is rendered by a real headless Chromium, which must load every image."
 from __future__ import annotations
 
 import html
+import json
 import re
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from kernels.thruplane import CHANNELS as AXIS_CHANNELS
 from services.exports import export_axis, export_mosaic
 from services.layout import axis_path, index_path, mosaic_path
 from services.omezarr import write_omezarr
+from tests.conftest import tilepipe
 
 PX_UM = 10.0
 THICK_UM = 200.0
@@ -172,3 +174,15 @@ def test_index_renders_in_headless_chromium_with_every_image_loaded(tmp_path):
         timeout=60,
     ).stdout
     assert "broken=1 aip" in dom
+
+
+async def test_status_names_the_index(config, js):
+    """`tilepipe status ACQ` (text and --json) gives the index's path once it exists."""
+    out = config.roots.output
+    assert "previews: none yet" in tilepipe("status", "acq", config=config).stdout
+    export_mosaic(out, write_mosaic(out, "acq", 0, 0, mosaic_maps((20, 30))), 0, 0, THICK_UM)
+    index = str(out / index_path("acq"))
+    text = tilepipe("status", "acq", config=config)
+    assert f"previews: {index}" in text.stdout, text.stderr
+    doc = json.loads(tilepipe("status", "acq", "--json", config=config).stdout)
+    assert doc["previews_index"] == index
