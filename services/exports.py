@@ -20,7 +20,7 @@ stage lists in its event. With ``force=False`` files already there are kept (a r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ AXIS_VECTORS = {  # key -> (channels, unit)
     "vector": (("vector_x", "vector_y", "vector_z"), "axis x dn weight x,y,z"),
 }
 
-Renderer = Callable[[dict[str, np.ndarray]], np.ndarray | None]
+Renderer = Callable[[Mapping[str, np.ndarray]], np.ndarray | None]
 MOSAIC_PREVIEWS: dict[str, Renderer] = {
     "aip": lambda c: grey(c["aip"]),
     "mip": lambda c: grey(c["mip"]),
@@ -73,14 +73,34 @@ AXIS_PREVIEWS: dict[str, Renderer] = {
 }
 
 
-def _read(store: Path) -> tuple[dict[str, np.ndarray], tuple[float, float], tuple[float, float]]:
+class Channels(Mapping[str, np.ndarray]):
+    """The level-0 planes of a store by channel name, each read when asked for (one plane in
+    memory at a time, not the whole stack: a real mosaic is ~6000 x 6000 px per channel)."""
+
+    def __init__(self, store: Path, names: list[str]) -> None:
+        self.level = open_level(store, 0)
+        self.index = {name: k for k, name in enumerate(names)}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.asarray(self.level[self.index[name]], dtype=np.float32)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def _read(store: Path) -> tuple[Channels, tuple[float, float], tuple[float, float]]:
     """Channels of level 0, pixel size (y, x) and origin (y, x) in micrometres."""
     ome = read_multiscale(store)
     transforms = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     scale = next(t["scale"] for t in transforms if t["type"] == "scale")
     shift = next((t["translation"] for t in transforms if t["type"] == "translation"), [0, 0, 0])
-    level = np.asarray(open_level(store, 0)[:], dtype=np.float32)
-    channels = {name: level[k] for k, name in enumerate(ome["channel_names"])}
+    channels = Channels(store, ome["channel_names"])
     return channels, (float(scale[1]), float(scale[2])), (float(shift[1]), float(shift[2]))
 
 

@@ -123,6 +123,28 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def images_loaded(page: Path) -> str:
+    """Load `page` in headless Chromium; `images=N broken=K alt,...` as a script in a copy of
+    the page beside it (same relative links) finds them once the page has loaded."""
+    check = page.with_name("check.html")
+    script = (
+        "<script>window.addEventListener('load', () => {"
+        "const imgs = [...document.images];"
+        "const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);"
+        "const out = document.createElement('pre'); out.id = 'result';"
+        "out.textContent = `images=${imgs.length} broken=${bad.length} ${bad.join(',')}`;"
+        "document.body.appendChild(out);});</script>"
+    )
+    check.write_text(page.read_text().replace("</body>", script + "</body>"))
+    command = [chromium(), "--headless", "--disable-gpu", "--no-sandbox"]
+    command += ["--virtual-time-budget=5000", "--dump-dom", check.as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+    check.unlink()
+    result = re.search(r'<pre id="result">([^<]*)</pre>', dom)
+    assert result, dom[-2000:]
+    return html.unescape(result.group(1)).strip()
+
+
 @pytest.mark.skipif(chromium() is None, reason="Debian chromium is not installed")
 def test_index_renders_in_headless_chromium_with_every_image_loaded(tmp_path):
     """Two slices (two mosaics and the axis each): the index lists the newest previews per
@@ -138,42 +160,10 @@ def test_index_renders_in_headless_chromium_with_every_image_loaded(tmp_path):
     srcs = re.findall(r'<img src="([^"]+)"', page)
     assert len(srcs) == 2 * (6 + 6 + 5)
     assert page.index('id="slice0001"') < page.index('id="slice0000"')  # newest first
-    check = tmp_path / "acq" / "check.html"
-    script = (
-        "<script>window.addEventListener('load', () => {"
-        "const imgs = [...document.images];"
-        "const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);"
-        "const out = document.createElement('pre'); out.id = 'result';"
-        "out.textContent = `images=${imgs.length} broken=${bad.length} ${bad.join(',')}`;"
-        "document.body.appendChild(out);});</script>"
-    )
-    check.write_text(page.replace("</body>", script + "</body>"))
-    dom = subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--disable-gpu",
-            "--no-sandbox",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            check.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    result = re.search(r'<pre id="result">([^<]*)</pre>', dom)
-    assert result, dom[-2000:]
-    assert html.unescape(result.group(1)).strip() == f"images={len(srcs)} broken=0"
+    assert images_loaded(tmp_path / index_path("acq")) == f"images={len(srcs)} broken=0"
     # a preview deleted on disk breaks the check (the check can fail)
     (tmp_path / "acq/previews/slice0000-m0/aip.png").unlink()
-    dom = subprocess.run(
-        [chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--dump-dom", check.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    assert "broken=1 aip" in dom
+    assert images_loaded(tmp_path / index_path("acq")) == f"images={len(srcs)} broken=1 aip"
 
 
 async def test_status_names_the_index(config, js):
