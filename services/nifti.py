@@ -18,6 +18,7 @@ import numpy as np
 
 from services.atomic import atomic_file
 
+GZIP_LEVEL = 1  # float maps hardly compress better at higher levels, and 5x slower
 VECTOR_INTENT = "vector"  # NIfTI intent of a vector field stored along axis 4 (x, y, z, 1, c)
 
 
@@ -57,7 +58,7 @@ def write_nifti(
     """Write `data` as NIfTI-1 at `path` (``.nii`` or ``.nii.gz``), atomically."""
     body = nifti_bytes(data, zooms_mm, descrip, origin_mm, intent)
     if str(path).endswith(".gz"):
-        body = gzip.compress(body, compresslevel=6, mtime=0)
+        body = gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
     with atomic_file(Path(path)) as tmp:
         tmp.write_bytes(body)
     return Path(path)

@@ -69,7 +69,7 @@ def png_bytes(image: np.ndarray, max_side_px: int = MAX_SIDE_PX) -> bytes:
     if max(pil.size) > max_side_px:
         pil.thumbnail((max_side_px, max_side_px), Image.Resampling.BOX)
     buf = io.BytesIO()
-    pil.save(buf, format="PNG", optimize=False)
+    pil.save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
 
 
