@@ -94,6 +94,10 @@ class Channels(Mapping[str, np.ndarray]):
         return len(self.index)
 
 
+MOSAIC_EXPORT_FILES = len(MOSAIC_NIFTI) + len(MOSAIC_PREVIEWS)  # of a mosaic with every channel
+AXIS_EXPORT_FILES = len(AXIS_NIFTI) + len(AXIS_VECTORS) + len(AXIS_PREVIEWS)
+
+
 def _read(store: Path) -> tuple[Channels, tuple[float, float], tuple[float, float]]:
     """Channels of level 0, pixel size (y, x) and origin (y, x) in micrometres."""
     ome = read_multiscale(store)
