@@ -94,6 +94,22 @@ class Channels(Mapping[str, np.ndarray]):
         return len(self.index)
 
 
+FRAME = "rows = y (B-lines, down), columns = x (A-lines, right)"
+GREY = "grey, linear from the 1st to the 99th percentile, NaN black"
+PREVIEW_NOTES = {
+    "aip": f"aip [dB]: {GREY}",
+    "mip": f"mip [dB]: {GREY}",
+    "ret": f"retardance [deg]: {GREY}",
+    "ori": "orientation [deg]: hue (o + 90)/180 (-90 red, -30 green, +30 blue), value = "
+    "retardance 1st-99th percentile",
+    "biref": f"birefringence [delta-n]: {GREY}",
+    "mask": "mask: white 1, grey 0, black no data",
+    "inplane": "in-plane axis azimuth as hue, delta-n as value (inplane_r/g/b)",
+    "throughplane": "thru-plane inclination as hue, delta-n as value (throughplane_r/g/b)",
+    "axis3d": "|weighted axis vector| x, y, z as R, G, B",
+    "delta_n": f"delta-n [dimensionless]: {GREY}",
+}
+
 MOSAIC_EXPORT_FILES = len(MOSAIC_NIFTI) + len(MOSAIC_PREVIEWS)  # of a mosaic with every channel
 AXIS_EXPORT_FILES = len(AXIS_NIFTI) + len(AXIS_VECTORS) + len(AXIS_PREVIEWS)
 
@@ -159,7 +175,7 @@ def _export(
         if image is None:
             continue
         rel = planned[f"preview.{key}"]
-        write_png(output_root / rel, image)
+        write_png(output_root / rel, image, f"tilepipe preview {PREVIEW_NOTES[key]}; {FRAME}")
         written[f"preview.{key}"] = rel
     acq = store_rel.split("/", 1)[0]
     write_index(output_root, acq)

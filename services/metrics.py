@@ -186,6 +186,8 @@ def serve_metrics(host: str, port: int) -> int:
     """Expose /metrics on host:port (0 picks a free port); returns the bound port."""
     server, _thread = start_http_server(port, addr=host)
     return server.server_address[1]
+
+
 NOTIFY_MESSAGES = Counter(
     "tilepipe_notify_messages_total",
     "Webhook notifications, by kind (acq_started, slice_done, failures) and outcome "

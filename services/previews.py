@@ -61,21 +61,27 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def png_bytes(image: np.ndarray, max_side_px: int = MAX_SIDE_PX) -> bytes:
-    """A PNG of a [0, 1] grey or RGB image, shrunk (box filter) to `max_side_px` at most."""
-    from PIL import Image
+def png_bytes(image: np.ndarray, description: str = "", max_side_px: int = MAX_SIDE_PX) -> bytes:
+    """A PNG of a [0, 1] grey or RGB image, shrunk (box filter) to `max_side_px` at most;
+    `description` goes into its ``Description`` text chunk."""
+    from PIL import Image, PngImagePlugin
 
     pil = Image.fromarray(to_uint8(image))
     if max(pil.size) > max_side_px:
         pil.thumbnail((max_side_px, max_side_px), Image.Resampling.BOX)
+    info = PngImagePlugin.PngInfo()
+    if description:
+        info.add_text("Description", description)
     buf = io.BytesIO()
-    pil.save(buf, format="PNG", compress_level=3)
+    pil.save(buf, format="PNG", compress_level=3, pnginfo=info)
     return buf.getvalue()
 
 
-def write_png(path: Path, image: np.ndarray, max_side_px: int = MAX_SIDE_PX) -> Path:
+def write_png(
+    path: Path, image: np.ndarray, description: str = "", max_side_px: int = MAX_SIDE_PX
+) -> Path:
     """Write a preview atomically."""
-    body = png_bytes(image, max_side_px)
+    body = png_bytes(image, description, max_side_px)
     with atomic_file(Path(path)) as tmp:
         tmp.write_bytes(body)
     return Path(path)

@@ -94,6 +94,7 @@ def test_previews_window_orientation_hsv_and_are_bounded(tmp_path):
     assert tuple(ori[10, 10]) == (255, 0, 0)  # -90 deg, full retardance: red
     assert tuple(ori[10, 80]) == (0, 255, 0)  # -30 deg: green
     assert ori[50, 10].max() == 0 and ori[50, 80].max() == 0  # no retardance: black
+    assert "hue" in Image.open(tmp_path / files["preview.ori"]).text["Description"]
     aip = np.asarray(Image.open(tmp_path / files["preview.aip"]).convert("L")).astype(int)
     assert aip[:, :10].mean() < 40 and aip[:, -10:].mean() > 215  # 1-99 % window
     mask = np.asarray(Image.open(tmp_path / files["preview.mask"]).convert("L"))
