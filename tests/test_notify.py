@@ -102,9 +102,9 @@ def failed(stage: str, row: int, acq: str = "a1") -> StageFailed:
     )  # fmt: skip
 
 
-def registered(acq: str, k: int) -> SliceRegistered:
+def registered(acq: str, k: int, mosaic: int = 0) -> SliceRegistered:
     return SliceRegistered(
-        acq=acq, slice=k, mosaic=0, path=f"{acq}/volume/registered.ome.zarr",
+        acq=acq, slice=k, mosaic=mosaic, path=f"{acq}/volume/registered.ome.zarr",
         transform=[[1, 0, 0], [0, 1, 0], [0, 0, 1]], quality=0.9, accepted=True,
         producer="register",
     )  # fmt: skip
@@ -218,3 +218,20 @@ def test_url_file_must_be_private_and_a_url(config, tmp_path):
             config,
             StageSettings(options={"url_file": str(not_url), "unknown_option": 1}),
         )
+
+
+async def test_slice_done_on_registered_for_one_illumination(config, js, tmp_path):
+    """`slice_done_on = "registered"`: mosaic 0's slice_registered is the slice done; another
+    mosaic's, or a slice_axis, sends nothing."""
+    receiver = Receiver()
+    options = {"url_file": str(url_file(tmp_path, receiver.url)), "slice_done_on": "registered"}
+    try:
+        async with notifier(config, **options):
+            await publish_event(js, axis_done("a1", 0))
+            await publish_event(js, registered("a1", 0, mosaic=1))
+            await publish_event(js, registered("a1", 2))
+            await wait_for(lambda: len(receiver.posts) >= 1)
+            await asyncio.sleep(1.5)
+    finally:
+        receiver.close()
+    assert receiver.texts() == ["tilepipe: a1 slice 2 done"]
