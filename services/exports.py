@@ -30,9 +30,17 @@ from services.nifti import VECTOR_INTENT, write_nifti
 from services.nifti_products import MAPS
 from services.omezarr import open_level, read_multiscale
 from services.preview_index import write_index
-from services.previews import grey, mask_image, orientation_hsv, write_png
+from services.previews import (
+    block_mean,
+    grey,
+    mask_image,
+    orientation_hsv,
+    shrink_factor,
+    write_png,
+)
 
 MASK_UNIT = "1 tissue, 0 not, NaN no data"
+AXIAL = frozenset({"orientation", "azimuth", "tilted_orientation"})  # 180-degree periodic
 # mosaic channel -> (toolbox key, unit)
 MOSAIC_NIFTI = {
     "aip": ("aip", MAPS["aip"][1]),
@@ -84,6 +92,10 @@ class Channels(Mapping[str, np.ndarray]):
     def __getitem__(self, name: str) -> np.ndarray:
         return np.asarray(self.level[self.index[name]], dtype=np.float32)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.level.shape[1:])  # type: ignore[return-value]
+
     def __contains__(self, name: object) -> bool:
         return name in self.index
 
@@ -112,6 +124,30 @@ PREVIEW_NOTES = {
 
 MOSAIC_EXPORT_FILES = len(MOSAIC_NIFTI) + len(MOSAIC_PREVIEWS)  # of a mosaic with every channel
 AXIS_EXPORT_FILES = len(AXIS_NIFTI) + len(AXIS_VECTORS) + len(AXIS_PREVIEWS)
+
+
+class Shrunk(Mapping[str, np.ndarray]):
+    """Channels block-averaged for previews (:func:`services.previews.block_mean`), each
+    computed once."""
+
+    def __init__(self, channels: Mapping[str, np.ndarray], factor: int) -> None:
+        self.channels, self.factor = channels, factor
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.cache:
+            plane = self.channels[name]
+            self.cache[name] = block_mean(plane, self.factor, axial=name in AXIAL)
+        return self.cache[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.channels
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.channels)
+
+    def __len__(self) -> int:
+        return len(self.channels)
 
 
 def _read(store: Path) -> tuple[Channels, tuple[float, float], tuple[float, float]]:
@@ -167,9 +203,10 @@ def _export(
         desc = f"tilepipe {key} [{unit}] x=A y=B"
         write_nifti(output_root / rel, field, zooms, desc, origin, intent=VECTOR_INTENT)
         written[f"nifti.{key}"] = rel
+    shrunk = Shrunk(channels, shrink_factor(channels.shape))
     for key, render in renderers.items():
         try:
-            image = render(channels)
+            image = render(shrunk)
         except KeyError:  # a store without that product
             continue
         if image is None:

@@ -8,6 +8,10 @@
 - masks: 1 white, 0 grey, NaN black;
 - RGB maps (the axis products' in-plane / thru-plane colours, |axis vector|): as given, [0, 1].
 
+A large map is first shrunk by block means (:func:`block_mean`; angles on doubled angles) by
+the integer factor that brings its long side under the bound, so rendering holds one
+full-size plane at a time; what remains is shrunk by a box filter when encoding.
+
 Row 0 of the image is row 0 of the mosaic (y down), column 0 its column 0 (x right): the
 mosaic as the OME-Zarr stores it, not the NIfTI's transposed array.
 """
@@ -24,6 +28,37 @@ from services.atomic import atomic_file
 
 MAX_SIDE_PX = 2048
 PERCENTILES = (1.0, 99.0)
+
+
+def shrink_factor(shape: tuple[int, ...], max_side_px: int = MAX_SIDE_PX) -> int:
+    """The integer block size that brings the long side to `max_side_px` or below."""
+    return max(1, -(-max(shape[:2]) // max_side_px))
+
+
+def block_mean(plane: np.ndarray, factor: int, axial: bool = False) -> np.ndarray:
+    """NaN-aware mean of `factor` x `factor` blocks (edges padded with NaN); an axial plane
+    (degrees, 180-periodic: orientation, azimuth) is averaged on doubled angles."""
+    plane = np.asarray(plane, dtype=np.float32)
+    if factor == 1:
+        return plane
+    ny, nx = plane.shape
+    py, px = -ny % factor, -nx % factor
+    if py or px:
+        plane = np.pad(plane, ((0, py), (0, px)), constant_values=np.nan)
+    shape = (plane.shape[0] // factor, factor, plane.shape[1] // factor, factor)
+    valid = np.isfinite(plane)
+    count = valid.reshape(shape).sum(axis=(1, 3))
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        total = np.where(valid, values, 0.0).reshape(shape).sum(axis=(1, 3), dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / count, np.nan)
+
+    if not axial:
+        return mean(plane).astype(np.float32)
+    doubled = np.deg2rad(2.0 * plane)
+    angle = np.rad2deg(np.arctan2(mean(np.sin(doubled)), mean(np.cos(doubled)))) / 2.0
+    return angle.astype(np.float32)
 
 
 def window(image: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:

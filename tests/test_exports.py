@@ -21,6 +21,7 @@ from kernels.thruplane import CHANNELS as AXIS_CHANNELS
 from services.exports import export_axis, export_mosaic
 from services.layout import axis_path, index_path, mosaic_path
 from services.omezarr import write_omezarr
+from services.previews import block_mean
 from tests.conftest import tilepipe
 
 PX_UM = 10.0
@@ -103,7 +104,11 @@ def test_previews_window_orientation_hsv_and_are_bounded(tmp_path):
     big = {k: np.repeat(np.repeat(v, 10, 0), 50, 1) for k, v in mosaic_maps((50, 50)).items()}
     rel = write_mosaic(tmp_path, "big", 0, 0, big)
     files = export_mosaic(tmp_path, rel, 0, 0, THICK_UM)
-    assert Image.open(tmp_path / files["preview.aip"]).size == (2048, 410)
+    # block means by the integer factor that brings it under 2048 (2), angles doubled
+    assert Image.open(tmp_path / files["preview.aip"]).size == (1250, 250)
+    ori = np.array([[-89.0, 89.0], [-88.0, 88.0]], np.float32)
+    assert abs(abs(float(block_mean(ori, 2, axial=True)[0, 0])) - 90.0) < 0.1
+    assert float(block_mean(ori, 2)[0, 0]) == 0.0  # what a plain mean would make of it
 
 
 def test_axis_nifti_and_previews(tmp_path):
