@@ -11,6 +11,7 @@ never raised, so a receiver that is down never holds up anything else.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -66,7 +67,7 @@ class Webhook:
         for attempt in range(len(self.backoff_s) + 1):
             try:
                 status = await asyncio.to_thread(self._send, body)
-            except (OSError, ValueError) as exc:  # refused, unreachable, timeout, bad URL
+            except (OSError, ValueError, http.client.HTTPException) as exc:  # down, timeout, junk
                 error = type(exc).__name__
             else:
                 if 200 <= status < 300:
