@@ -302,6 +302,11 @@ class SliceStitched(SliceEvent):
         max_length=MAX_LIST,
         description="(row, col) of tiles without an accepted pair, placed by the stage model",
     )
+    exports: dict[Name, RelPath] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="NIfTI copies and previews of the mosaic (nifti.<key>, preview.<key>)",
+    )
 
     def msg_id(self) -> str:
         """The same mosaic stitched again from other inputs (a late tile) is a new event."""
@@ -356,6 +361,11 @@ class SliceAxis(SliceEvent):
     delta_n_median: float | None = None
     basis: Annotated[str, StringConstraints(max_length=64)] = Field(
         default="", description="digest of the inputs (both mosaics, options)"
+    )
+    exports: dict[Name, RelPath] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="NIfTI copies and previews of the axis products (nifti.<key>, preview.<key>)",
     )
 
     def msg_id(self) -> str:

@@ -42,3 +42,19 @@ def axis_path(acq: str, slice_index: int) -> str:
 def axis_volume_path(acq: str) -> str:
     """Output-root-relative OME-Zarr of the acquisition's stacked axis products."""
     return f"{acq}/volume/axis.ome.zarr"
+
+
+def exports_dir(store_rel: str) -> str:
+    """The NIfTI files of an OME-Zarr store, in a directory beside it
+    (`.../slice0001-m0.ome.zarr` -> `.../slice0001-m0/`)."""
+    return store_rel.removesuffix(".ome.zarr")
+
+
+def previews_dir(acq: str, slice_index: int, label: str) -> str:
+    """Output-root-relative directory of one slice's previews (`label`: `m<M>` or `axis`)."""
+    return f"{acq}/previews/slice{slice_index:04d}-{label}"
+
+
+def index_path(acq: str) -> str:
+    """Output-root-relative static HTML index of an acquisition's newest previews."""
+    return f"{acq}/index.html"

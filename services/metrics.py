@@ -186,3 +186,16 @@ def serve_metrics(host: str, port: int) -> int:
     """Expose /metrics on host:port (0 picks a free port); returns the bound port."""
     server, _thread = start_http_server(port, addr=host)
     return server.server_address[1]
+
+
+NOTIFY_MESSAGES = Counter(
+    "tilepipe_notify_messages_total",
+    "Webhook notifications, by kind (acq_started, slice_done, failures) and outcome "
+    "(sent, dropped: given up after its retries).",
+    ["kind", "outcome"],
+)
+NOTIFY_SKIPPED = Counter(
+    "tilepipe_notify_events_skipped_total",
+    "Events not notified, by reason (old: emitted before max_age_s; own_failure).",
+    ["reason"],
+)

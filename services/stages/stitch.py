@@ -44,6 +44,7 @@ from messages.events import (
 )
 from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
 from services.atomic import basis_digest
+from services.exports import export_mosaic
 from services.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
 from services.layout import mosaic_path, volume_of
 from services.manifest import Manifest, MosaicGeometry
@@ -248,7 +249,7 @@ class Stitch(Stage):
             or ctx.force
             or not self.config.roots.resolve("output", rel).exists()
         )
-        positions, residual, missing, rejected, stage_placed = await asyncio.to_thread(
+        positions, residual, missing, rejected, stage_placed, exports = await asyncio.to_thread(
             self._fuse, manifest, state, rel, acq, slice_index, mosaic, write
         )
         await book.mark_stitched(digest)
@@ -276,6 +277,7 @@ class Stitch(Stage):
             inputs=digest,
             rejected=rejected,
             stage_placed=stage_placed,
+            exports=exports,
             producer=self.name,
         )
         return Result(events=[event], unchanged=not write)
@@ -384,7 +386,15 @@ class Stitch(Stage):
                 self._fuse_volume(
                     manifest, state, layout.positions_yx, index, rel, acq, slice_index, mosaic
                 )
-        return positions, rms, missing, rejected, stage_placed
+        exports = export_mosaic(  # NIfTI and previews beside the store (services/exports.py)
+            self.config.roots.output,
+            rel,
+            slice_index,
+            mosaic,
+            manifest.lattice.slice_thickness_um,
+            force=write,
+        )
+        return positions, rms, missing, rejected, stage_placed, exports
 
     def _fuse_volume(
         self,

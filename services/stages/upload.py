@@ -4,7 +4,10 @@ Consumes `tile_processed` (the tile's product group under the work root; with `i
 also its raw file, found through the products' `source_path` and the converted store's
 `raw_path`), `slice_stitched`, `slice_registered` and `slice_axis` (paths under the output
 root; `slice_registered` and `slice_axis` also send the stacked axis volume once register has
-written it: product `axisvolume`; a slice's axis products are product `axis`). Each
+written it: product `axisvolume`; a slice's axis products are product `axis`; the NIfTI copies
+and previews a `slice_stitched` or `slice_axis` lists in `exports` are products
+`mosaic_nifti`, `mosaic_preview`, `axis_nifti`, `axis_preview`, unless
+`include_exports = false`). Each
 artifact is uploaded by `services.storage.Storage` (checksums, verification, completeness
 marker, retries: see that module) and announced by one `artifact_uploaded` event whose `key`
 is the artifact's full URL.
@@ -61,7 +64,18 @@ from services.storage import (
     check_key,
 )
 
-PRODUCTS = ("psoct", "raw", "mosaic", "volume", "axis", "axisvolume")
+PRODUCTS = (
+    "psoct",
+    "raw",
+    "mosaic",
+    "volume",
+    "axis",
+    "axisvolume",
+    "mosaic_nifti",
+    "mosaic_preview",
+    "axis_nifti",
+    "axis_preview",
+)
 _TILE_KEY = "sample-slice{slice:04d}_acq-m{mosaic}_chunk-r{row:03d}c{col:03d}_{product}{ext}"
 DEFAULT_KEYS: dict[str, str] = {
     "psoct": "sub-{acq}/micr/tiles/slice{slice:04d}/sub-{acq}_" + _TILE_KEY,
@@ -70,6 +84,14 @@ DEFAULT_KEYS: dict[str, str] = {
     "volume": "sub-{acq}/micr/sub-{acq}_acq-m{mosaic}_{product}{ext}",
     "axis": "sub-{acq}/micr/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}_{product}{ext}",
     "axisvolume": "sub-{acq}/micr/sub-{acq}_acq-m{mosaic}_{product}{ext}",
+    # NIfTI copies and previews (services/exports.py): stem = the product key (aip, ori, ...)
+    "mosaic_nifti": "sub-{acq}/micr/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}_proc-{stem}"
+    "{ext}",
+    "mosaic_preview": "sub-{acq}/micr/previews/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}"
+    "_proc-{stem}{ext}",
+    "axis_nifti": "sub-{acq}/micr/sub-{acq}_sample-slice{slice:04d}_proc-3daxis-{stem}{ext}",
+    "axis_preview": "sub-{acq}/micr/previews/sub-{acq}_sample-slice{slice:04d}_proc-3daxis-{stem}"
+    "{ext}",
 }
 COMMON_FIELDS = ("acq", "slice", "mosaic", "product", "name", "stem", "ext")
 TILE_FIELDS = (*COMMON_FIELDS, "row", "col", "tile")
@@ -118,6 +140,9 @@ class UploadOptions(StorageSettings):
         description="one template for every product, or {psoct, raw, mosaic, volume} overrides",
     )
     include_raw: bool = False
+    include_exports: bool = Field(
+        default=True, description="the NIfTI copies and previews a slice event lists"
+    )
     delete_after_upload: bool = False
     delete_when: Literal["stitched", "uploaded"] = "stitched"
 
@@ -303,6 +328,11 @@ class Upload(Stage):
             add("volume", "output", event.path, None, event.slice, event.mosaic)
         elif isinstance(event, SliceAxis):
             add("axis", "output", event.path, None, event.slice, event.mosaic)
+        if isinstance(event, SliceStitched | SliceAxis) and self.options.include_exports:
+            origin = "mosaic" if isinstance(event, SliceStitched) else "axis"
+            for name, source in sorted(event.exports.items()):
+                kind = "nifti" if name.startswith("nifti.") else "preview"
+                add(f"{origin}_{kind}", "output", source, None, event.slice, event.mosaic)
         if isinstance(event, SliceRegistered | SliceAxis):
             # the stacked axis products, when register has written (a plane of) them
             stacked = axis_volume_path(event.acq)
