@@ -15,7 +15,17 @@ Off until configured (`enabled = true` and a `url`):
     enabled = true
     concurrency = 4                  # events handled at once
     options = { url = "s3://bucket/prefix", region = "eu-west-1", concurrency = 8,
-                part_size_mb = 8, include_raw = false, delete_after_upload = false }
+                part_size_mb = 8, include_raw = false, delete_after_upload = false,
+                layout = "tilepipe", archive_raw = false, archive_level = 3,
+                delete_raw_after_verified_upload = false }
+
+Keys: `layout = "tilepipe"` renders `key_template` (defaults `DEFAULT_KEYS`); `layout =
+"dandi"` names each artifact with the acquisition's manifest `[names]` (services/names.py,
+read through `tp-acquisitions`) under `rawdata/sub-<id>/micr/` (raw archives) or
+`derivatives/tilepipe/sub-<id>/micr/` (products), plus the dataset_description.json files.
+`archive_raw` adds product `rawarchive` per tile: a .nii.gz archival copy of its raw file with
+the raw file's SHA-256 in the event (services/stages/upload_raw.py, which also owns the
+opt-in `delete_raw_after_verified_upload`, the only deletion of raw data in tilepipe).
 
 Credentials come from the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`) or `credentials_file`.
 `delete_after_upload` removes tile product groups from the work root once uploaded and
