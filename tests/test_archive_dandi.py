@@ -202,3 +202,29 @@ async def test_delete_after_read_back_and_redelivery(config, js, s3, aws_env):  
         done = await wait_for(again, timeout=30)
     first = next(e for e in archived if e.tile == processed[0].tile)
     assert (done[-1].raw, done[-1].checksum) == (first.raw, first.checksum)
+
+
+async def test_archives_in_the_default_layout_to_a_file_store(config, js, tmp_path):
+    _, raws = await asyncio.to_thread(acquisition, config)
+    store = tmp_path / "store"
+    opts = {Upload: {"url": f"file://{store}", "archive_raw": True}}
+    async with pipeline(config, js, (Convert, Process, Upload), opts, enabled=True):
+
+        async def archived():
+            done = [e for e in await events(js, "artifact_uploaded") if e.product == "rawarchive"]
+            return done if len(done) == TILES else None
+
+        done = await wait_for(archived, timeout=120)
+    for event in done:
+        t = event.tile
+        key = (
+            f"sub-{ACQ}/micr/raw/slice{t.slice:04d}/sub-{ACQ}_sample-slice{t.slice:04d}_"
+            f"acq-m{t.mosaic}_chunk-r{t.row:03d}c{t.col:03d}_rawarchive.nii.gz"
+        )  # DEFAULT_KEYS["rawarchive"]: key_template's fields, extension of the archive
+        assert event.key == f"file://{store}/{key}" and event.raw.verified == "read"
+        image = nib.load(store / key)
+        raw = config.roots.raw / event.raw.path
+        assert sha256(raw.read_bytes()) == event.raw.sha256
+        assert sha256((store / key).read_bytes()) == event.checksum
+        assert image.shape == tuple(event.raw.shape)
+    assert all(p.exists() for p in raws)
