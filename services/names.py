@@ -197,7 +197,7 @@ def _describe(fields: dict[str, Any]) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in fields.items() if k != "project") + ")"
 
 
-def dandi_key(names: Names, kind: str, subject: str, name: str) -> str:
+def dandi_key(kind: str, subject: str, name: str) -> str:
     """Object key of an artifact in the DANDI layout (relative to the destination)."""
     top = "rawdata" if KINDS[kind].raw else f"derivatives/{PIPELINE}"
     return f"{top}/sub-{subject}/micr/{name}"

@@ -379,7 +379,7 @@ class Upload(Stage):
             slice_index=sl if "slice" in spec.fields and tile is None else None,
             mosaic=mos if "acq" in spec.fields and tile is None else None,
         )
-        return check_key(dandi_key(manifest.names, kind, manifest.subject, name))
+        return check_key(dandi_key(kind, manifest.subject, name))
 
     def _artifacts(self, event: Event, manifest: Manifest | None = None) -> list[Artifact]:
         roots = self.config.roots
