@@ -20,6 +20,7 @@ from services.manifest import load_manifest
 from services.names import Names
 from services.rawio import read_tile
 from services.simulate import simulate, small_manifest, write_manifest
+from services.stage import REPAIR_PREFIX
 from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.upload import Upload
@@ -215,6 +216,21 @@ async def test_archives_in_the_default_layout_to_a_file_store(config, js, tmp_pa
             return done if len(done) == TILES else None
 
         done = await wait_for(archived, timeout=120)
+        # a redelivery (not a forced replay) reads the stored archive back instead of
+        # reading and compressing the raw file again
+        records = sorted(config.roots.work.rglob("*.nii.gz.json"))
+        stamps = [p.stat().st_mtime_ns for p in records]
+        processed = (await events(js, "tile_processed"))[0]
+        await publish_event(js, processed, replay=REPAIR_PREFIX + "1")
+
+        async def again():
+            more = [e for e in await events(js, "artifact_uploaded") if e.product == "rawarchive"]
+            return more[TILES:]
+
+        (redone,) = await wait_for(again, timeout=30)
+        first = next(e for e in done if e.tile == processed.tile)
+        assert redone.raw.verified == "read-back" and redone.checksum == first.checksum
+        assert [p.stat().st_mtime_ns for p in records] == stamps and len(records) == TILES
     for event in done:
         t = event.tile
         key = (

@@ -263,7 +263,7 @@ class Upload(Stage):
             try:
                 if artifact.product == "rawarchive":
                     outcome = await self.archiver.run(
-                        artifact.raw_source, artifact.source, artifact.key, ctx.log
+                        artifact.raw_source, artifact.source, artifact.key, ctx.log, ctx.force
                     )
                     report, raw = outcome.report, outcome.raw
                     self._log_upload(artifact, report, ctx)

@@ -75,16 +75,25 @@ class RawArchiver:
     def __init__(self, roots: Roots, storage: Storage, level: int, delete_raw: bool) -> None:
         self.roots, self.storage, self.level, self.delete_raw = roots, storage, level, delete_raw
 
-    async def run(self, source: RawSource, archive_rel: str, key: str, log) -> ArchiveOutcome:
+    async def run(
+        self, source: RawSource, archive_rel: str, key: str, log, force: bool = False
+    ) -> ArchiveOutcome:
         raw_file = self.roots.resolve("raw", source.path)
         local = self.roots.resolve("work", archive_rel)
         record_file = local.with_name(local.name + ".json")
         before = _stat(raw_file)
-        if before is not None:
+        record = _read_record(record_file)
+        if record is not None and not force and not local.is_file():
+            stamp = (record.get("raw_bytes"), record.get("raw_mtime_ns"))
+            if before is not None and stamp != before:
+                record = None  # a different raw file than the one archived: archive again
+        elif before is not None:
+            record = None
+        if record is None and before is not None:
             made = await asyncio.to_thread(
                 archive_tile, raw_file, source.layout, local, level=self.level
             )
-            record = _record(source.path, made)
+            record = {**_record(source.path, made), "raw_mtime_ns": before[1]}
             with atomic_file(record_file) as tmp:
                 tmp.write_text(json.dumps(record, indent=1))
             log.info(
@@ -96,9 +105,7 @@ class RawArchiver:
                 seconds=round(made.seconds, 3),
                 mb_per_s=round(made.raw_bytes / max(made.seconds, 1e-9) / 1e6, 1),
             )
-        elif record_file.is_file():  # deleted after an earlier verified upload
-            record = json.loads(record_file.read_text())
-        else:
+        elif record is None:
             raise FileNotFoundError(
                 f"{source.path} is missing under the raw root and was never archived"
             )
@@ -115,6 +122,8 @@ class RawArchiver:
             stored = await self.storage.read_back(key)
             expected = (record["archive_bytes"], record["archive_sha256"])
             if stored != expected:
+                if before is not None:  # the raw file is here: archive it again next attempt
+                    record_file.unlink(missing_ok=True)
                 raise VerificationError(
                     f"{key}: read back {stored}, expected {expected}: archive not verified"
                 )
@@ -171,6 +180,15 @@ def delete_raw_file(
         archive_sha256=record["archive_sha256"],
     )
     return True
+
+
+def _read_record(path: Path) -> dict | None:
+    """An archive's record (None if absent or unreadable: the tile is archived again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "archive_sha256" in record else None
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
