@@ -4,9 +4,10 @@ Writes one instrument-size spectral tile (`nifti-spectral`: 2048 samples x 350 A
 channels x 350 B-lines, uint16, 1.0 GB) with spectrometer-like content (a Gaussian source
 spectrum, interference fringes of a few reflectors, shot and read noise, 12-bit values), then
 archives it with `services.raw_archive.archive_tile` in a fresh process per gzip level and
+thread count and
 reports seconds, raw MB/s, compression ratio and that process's peak RSS (ru_maxrss).
 
-    .venv/bin/python bench/archive_bench.py --dir /scratch/tp-archive-bench --levels 1 3
+    .venv/bin/python bench/archive_bench.py --dir /scratch/tp-ab --levels 1 3 --threads 1 2
 """
 
 from __future__ import annotations
@@ -50,17 +51,18 @@ def write_tile(path: Path, lay: RawLayout, seed: int = 0) -> None:
             fh.write(np.clip(noisy, 0, 4095).astype("<u2").tobytes())  # [2, A, S] per B-line
 
 
-def archive_once(raw: Path, lay: RawLayout, level: int) -> dict:
+def archive_once(raw: Path, lay: RawLayout, level: int, threads: int) -> dict:
     import nibabel  # noqa: F401  (imported before the clock starts)
 
     from services.raw_archive import archive_tile
 
     target = raw.with_name(f"{raw.stem}-l{level}.nii.gz")
-    report = archive_tile(raw, lay, target, level=level)
+    report = archive_tile(raw, lay, target, level=level, threads=threads)
     target.unlink()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "level": level,
+        "threads": threads,
         "seconds": round(report.seconds, 2),
         "raw_mb_per_s": round(report.raw_bytes / report.seconds / 1e6, 1),
         "raw_bytes": report.raw_bytes,
@@ -77,12 +79,13 @@ def main() -> int:
     ap.add_argument("--alines", type=int, default=350)
     ap.add_argument("--bscans", type=int, default=350)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 3])
-    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: archive at this level
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--one", type=int, nargs=2, help=argparse.SUPPRESS)  # child: level threads
     args = ap.parse_args()
     lay = layout(args)
     raw = args.dir / "mosaic_001_image_0001_spectral_0001.nii"
     if args.one is not None:
-        print(json.dumps(archive_once(raw, lay, args.one)))
+        print(json.dumps(archive_once(raw, lay, *args.one)))
         return 0
     args.dir.mkdir(parents=True, exist_ok=True)
     if not raw.is_file() or raw.stat().st_size != lay.expected_bytes:
@@ -91,14 +94,15 @@ def main() -> int:
         f"# {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
         f"numpy {np.__version__}; tile {raw.stat().st_size / 1e9:.3f} GB"
     )
-    for level in args.levels:
-        child = subprocess.run(
-            [sys.executable, __file__, *sys.argv[1:], "--one", str(level)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        print(child.stdout.strip())
+    for threads in args.threads:
+        for level in args.levels:
+            child = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--one", str(level), str(threads)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            print(child.stdout.strip())
     return 0
 
 

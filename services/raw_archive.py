@@ -26,6 +26,8 @@ import hashlib
 import io
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -100,8 +102,13 @@ def archive_tile(
     *,
     level: int = COMPRESS_LEVEL,
     block_mb: float = 16.0,
+    threads: int = 1,
 ) -> ArchiveReport:
-    """Write `target` (.nii.gz, atomically) from the raw tile `raw` (read once, read-only)."""
+    """Write `target` (.nii.gz, atomically) from the raw tile `raw` (read once, read-only).
+
+    `threads` > 1 compresses blocks in parallel, each block its own gzip member (a
+    multi-member .gz, which gzip, nibabel and MATLAB read as one stream); at most
+    `threads` + 1 blocks are in flight."""
     started = time.perf_counter()
     raw = Path(raw)
     dims, dtype = archive_dims(layout)
@@ -115,9 +122,7 @@ def archive_tile(
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(target) as tmp, open(tmp, "wb") as out:
             sink = _HashingWriter(out)
-            with gzip.GzipFile(
-                filename="", mode="wb", compresslevel=level, fileobj=sink, mtime=0
-            ) as gz:
+            with _compressor(sink, level, threads) as gz:
                 gz.write(nifti_header_bytes(layout, f"tilepipe raw archive of {raw.name}"))
                 if layout.format in ("nifti-spectral", "nifti-complex"):
                     raw_sha.update(_read_exact(src, NIFTI_HEADER_BYTES, raw.name))
@@ -135,8 +140,42 @@ def archive_tile(
     )
 
 
+class _ParallelMembers:
+    """Compresses each write as its own gzip member on a thread pool (zlib releases the
+    GIL), writing the members to `sink` in order; bounded in-flight blocks."""
+
+    def __init__(self, sink: _HashingWriter, level: int, threads: int) -> None:
+        self.sink, self.level, self.threads = sink, level, threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tp-archive")
+        self.pending: deque[Future[bytes]] = deque()
+
+    def write(self, data: bytes) -> None:
+        self.pending.append(self.pool.submit(gzip.compress, data, self.level, mtime=0))
+        while len(self.pending) > self.threads:
+            self.sink.write(self.pending.popleft().result())
+
+    def __enter__(self) -> _ParallelMembers:
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        try:
+            while self.pending:
+                member = self.pending.popleft().result()
+                if exc_type is None:
+                    self.sink.write(member)
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _compressor(sink: _HashingWriter, level: int, threads: int):
+    """One gzip stream (threads 1, as gzip writes it) or parallel gzip members."""
+    if threads > 1:
+        return _ParallelMembers(sink, level, threads)
+    return gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=sink, mtime=0)
+
+
 def _copy_payload(
-    src: BinaryIO, gz: gzip.GzipFile, layout: RawLayout, sha, block: int, name: str
+    src: BinaryIO, gz, layout: RawLayout, sha, block: int, name: str
 ) -> None:
     """Stream the samples from `src` into `gz` in whole B-lines, hashing the raw bytes."""
     if layout.format == "tiff":  # one TIFF: read whole (not the instrument's format)

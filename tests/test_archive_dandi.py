@@ -244,3 +244,29 @@ async def test_archives_in_the_default_layout_to_a_file_store(config, js, tmp_pa
         assert sha256((store / key).read_bytes()) == event.checksum
         assert image.shape == tuple(event.raw.shape)
     assert all(p.exists() for p in raws)
+
+
+def test_parallel_archive_members_read_as_one_stream(tmp_path):
+    """archive_threads > 1: one gzip member per block, compressed on threads; nibabel reads
+    the samples exactly, for a 12-bit tile too, and the bytes do not depend on the timing."""
+    from services.raw_archive import archive_tile
+
+    manifest = small_manifest(
+        "p", slices=1, rows=1, cols=1, alines=32, bscans=32, raw_format="raw12"
+    )
+    path = write_manifest(manifest, tmp_path / "p")
+    simulate(path, manifest, 0)
+    (raw,) = (tmp_path / "p").glob("mosaic_*.raw")
+    layout = manifest.geometry(0).raw
+    one = archive_tile(raw, layout, tmp_path / "one.nii.gz", threads=1)
+    digests = set()
+    for run in range(2):
+        target = tmp_path / f"par{run}.nii.gz"
+        report = archive_tile(raw, layout, target, threads=3, block_mb=0.05)
+        data = target.read_bytes()
+        assert data.count(b"\x1f\x8b\x08") >= 10  # several members (one per block)
+        image = np.asarray(nib.load(target).dataobj)
+        assert np.array_equal(image, read_tile(raw, layout).transpose(3, 2, 1, 0))
+        assert report.raw_sha256 == one.raw_sha256 == sha256(raw.read_bytes())
+        digests.add(report.archive_sha256)
+    assert len(digests) == 1

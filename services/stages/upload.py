@@ -16,7 +16,7 @@ Off until configured (`enabled = true` and a `url`):
     concurrency = 4                  # events handled at once
     options = { url = "s3://bucket/prefix", region = "eu-west-1", concurrency = 8,
                 part_size_mb = 8, include_raw = false, delete_after_upload = false,
-                layout = "tilepipe", archive_raw = false, archive_level = 3,
+                layout = "tilepipe", archive_raw = false, archive_level = 3, archive_threads = 1,
                 delete_raw_after_verified_upload = false }
 
 Keys: `layout = "tilepipe"` renders `key_template` (defaults `DEFAULT_KEYS`); `layout =
@@ -156,6 +156,10 @@ class UploadOptions(StorageSettings):
     archive_level: Annotated[int, Field(ge=1, le=9)] = Field(
         default=COMPRESS_LEVEL, description="gzip level of the archival copies"
     )
+    archive_threads: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1,
+        description="threads compressing one archive (> 1: one gzip member per 16 MiB block)",
+    )
     delete_raw_after_verified_upload: bool = Field(
         default=False,
         description="delete the local raw file once its archive is uploaded and read back",
@@ -244,6 +248,7 @@ class Upload(Stage):
             self.storage,
             self.options.archive_level,
             self.options.delete_raw_after_verified_upload,
+            self.options.archive_threads,
         )
         self._described: set[str] = set()
 

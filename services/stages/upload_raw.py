@@ -72,8 +72,11 @@ class ArchiveOutcome:
 class RawArchiver:
     """Archive, upload, verify and (optionally) delete one raw tile; see the module doc."""
 
-    def __init__(self, roots: Roots, storage: Storage, level: int, delete_raw: bool) -> None:
+    def __init__(
+        self, roots: Roots, storage: Storage, level: int, delete_raw: bool, threads: int = 1
+    ) -> None:
         self.roots, self.storage, self.level, self.delete_raw = roots, storage, level, delete_raw
+        self.threads = threads
 
     async def run(
         self, source: RawSource, archive_rel: str, key: str, log, force: bool = False
@@ -91,7 +94,7 @@ class RawArchiver:
             record = None
         if record is None and before is not None:
             made = await asyncio.to_thread(
-                archive_tile, raw_file, source.layout, local, level=self.level
+                archive_tile, raw_file, source.layout, local, level=self.level, threads=self.threads
             )
             record = {**_record(source.path, made), "raw_mtime_ns": before[1]}
             with atomic_file(record_file) as tmp:
