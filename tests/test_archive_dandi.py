@@ -270,3 +270,52 @@ def test_parallel_archive_members_read_as_one_stream(tmp_path):
         assert report.raw_sha256 == one.raw_sha256 == sha256(raw.read_bytes())
         digests.add(report.archive_sha256)
     assert len(digests) == 1
+
+
+async def test_a_stored_archive_that_does_not_read_back_keeps_the_raw_file(
+    config,
+    js,
+    s3,
+    aws_env,  # noqa: F811
+):
+    """Archived without deletion; then the stored archive is damaged. With deletion on, a
+    redelivery reads it back, finds the mismatch, fails and keeps the raw file; the next one
+    archives and uploads again, reads it back intact and only then deletes the raw file."""
+    _, raws = await asyncio.to_thread(acquisition, config)
+    archived = await run(config, js, s3)
+    victim = archived[0]
+    raw = config.roots.raw / victim.raw.path
+    key = victim.key.removeprefix(f"s3://{BUCKET}/")
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"damaged")
+    (processed,) = [e for e in await events(js, "tile_processed") if e.tile == victim.tile]
+    opts = {
+        Upload: s3_options(
+            s3.endpoint, layout="dandi", archive_raw=True, delete_raw_after_verified_upload=True
+        )
+    }
+    async with pipeline(config, js, (Upload,), opts, enabled=True, max_deliver=1, backoff_s=[0.1]):
+        await publish_event(js, processed, replay=REPAIR_PREFIX + "1")
+
+        async def failed():
+            return [e for e in await events(js, "stage_failed") if e.stage == "upload"]
+
+        (failure,) = await wait_for(failed, timeout=30)
+        assert "archive not verified" in failure.error
+        assert raw.exists() and sha256(raw.read_bytes()) == victim.raw.sha256
+
+        await publish_event(js, processed, replay=REPAIR_PREFIX + "2")
+
+        async def deleted():
+            done = [
+                e
+                for e in await events(js, "artifact_uploaded")
+                if e.product == "rawarchive" and e.raw.raw_deleted
+            ]
+            return done
+
+        (done,) = await wait_for(deleted, timeout=30)
+    assert not raw.exists() and done.raw.verified == "read-back"
+    assert (done.checksum, done.raw.sha256) == (victim.checksum, victim.raw.sha256)
+    body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert sha256(body) == victim.checksum
+    assert sum(p.exists() for p in raws) == TILES - 1  # the tiles not redelivered are kept
