@@ -174,9 +174,7 @@ def _compressor(sink: _HashingWriter, level: int, threads: int):
     return gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=sink, mtime=0)
 
 
-def _copy_payload(
-    src: BinaryIO, gz, layout: RawLayout, sha, block: int, name: str
-) -> None:
+def _copy_payload(src: BinaryIO, gz, layout: RawLayout, sha, block: int, name: str) -> None:
     """Stream the samples from `src` into `gz` in whole B-lines, hashing the raw bytes."""
     if layout.format == "tiff":  # one TIFF: read whole (not the instrument's format)
         import tifffile

@@ -17,6 +17,7 @@ import zarr
 from messages import SliceStitched
 from services.bus import publish_event
 from services.manifest import load_manifest
+from services.metrics import RAW_DELETED
 from services.names import Names
 from services.rawio import read_tile
 from services.simulate import simulate, small_manifest, write_manifest
@@ -171,7 +172,9 @@ async def _count(fn, n: int) -> bool:
 async def test_delete_after_read_back_and_redelivery(config, js, s3, aws_env):  # noqa: F811
     _, raws = await asyncio.to_thread(acquisition, config)
     digests = {p.relative_to(config.roots.raw).as_posix(): sha256(p.read_bytes()) for p in raws}
+    deletions = RAW_DELETED.labels("deleted")._value.get()
     archived = await run(config, js, s3, delete_raw_after_verified_upload=True)
+    assert RAW_DELETED.labels("deleted")._value.get() == deletions + TILES
     assert await events(js, "stage_failed") == []
     for event in archived:
         assert event.raw.verified == "read-back" and event.raw.raw_deleted

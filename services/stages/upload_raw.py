@@ -29,6 +29,7 @@ from messages.events import RawArchival
 from services.atomic import atomic_file, zarr_attrs
 from services.config import Roots
 from services.manifest import RawLayout
+from services.metrics import RAW_ARCHIVE_BYTES, RAW_DELETED
 from services.raw_archive import ArchiveReport, archive_tile
 from services.storage import Storage, UploadReport, VerificationError
 
@@ -97,6 +98,8 @@ class RawArchiver:
                 archive_tile, raw_file, source.layout, local, level=self.level, threads=self.threads
             )
             record = {**_record(source.path, made), "raw_mtime_ns": before[1]}
+            RAW_ARCHIVE_BYTES.labels("raw").inc(made.raw_bytes)
+            RAW_ARCHIVE_BYTES.labels("archive").inc(made.archive_bytes)
             with atomic_file(record_file) as tmp:
                 tmp.write_text(json.dumps(record, indent=1))
             log.info(
@@ -168,12 +171,15 @@ def delete_raw_file(
     now = _stat(raw_file)
     if now != before or now[0] != record["raw_bytes"]:
         log.error("raw_delete_failed", raw=rel, reason="the raw file changed since it was archived")
+        RAW_DELETED.labels("failed").inc()
         return False
     try:
         os.unlink(raw_file)
     except OSError as exc:
         log.error("raw_delete_failed", raw=rel, reason=str(exc))
+        RAW_DELETED.labels("failed").inc()
         return False
+    RAW_DELETED.labels("deleted").inc()
     log.warning(
         "raw_deleted",
         raw=rel,
