@@ -394,8 +394,10 @@ class ArtifactUploaded(TileOrSliceEvent):
 
     def msg_id(self) -> str:
         """Another object (a slice's second mosaic) or other content (a re-upload after a
-        re-stitch) is a new event; the same object with the same content is a duplicate."""
-        body = f"{self.key}\n{self.checksum}".encode()
+        re-stitch) is a new event; the same object with the same content is a duplicate (a
+        raw archive's later deletion of its raw file is a new event too)."""
+        deleted = "\nraw-deleted" if self.raw is not None and self.raw.raw_deleted else ""
+        body = f"{self.key}\n{self.checksum}{deleted}".encode()
         return f"{self.subject()}:{self.product}:{hashlib.sha256(body).hexdigest()[:16]}"
 
 
