@@ -390,6 +390,26 @@ class TileOrSliceEvent(Event):
         return self.tile.token() if self.tile is not None else ANY
 
 
+class RawArchival(BaseModel):
+    """The raw tile behind an archival copy (`artifact_uploaded` of product `rawarchive`,
+    whose `bytes` and `checksum` are the archive's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: RelPath = Field(description="the raw tile, relative to the raw root")
+    bytes: Annotated[int, Field(ge=0)]
+    sha256: Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+    shape: Annotated[list[Index], Field(max_length=8)]
+    dtype: Annotated[str, StringConstraints(max_length=32)]
+    verified: Literal["read-back", "etag", "read"] = Field(
+        description="how the stored archive was checked: read back and hashed, or the "
+        "storage's check after the PUT (ETag, or read back by the storage layer)"
+    )
+    raw_deleted: bool = Field(
+        default=False, description="the local raw file was deleted after the read-back check"
+    )
+
+
 class ArtifactUploaded(TileOrSliceEvent):
     """One artifact reached object storage and was verified."""
 
@@ -401,11 +421,16 @@ class ArtifactUploaded(TileOrSliceEvent):
     bytes: Annotated[int, Field(ge=0)]
     checksum: Name
     seconds: Annotated[float, Field(ge=0)]
+    raw: RawArchival | None = Field(
+        default=None, description="for a raw tile's archival copy: the raw file it holds"
+    )
 
     def msg_id(self) -> str:
         """Another object (a slice's second mosaic) or other content (a re-upload after a
-        re-stitch) is a new event; the same object with the same content is a duplicate."""
-        body = f"{self.key}\n{self.checksum}".encode()
+        re-stitch) is a new event; the same object with the same content is a duplicate (a
+        raw archive's later deletion of its raw file is a new event too)."""
+        deleted = "\nraw-deleted" if self.raw is not None and self.raw.raw_deleted else ""
+        body = f"{self.key}\n{self.checksum}{deleted}".encode()
         return f"{self.subject()}:{self.product}:{hashlib.sha256(body).hexdigest()[:16]}"
 
 

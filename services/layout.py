@@ -19,6 +19,12 @@ def products_path(acq: str, tile: TileCoord) -> str:
     return _tile_dir(acq, "products", tile)
 
 
+def archive_path(acq: str, tile: TileCoord) -> str:
+    """Work-root-relative archival copy (.nii.gz) of a raw tile, kept until it is uploaded;
+    its record (sizes, SHA-256) stays beside it as `<name>.json`."""
+    return f"{acq}/archive/slice{tile.slice:04d}/{tile.token()}.nii.gz"
+
+
 def mosaic_path(acq: str, slice_index: int, mosaic: int) -> str:
     """Output-root-relative OME-Zarr mosaic of one slice."""
     return f"{acq}/mosaics/slice{slice_index:04d}-m{mosaic}.ome.zarr"

@@ -142,6 +142,16 @@ UPLOAD_FAILURES = Counter(
     "verify, transient, config).",
     ["reason"],
 )
+RAW_ARCHIVE_BYTES = Counter(
+    "tilepipe_raw_archive_bytes_total",
+    "Bytes of raw tiles read for archival (file=raw) and of the archives written (file=archive).",
+    ["file"],
+)
+RAW_DELETED = Counter(
+    "tilepipe_raw_deleted_total",
+    "Raw tiles deleted after a verified upload of their archive, by outcome (deleted, failed).",
+    ["outcome"],
+)
 UPLOAD_SECONDS = Histogram(
     "tilepipe_upload_duration_seconds",
     "Time to hash, upload and verify one artifact.",
