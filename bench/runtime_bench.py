@@ -128,6 +128,11 @@ def first_event(acq: str, i: int) -> TileArrived:
     )
 
 
+def _digest(text: str) -> str:
+    """A stand-in for a stage's basis digest (what its output was computed from)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def next_event(hop: int, e, producer: str) -> Event:
     """E_{hop+1} built from E_hop, as a stage author would write it (validated models)."""
     if hop == 0:
@@ -138,6 +143,7 @@ def next_event(hop: int, e, producer: str) -> Event:
             raw_path=e.path,
             shape=[2, 512, 512],
             dtype="uint16",
+            basis=_digest(e.path),
             producer=producer,
         )
     if hop == 1:
@@ -148,6 +154,7 @@ def next_event(hop: int, e, producer: str) -> Event:
             products={"aip": f"{base}/aip.zarr", "ret": f"{base}/ret.zarr"},
             device="cpu",
             seconds=0.0,
+            basis=_digest(e.basis),
             producer=producer,
         )
     if hop == 2:
@@ -162,6 +169,7 @@ def next_event(hop: int, e, producer: str) -> Event:
             shift_px=(0.0, 0.0),
             confidence=1.0,
             accepted=True,
+            basis=_digest(e.basis),
             producer=producer,
         )
     if hop == 3:
@@ -235,9 +243,10 @@ def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
             "shape": [2, 512, 512],
             "dtype": "uint16",
             "completed_at": None,
+            "basis": _digest(d["path"]),
         }
         subject = f"tp.{kind}.{acq}.{t['slice']}.{_tok(t)}"
-        return subject, subject, out
+        return subject, f"{subject}:{out['basis']}", out
     if hop == 1:
         t = d["tile"]
         kind = "tile_processed"
@@ -250,9 +259,10 @@ def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
             "device": "cpu",
             "seconds": 0.0,
             "completed_at": None,
+            "basis": _digest(d["basis"]),
         }
         subject = f"tp.{kind}.{acq}.{t['slice']}.{_tok(t)}"
-        return subject, subject, out
+        return subject, f"{subject}:{out['basis']}", out
     if hop == 2:
         t = d["tile"]
         kind = "pair_aligned"
@@ -268,9 +278,10 @@ def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
             "confidence": 1.0,
             "accepted": True,
             "reason": "",
+            "basis": _digest(d["basis"]),
         }
         subject = f"tp.{kind}.{acq}.{t['slice']}.{_tok(t)}-{_tok(right)}"
-        return subject, subject, out
+        return subject, f"{subject}:{out['basis']}", out
     if hop == 3:
         kind = "slice_stitched"
         out = {
