@@ -139,9 +139,13 @@ async def test_kill9_each_stage_mid_tile_redelivered_complete_not_duplicated(con
         async def all_done() -> bool:
             registered = len(await events(js, "slice_registered"))
             uploaded = len(await events(js, "artifact_uploaded"))
-            return registered == manifest.lattice.slices and uploaded >= (
+            if registered != manifest.lattice.slices or uploaded < (
                 manifest.tiles + 2 * manifest.lattice.slices
-            )
+            ):
+                return False
+            # a mosaic also sends its NIfTI copies and previews: done when upload is drained
+            info = await js.consumer_info(STREAM, "upload")
+            return info.num_pending == 0 and info.num_ack_pending == 0
 
         await wait_for(all_done, timeout=240, interval=0.5)
         for stage in stages:  # drained: nothing left unacknowledged or waiting
@@ -162,7 +166,10 @@ async def test_kill9_each_stage_mid_tile_redelivered_complete_not_duplicated(con
         assert len(counts) == manifest.lattice.slices and set(counts.values()) == {1}, counts
     uploaded = await events(js, "artifact_uploaded")
     announced = [e.msg_id() for e in uploaded]  # subject and product
-    assert len(announced) == len(set(announced)) == tiles + 2 * manifest.lattice.slices
+    exports = sum(len(e.exports) for e in await events(js, "slice_stitched"))
+    assert exports > 0  # each mosaic's NIfTI copies and previews go up too
+    expected = tiles + 2 * manifest.lattice.slices + exports
+    assert len(announced) == len(set(announced)) == expected
     assert await events(js, "stage_failed") == []
 
     assert_tile_outputs_complete(config, manifest)
