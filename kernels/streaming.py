@@ -67,6 +67,7 @@ class TileMaps:
     birefringence: np.ndarray
     surface: np.ndarray
     device: str
+    surface_raw: np.ndarray | None = None  # the candidates before the lateral median
 
 
 class _Finisher:
@@ -117,7 +118,8 @@ class _Finisher:
 
     def result(self, device: str) -> TileMaps:
         assert not self.pending, "blocks left unfinished"
-        return TileMaps(**self.maps, surface=self.surface, device=device)
+        raw = np.asarray(to_host(self.cand), np.int32)
+        return TileMaps(**self.maps, surface=self.surface, device=device, surface_raw=raw)
 
 
 def batch_volumes(
