@@ -424,6 +424,38 @@ async def test_file_destination_delete_after_upload_and_replay(config, js, tmp_p
     assert await events(js, "stage_failed") == []
 
 
+async def test_volume_mosaics_listed_by_slice_stitched_go_up(config, js, tmp_path):
+    """The 3-D volume mosaics a `slice_stitched` lists (dBI, R3D, O3D) are uploaded beside
+    the en-face mosaic, each under its own key, byte for byte."""
+    dest = tmp_path / "dest"
+    mosaic = write_mosaic(config, acq="acqv")
+    volumes = {}
+    for product in ("dBI", "R3D", "O3D"):
+        rel = mosaic.path.replace(".ome.zarr", f"-{product}.ome.zarr")
+        group = zarr.open_group(str(config.roots.output / rel), mode="w", zarr_format=3)
+        group.create_array("0", data=np.full((4, 8, 8), len(product), np.float32))
+        volumes[product] = rel
+    mosaic = mosaic.model_copy(update={"volumes": volumes})
+    async with upload_stage(config, {"url": f"file://{dest}"}):
+        await publish_event(js, mosaic)
+
+        async def four():
+            found = await events(js, "artifact_uploaded")
+            return found if len(found) == 4 else None
+
+        done = await wait_for(four, timeout=20)
+    assert sorted(e.product for e in done) == ["mosaic", *["mosaicvolume"] * 3]
+    for e in done:
+        if e.product == "mosaicvolume":
+            name = e.source.rsplit("/", 1)[1]
+            assert e.key == f"file://{dest}/sub-acqv/micr/volumes/sub-acqv_{name}"
+            local = local_files(config.roots.output / e.source)
+            stored = local_files(dest / e.key.removeprefix(f"file://{dest}/"))
+            assert stored == {**local, MARKER: stored[MARKER]}
+    assert {e.source for e in done if e.product == "mosaicvolume"} == set(volumes.values())
+    assert await events(js, "stage_failed") == []
+
+
 def test_options_are_validated_with_clear_errors(tmp_path):
     cases = [
         ({}, "url: Field required"),

@@ -2,8 +2,9 @@
 
 Consumes `tile_processed` (the tile's product group under the work root; with `include_raw`
 also its raw file, found through the products' `source_path` and the converted store's
-`raw_path`), `slice_stitched`, `slice_registered` and `slice_axis` (paths under the output
-root; `slice_registered` and `slice_axis` also send the stacked axis volume once register has
+`raw_path`), `slice_stitched` (the en-face mosaic; the 3-D volume mosaics it lists, dBI, R3D
+and O3D, as product `mosaicvolume`), `slice_registered` and `slice_axis` (paths under the
+output root; `slice_registered` and `slice_axis` also send the stacked axis volume once register has
 written it: product `axisvolume`; a slice's axis products are product `axis`). Each
 artifact is uploaded by `services.storage.Storage` (checksums, verification, completeness
 marker, retries: see that module) and announced by one `artifact_uploaded` event whose `key`
@@ -61,7 +62,7 @@ from services.storage import (
     check_key,
 )
 
-PRODUCTS = ("psoct", "raw", "mosaic", "volume", "axis", "axisvolume")
+PRODUCTS = ("psoct", "raw", "mosaic", "volume", "axis", "axisvolume", "mosaicvolume")
 _TILE_KEY = "sample-slice{slice:04d}_acq-m{mosaic}_chunk-r{row:03d}c{col:03d}_{product}{ext}"
 DEFAULT_KEYS: dict[str, str] = {
     "psoct": "sub-{acq}/micr/tiles/slice{slice:04d}/sub-{acq}_" + _TILE_KEY,
@@ -70,6 +71,7 @@ DEFAULT_KEYS: dict[str, str] = {
     "volume": "sub-{acq}/micr/sub-{acq}_acq-m{mosaic}_{product}{ext}",
     "axis": "sub-{acq}/micr/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}_{product}{ext}",
     "axisvolume": "sub-{acq}/micr/sub-{acq}_acq-m{mosaic}_{product}{ext}",
+    "mosaicvolume": "sub-{acq}/micr/volumes/sub-{acq}_{name}",
 }
 COMMON_FIELDS = ("acq", "slice", "mosaic", "product", "name", "stem", "ext")
 TILE_FIELDS = (*COMMON_FIELDS, "row", "col", "tile")
@@ -291,6 +293,8 @@ class Upload(Stage):
                 add("raw", "raw", self._raw_path(groups[0]), tile, tile.slice, tile.mosaic)
         elif isinstance(event, SliceStitched):
             add("mosaic", "output", event.path, None, event.slice, event.mosaic)
+            for volume in event.volumes.values():  # the 3-D volume mosaics (dBI, R3D, O3D)
+                add("mosaicvolume", "output", volume, None, event.slice, event.mosaic)
             if delete and self.options.delete_when == "stitched":
                 for pos in event.positions:  # the stitched tiles' products, if still here
                     tile = TileCoord(
