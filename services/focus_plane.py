@@ -29,7 +29,9 @@ SURFACE_ARRAYS = ("surface_raw", "surface")  # unfiltered if the products have i
 def _maps(group: Path, threshold_db: float) -> tuple[np.ndarray, np.ndarray, str]:
     """(surface, tissue mask, which surface array) of one tile's products group."""
     g = zarr.open_group(str(group), mode="r")
-    name = next(n for n in SURFACE_ARRAYS if n in g)
+    name = next((n for n in SURFACE_ARRAYS if n in g), None)
+    if name is None:
+        raise ValueError(f"{group}: no surface map ({' or '.join(SURFACE_ARRAYS)})")
     surface = np.asarray(g[name][:], np.float64)
     aip = np.asarray(g["aip"][:], np.float64)
     with np.errstate(invalid="ignore"):

@@ -288,3 +288,56 @@ def test_racing_finders_keep_one_record(tmp_path):
         t.join()
     assert sum(created for _, created in results) == 1
     assert len({json.dumps(r, sort_keys=True) for r, _ in results}) == 1
+
+
+def test_stitch_crops_flat_and_stores_nothing_without_a_focus_plane(tmp_path):
+    """No tissue in any overlap: the plane cannot be fitted; the volumes are still fused
+    (crop without the plane, the reason in their attributes) and no record is stored, so a
+    later slice can find it."""
+    from services.config import Config, Roots, StageSettings
+    from services.lattice import MosaicState
+    from services.simulate import small_manifest
+    from services.stages.stitch import Stitch
+
+    roots = Roots(raw=tmp_path / "raw", work=tmp_path / "work", output=tmp_path / "output")
+    stage = Stitch(
+        Config(roots=roots),
+        StageSettings(options={"fuse_volume": True, "volume_offset": 2, "volume_depth": 10}),
+    )
+    manifest = small_manifest("nf", slices=1, rows=1, cols=2, alines=SHAPE[1], bscans=SHAPE[0])
+    positions = grid(1, 2, (0, 36))
+    tiles = tiles_of(
+        roots.work / "nf", positions, lambda z, y, x, k: field(z, y, x), surface=lambda y, x: y
+    )
+    for path, _ in tiles:  # below any tissue threshold
+        zarr.open_group(str(path), mode="r+")["aip"][:] = 10.0
+    _, frame = mosaic_frame(np.array(positions, float), SHAPE)
+    rel = "nf/mosaics/slice0000-m0.ome.zarr"
+    mask = np.ones(frame, np.float32)
+    write_omezarr(roots.output / rel, {"aip": mask, "mask": mask}, fsync=False)
+    state = MosaicState(
+        tiles={(0, c): {"state": "processed", "products": f"nf/t{c}.zarr"} for c in range(2)}
+    )
+
+    class Log:
+        def __init__(self):
+            self.warnings = []
+
+        def warning(self, event, **kw):
+            self.warnings.append((event, kw))
+
+    log = Log()
+    index = {(0, 0): 0, (0, 1): 1}
+    written = stage._fuse_volume(
+        manifest, state, np.array(positions, float), index, rel, "nf", 0, 0, log
+    )
+    assert sorted(written) == ["O3D", "R3D", "dBI"]
+    assert [e for e, _ in log.warnings] == ["focus_plane_not_found"]
+    assert not (roots.output / "nf/focus").exists()
+    group = zarr.open_group(str(roots.output / written["dBI"]), mode="r")
+    attrs = group.attrs["tilepipe"]
+    assert attrs["crop"] == {"offset": 2, "depth": 10, "focus_plane": False}
+    assert "not enough" in attrs["focus_plane"]["error"]
+    out = np.asarray(group["0"][:])
+    zz, yy, xx = np.meshgrid(*(np.arange(n) for n in out.shape), indexing="ij")
+    np.testing.assert_allclose(out[:, 5, 5], field(zz + 2, yy, xx)[:, 5, 5], atol=1e-4)

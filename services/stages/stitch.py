@@ -259,6 +259,7 @@ class Stitch(Stage):
             digest != state.stitched_digest
             or ctx.force
             or not self.config.roots.resolve("output", rel).exists(),
+            ctx.log,
         )
         await book.mark_stitched(digest)
         ctx.log.info(
@@ -299,6 +300,7 @@ class Stitch(Stage):
         slice_index: int,
         mosaic: int,
         write: bool,
+        log: Any,
     ):
         geometry = manifest.geometry(mosaic)
         rows, cols = geometry.rows, geometry.cols
@@ -393,7 +395,7 @@ class Stitch(Stage):
             )
             if self.fuse_volume:
                 volumes = self._fuse_volume(
-                    manifest, state, layout.positions_yx, index, rel, acq, slice_index, mosaic
+                    manifest, state, layout.positions_yx, index, rel, acq, slice_index, mosaic, log
                 )
         elif self.fuse_volume:  # already fused: announce what is there
             for product in self.volume_products:
@@ -412,6 +414,7 @@ class Stitch(Stage):
         acq: str,
         slice_index: int,
         mosaic: int,
+        log: Any,
     ) -> dict[str, str]:
         """The mosaic's 3-D volumes (dBI, R3D, O3D) fused out of core beside the en-face
         mosaic: cropped below the illumination's focus plane (found on its first fused
@@ -424,9 +427,13 @@ class Stitch(Stage):
         ]
         crop, focus = None, None
         if self.volume_crop:
-            focus = self._focus_plane(acq, geometry, tiles, slice_index, mosaic)
-            shape = tuple(focus["tile_shape"])
-            crop = DepthCrop(self.volume_offset, self.volume_depth, plane_of(focus, shape))
+            try:
+                focus = self._focus_plane(acq, geometry, tiles, slice_index, mosaic)
+                plane = plane_of(focus, tuple(focus["tile_shape"]))
+            except ValueError as exc:  # e.g. no tissue in any overlap: crop flat, store none
+                log.warning("focus_plane_not_found", slice=slice_index, reason=str(exc))
+                focus, plane = {"found_on": None, "error": str(exc)[:300]}, None
+            crop = DepthCrop(self.volume_offset, self.volume_depth, plane)
         mosaic_store = roots.resolve("output", rel)
         mask = MosaicMask(mosaic_store) if self.volume_mask else None
         conventions = manifest.conventions()
@@ -453,6 +460,7 @@ class Stitch(Stage):
                     else {
                         "path": focus_plane_path(acq, geometry.illumination),
                         "found_on": focus["found_on"],
+                        **({"error": focus["error"]} if "error" in focus else {}),
                     },
                     "orientation_convention": {
                         "preset": manifest.processing.preset,
