@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -108,11 +109,12 @@ def worker(args) -> None:
             block_yx=tuple(args.block),
         )
         seconds[product] = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     status = Path("/proc/self/status").read_text()
     hwm_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
-    print(
-        json.dumps({"n": args.n, "shape": shape, "seconds": seconds, "peak_rss_mb": hwm_kb / 1024})
-    )
+    cpu = usage.ru_utime + usage.ru_stime
+    report = {"n": args.n, "shape": shape, "seconds": seconds, "cpu_s": cpu}
+    print(json.dumps({**report, "peak_rss_mb": hwm_kb / 1024}))
 
 
 def main() -> None:
@@ -133,8 +135,8 @@ def main() -> None:
     write_tiles(work, args.distinct, args.alines, args.depth)
     print(f"tiles: {args.distinct} stores in {time.perf_counter() - t0:.0f} s under {work}")
     head = "| tiles | output (z, y, x) | GB per product | focus s | dBI s | R3D s | O3D s |"
-    print(head + " total s | peak RSS MB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(head + " total s | CPU s | peak RSS MB |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n in args.sizes:
         positions = np.array(layout(n, args.alines, args.overlap))
         size = int(positions.max() + args.alines + 1)
@@ -154,7 +156,7 @@ def main() -> None:
         print(
             f"| {n}x{n} | ({z}, {y}, {x}) | {z * y * x * 4 / 1e9:.2f} | {s['focus']:.1f} | "
             f"{s['dBI']:.0f} | {s['R3D']:.0f} | {s['O3D']:.0f} | {sum(s.values()):.0f} | "
-            f"{result['peak_rss_mb']:.0f} |",
+            f"{result['cpu_s']:.0f} | {result['peak_rss_mb']:.0f} |",
             flush=True,
         )
 
