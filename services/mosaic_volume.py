@@ -5,7 +5,8 @@ storage chunks in y and x). For each block, only the parts of the tiles that ove
 read from their products groups (placed at their rounded solved positions, the frame of the
 en-face mosaic), cropped in depth, feathered like the en-face mosaic (weight = distance to the
 tile edge + 0.5), normalised, masked and written; nothing mosaic-sized is ever in memory.
-Memory: one block's accumulators plus the tiles' parts that overlap it.
+Memory: one block's accumulators plus the rows of the tiles that overlap it (read once per
+band of blocks, kept while the band's blocks cross them).
 
 Depth crop (the lab's focus-plane crop): output sample ``k`` of tile A-line ``(b, a)`` is
 tile sample ``offset + round(plane[b, a]) + k``, ``k < depth`` (plane: the illumination's
@@ -127,24 +128,20 @@ def fuse_volume(
             dimension_names=("z", "y", "x"),
         )
         for y0 in range(0, height, by):
+            y1 = min(height, y0 + by)
+            band = _Band(array, first, depth, tile_depth)  # the band's tile rows, read once
             for x0 in range(0, width, bx):
-                y1, x1 = min(height, y0 + by), min(width, x0 + bx)
+                x1 = min(width, x0 + bx)
                 parts = [
                     (path, ty, tx)
                     for (path, _), (ty, tx) in zip(tiles, starts, strict=True)
                     if ty < y1 and ty + b > y0 and tx < x1 and tx + a > x0
                 ]
+                band.keep({path for path, _, _ in parts})
                 if not parts:
                     continue  # a hole: the fill value (NaN)
                 block = _fuse_block(
-                    parts,
-                    array,
-                    (y0, y1, x0, x1),
-                    (b, a, tile_depth),
-                    first,
-                    depth,
-                    feather,
-                    product in ANGLES,
+                    parts, band, (y0, y1, x0, x1), (b, a), first, depth, feather, product in ANGLES
                 )
                 if mask is not None:
                     keep = np.asarray(mask(y0, y1, x0, x1)) == 1
@@ -171,11 +168,36 @@ def fuse_volume(
     return depth, height, width
 
 
+class _Band:
+    """The rows of the tiles that one band of output blocks needs (all their A-lines, the
+    depths the crop can reach), each read once and dropped when the blocks have passed it:
+    tiles cross a band's blocks left to right, so it holds only the tiles of one block."""
+
+    def __init__(self, array: str, first: np.ndarray, depth: int, tile_depth: int) -> None:
+        self.array, self.first, self.depth, self.tile_depth = array, first, depth, tile_depth
+        self.rows: dict[Path, tuple[int, np.ndarray]] = {}
+
+    def keep(self, paths: set[Path]) -> None:
+        for path in [p for p in self.rows if p not in paths]:
+            del self.rows[path]
+
+    def get(self, path: Path, r0: int, r1: int) -> tuple[int, np.ndarray]:
+        """(zlo, tile[r0:r1, :, zlo:zhi]) with every depth the crop reads in those rows."""
+        if path not in self.rows:
+            starts = self.first[r0:r1]
+            zlo = min(int(starts.min()), self.tile_depth)
+            zhi = min(self.tile_depth, int(starts.max()) + self.depth)
+            src = zarr.open_group(str(path), mode="r")[self.array]
+            rows = np.asarray(src[r0:r1, :, zlo:zhi], dtype=np.float32) if zhi > zlo else None
+            self.rows[path] = (zlo, rows)
+        return self.rows[path]
+
+
 def _fuse_block(
     parts: Sequence[tuple[Path, int, int]],
-    array: str,
+    band: _Band,
     box: tuple[int, int, int, int],
-    tile_shape: tuple[int, int, int],
+    tile_shape: tuple[int, int],
     first: np.ndarray,
     depth: int,
     feather: np.ndarray,
@@ -183,24 +205,21 @@ def _fuse_block(
 ) -> np.ndarray:
     """One output block ``(depth, y1 - y0, x1 - x0)``: the feathered blend of its tiles."""
     y0, y1, x0, x1 = box
-    b, a, tile_depth = tile_shape
+    b, a = tile_shape
     num = np.zeros((2 if angle else 1, depth, y1 - y0, x1 - x0), np.float32)
     den = np.zeros((depth, y1 - y0, x1 - x0), np.float32)
     steps = np.arange(depth, dtype=np.int32)
     for path, ty, tx in parts:
         ya, yb, xa, xb = max(y0, ty), min(y1, ty + b), max(x0, tx), min(x1, tx + a)
         r0, r1, c0, c1 = ya - ty, yb - ty, xa - tx, xb - tx
-        starts = first[r0:r1, c0:c1]
-        zlo = int(starts.min())
-        zhi = min(tile_depth, int(starts.max()) + depth)
-        if zlo >= tile_depth:
-            continue
-        src = zarr.open_group(str(path), mode="r")[array]
-        sub = np.asarray(src[r0:r1, c0:c1, zlo:zhi], dtype=np.float32)
-        idx = (starts - zlo).astype(np.int32)[..., None] + steps  # (h, w, depth)
+        zlo, rows = band.get(path, r0, r1)
+        if rows is None:
+            continue  # the crop starts past the tile's last sample
+        sub = rows[:, c0:c1]
+        idx = (first[r0:r1, c0:c1] - zlo).astype(np.int32)[..., None] + steps  # (h, w, depth)
         inside = idx < sub.shape[2]
         vals = np.take_along_axis(sub, np.minimum(idx, sub.shape[2] - 1), axis=2)
-        del sub, idx
+        del idx
         vals[~inside] = np.nan
         vals = np.moveaxis(vals, 2, 0)  # (depth, h, w)
         ok = np.isfinite(vals)
