@@ -133,11 +133,11 @@ def fuse_volume(
             for x0 in range(0, width, bx):
                 x1 = min(width, x0 + bx)
                 parts = [
-                    (path, ty, tx)
-                    for (path, _), (ty, tx) in zip(tiles, starts, strict=True)
+                    (k, path, ty, tx)
+                    for k, ((path, _), (ty, tx)) in enumerate(zip(tiles, starts, strict=True))
                     if ty < y1 and ty + b > y0 and tx < x1 and tx + a > x0
                 ]
-                band.keep({path for path, _, _ in parts})
+                band.keep({k for k, *_ in parts})
                 if not parts:
                     continue  # a hole: the fill value (NaN)
                 block = _fuse_block(
@@ -175,26 +175,26 @@ class _Band:
 
     def __init__(self, array: str, first: np.ndarray, depth: int, tile_depth: int) -> None:
         self.array, self.first, self.depth, self.tile_depth = array, first, depth, tile_depth
-        self.rows: dict[Path, tuple[int, np.ndarray]] = {}
+        self.rows: dict[int, tuple[int, np.ndarray | None]] = {}  # by tile index
 
-    def keep(self, paths: set[Path]) -> None:
-        for path in [p for p in self.rows if p not in paths]:
-            del self.rows[path]
+    def keep(self, tiles: set[int]) -> None:
+        for k in [k for k in self.rows if k not in tiles]:
+            del self.rows[k]
 
-    def get(self, path: Path, r0: int, r1: int) -> tuple[int, np.ndarray]:
+    def get(self, k: int, path: Path, r0: int, r1: int) -> tuple[int, np.ndarray | None]:
         """(zlo, tile[r0:r1, :, zlo:zhi]) with every depth the crop reads in those rows."""
-        if path not in self.rows:
+        if k not in self.rows:
             starts = self.first[r0:r1]
             zlo = min(int(starts.min()), self.tile_depth)
             zhi = min(self.tile_depth, int(starts.max()) + self.depth)
             src = zarr.open_group(str(path), mode="r")[self.array]
             rows = np.asarray(src[r0:r1, :, zlo:zhi], dtype=np.float32) if zhi > zlo else None
-            self.rows[path] = (zlo, rows)
-        return self.rows[path]
+            self.rows[k] = (zlo, rows)
+        return self.rows[k]
 
 
 def _fuse_block(
-    parts: Sequence[tuple[Path, int, int]],
+    parts: Sequence[tuple[int, Path, int, int]],
     band: _Band,
     box: tuple[int, int, int, int],
     tile_shape: tuple[int, int],
@@ -209,10 +209,10 @@ def _fuse_block(
     num = np.zeros((2 if angle else 1, depth, y1 - y0, x1 - x0), np.float32)
     den = np.zeros((depth, y1 - y0, x1 - x0), np.float32)
     steps = np.arange(depth, dtype=np.int32)
-    for path, ty, tx in parts:
+    for k, path, ty, tx in parts:
         ya, yb, xa, xb = max(y0, ty), min(y1, ty + b), max(x0, tx), min(x1, tx + a)
         r0, r1, c0, c1 = ya - ty, yb - ty, xa - tx, xb - tx
-        zlo, rows = band.get(path, r0, r1)
+        zlo, rows = band.get(k, path, r0, r1)
         if rows is None:
             continue  # the crop starts past the tile's last sample
         sub = rows[:, c0:c1]

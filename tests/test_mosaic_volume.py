@@ -341,3 +341,17 @@ def test_stitch_crops_flat_and_stores_nothing_without_a_focus_plane(tmp_path):
     out = np.asarray(group["0"][:])
     zz, yy, xx = np.meshgrid(*(np.arange(n) for n in out.shape), indexing="ij")
     np.testing.assert_allclose(out[:, 5, 5], field(zz + 2, yy, xx)[:, 5, 5], atol=1e-4)
+
+
+def test_one_store_placed_twice_is_read_for_each_placement(tmp_path):
+    """Tiles are told apart by their place in the list, not by their path."""
+    [(path, _)] = tiles_of(tmp_path, [(0, 0)], lambda z, y, x, k: field(z, y, x))
+    tiles = [(path, (0.0, 0.0)), (path, (20.0, 100.0))]  # rows 20.. overlap a band's rows 0..
+    target = tmp_path / "twice-dBI.ome.zarr"
+    fuse_volume(tiles, target, 10.0, 2.5, block_yx=(32, 64))
+    out = read(target)
+    zz, yy, xx = np.meshgrid(
+        np.arange(DEPTH), np.arange(SHAPE[0]), np.arange(SHAPE[1]), indexing="ij"
+    )
+    np.testing.assert_allclose(out[:, :40, :48], field(zz, yy, xx), atol=1e-4)
+    np.testing.assert_allclose(out[:, 20:60, 100:148], field(zz, yy, xx), atol=1e-4)
