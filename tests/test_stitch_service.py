@@ -152,19 +152,29 @@ async def test_rejections_and_stage_placed_tiles_are_in_the_event(config, js):
 
 
 async def test_focus_plane_found_on_first_slice_reused_after_a_restart(config, js):
-    """Slice 0 finds and stores the focus plane; the stages stop; the record is edited (as if
-    another host had found a different plane); restarted stages fuse slice 1 with the stored
-    plane, not a new one."""
-    manifest = small_manifest("fp", slices=2, rows=2, cols=2, alines=48, bscans=48, settle_s=0.2)
+    """Slice 0 finds and stores one focus plane per illumination; the stages stop; the normal
+    record is edited (as if another host had found a different plane); restarted stages fuse
+    slice 1 with the stored planes, not new ones."""
+    manifest = small_manifest(
+        "fp", slices=2, rows=2, cols=2, alines=48, bscans=48, settle_s=0.2, mosaics=2
+    )
     path = write_manifest(manifest, config.roots.raw / "fp")
     record_path = config.roots.output / "fp/focus/focus-normal.json"
+    tilted_path = config.roots.output / "fp/focus/focus-tilted.json"
+
+    async def stitched(k: int) -> list:
+        found = [e for e in await events(js, "slice_stitched") if e.slice == k]
+        return sorted(found, key=lambda e: e.mosaic) if len(found) == 2 else []
+
     async with pipeline(config, js, STAGES, OPTIONS):
         await asyncio.to_thread(
             simulate, path, manifest, 0, params=PARAMS, only=lambda c: c.slice == 0
         )
-        await wait_for(lambda: events(js, "slice_stitched"), timeout=120)
+        await wait_for(lambda: stitched(0), timeout=120)
     first = json.loads(record_path.read_text())
     assert first["found_on"] == {"slice": 0, "mosaic": 0}
+    tilted = json.loads(tilted_path.read_text())
+    assert tilted["found_on"] == {"slice": 0, "mosaic": 1} and tilted["tile_shape"] == [48, 24]
     edited = {**first, "coefficients": [9.0, 0.0, 0.0, 0.0, 0.0]}  # 0 at row 0, 9 at the end
     record_path.write_text(json.dumps(edited))
     async with pipeline(config, js, STAGES, OPTIONS):  # a fresh stage: nothing in memory
@@ -172,11 +182,12 @@ async def test_focus_plane_found_on_first_slice_reused_after_a_restart(config, j
             simulate, path, manifest, 0, params=PARAMS, only=lambda c: c.slice == 1
         )
 
-        async def second():
-            return [e for e in await events(js, "slice_stitched") if e.slice == 1]
-
-        [event] = await wait_for(second, timeout=120)
+        event, tilted_event = await wait_for(lambda: stitched(1), timeout=120)
     assert json.loads(record_path.read_text()) == edited  # reused, never refound
+    assert json.loads(tilted_path.read_text()) == tilted
+    tilted_store = config.roots.output / tilted_event.volumes["O3D"]
+    tilted_attrs = zarr.open_group(str(tilted_store), mode="r").attrs["tilepipe"]
+    assert tilted_attrs["focus_plane"]["found_on"] == {"slice": 0, "mosaic": 1}
     store = config.roots.output / event.volumes["dBI"]
     attrs = zarr.open_group(str(store), mode="r").attrs["tilepipe"]
     assert attrs["focus_plane"]["found_on"] == {"slice": 0, "mosaic": 0}
