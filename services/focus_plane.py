@@ -48,8 +48,9 @@ def fit_from_tiles(
     if not tiles:
         raise ValueError("focus plane: no tiles")
     first = zarr.open_group(str(tiles[0][0]), mode="r")
-    shape = tuple(int(n) for n in first["aip"].shape)
-    fit = FocusPlaneFit(shape=shape, degree=degree)  # type: ignore[arg-type]
+    height, width = (int(n) for n in first["aip"].shape)
+    shape = (height, width)
+    fit = FocusPlaneFit(shape=shape, degree=degree)
     pos = np.rint(np.array([p for _, p in tiles], np.float64)).astype(int)
     used = set()
     for i in range(len(tiles)):
@@ -62,7 +63,7 @@ def fit_from_tiles(
             fit.add_overlap(sa, sb, (int(dy), int(dx)), va, vb)
             used.update((name_a, name_b))
     coefficients = fit.solve()
-    plane = focus_plane(coefficients, shape, degree)  # type: ignore[arg-type]
+    plane = focus_plane(coefficients, shape, degree)
     return {
         "tile_shape": list(shape),
         "degree": degree,

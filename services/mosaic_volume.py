@@ -244,21 +244,18 @@ def _fuse_block(
     return out
 
 
-@dataclass(frozen=True)
 class MosaicMask:
     """The ``mask`` channel of an en-face mosaic (level 0), read block by block."""
 
-    store: Path
-
-    def __post_init__(self) -> None:
+    def __init__(self, store: Path) -> None:
+        self.store = Path(store)
         names = read_multiscale(self.store)["channel_names"]
         if "mask" not in names:
             raise ValueError(f"{self.store}: no mask channel (channels {names})")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(open_level(self.store, 0).shape[1:])  # type: ignore[return-value]
+        self.channel = names.index("mask")
+        self.level = open_level(self.store, 0)
+        _, height, width = self.level.shape
+        self.shape = (int(height), int(width))
 
     def __call__(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        channel = read_multiscale(self.store)["channel_names"].index("mask")
-        return np.asarray(open_level(self.store, 0)[channel, y0:y1, x0:x1])
+        return np.asarray(self.level[self.channel, y0:y1, x0:x1])
