@@ -32,22 +32,27 @@ from services.rawio import nifti_header  # noqa: E402
 from services.simulate import Instrument, small_manifest, write_manifest  # noqa: E402
 
 
-def write_tile(path: Path, manifest: Manifest, seed: int = 1) -> int:
-    """A spectral tile B-line by B-line (a few reflectors per A-line); returns its bytes."""
+def write_tile(path: Path, manifest: Manifest, seed: int = 1, frames: int = 8) -> int:
+    """A spectral tile (a few reflectors per A-line); returns its bytes. Only `frames` distinct
+    B-lines are synthesised; the others repeat them rolled along the A-lines, so a 1 GB tile
+    takes seconds (the kernels' cost does not depend on the content)."""
     raw = manifest.raw
     instrument = Instrument(samples=raw.samples)
     k = [2 * np.pi / (instrument.wavelengths_nm(ch) * 1e-3) for ch in (0, 1)]
     rng = np.random.default_rng(seed)
+    distinct = []
+    for _ in range(min(frames, raw.bscans)):
+        depth = rng.uniform(150.0, 900.0, (raw.alines, 4, 1))
+        phase = rng.uniform(0, 2 * np.pi, (raw.alines, 4, 1))
+        frame = np.empty((2, raw.alines, raw.samples), np.uint16)
+        for ch in (0, 1):
+            fringe = np.cos(2 * k[ch][None, None, :] * depth + phase).sum(axis=1)
+            frame[ch] = np.clip(20000 + 300 * fringe + rng.normal(0, 2, fringe.shape), 0, 65535)
+        distinct.append(frame)
     with open(path, "wb") as fh:
         fh.write(nifti_header((raw.samples, raw.alines, 2, raw.bscans)))
-        for _ in range(raw.bscans):
-            depth = rng.uniform(150.0, 900.0, (raw.alines, 4, 1))
-            phase = rng.uniform(0, 2 * np.pi, (raw.alines, 4, 1))
-            frame = np.empty((2, raw.alines, raw.samples), np.uint16)
-            for ch in (0, 1):
-                fringe = np.cos(2 * k[ch][None, None, :] * depth + phase).sum(axis=1)
-                frame[ch] = np.clip(20000 + 300 * fringe + rng.normal(0, 2, fringe.shape), 0, 65535)
-            fh.write(frame.tobytes())
+        for b in range(raw.bscans):
+            fh.write(np.roll(distinct[b % len(distinct)], b // len(distinct), axis=1).tobytes())
     return path.stat().st_size
 
 

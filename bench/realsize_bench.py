@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,13 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
     )
     manifest_path = write_manifest(manifest, roots.raw / "real")
     manifest = load_manifest(manifest_path)
+    staging = work / "staging"  # same file system as the raw root: landing is a rename
+    staging.mkdir(exist_ok=True)
+    staged = []
+    for coord in manifest.coords():
+        ready = staging / f"tile{coord.col:03d}.nii"
+        write_tile(ready, manifest, coord.col + 1)
+        staged.append((coord, ready))
     supervisor = None
     lines = []
     try:
@@ -127,18 +135,23 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
         nc = await connect(config.nats, name="realsize-bench")
         js = nc.jetstream()
         await asyncio.sleep(2.0)  # every service subscribed
+        # Tiles land the way the instrument writes them: complete, one at a time, each after
+        # the previous one is processed (the per-tile latency, no queueing, no generator
+        # competing for the cores). They are generated beforehand (see `staged`).
         files = []
-        for coord in manifest.coords():
-            path = manifest_path.parent / manifest.path_of(coord)
-            await asyncio.to_thread(write_tile, path, manifest, coord.col + 1)
-            files.append(path)
         deadline = time.monotonic() + args.timeout
-        while True:
-            done = await read_events(js, config.nats.stream, "tp.tile_processed.real.>")
-            if len(done) >= args.tiles or time.monotonic() > deadline:
-                break
-            supervisor.check(print)
-            await asyncio.sleep(1.0)
+        for k, (coord, ready) in enumerate(staged):
+            path = manifest_path.parent / manifest.path_of(coord)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.utime(ready)  # written complete now (the watcher dates arrival by mtime)
+            os.rename(ready, path)
+            files.append(path)
+            while True:
+                done = await read_events(js, config.nats.stream, "tp.tile_processed.real.>")
+                if len(done) > k or time.monotonic() > deadline:
+                    break
+                supervisor.check(print)
+                await asyncio.sleep(0.5)
         arrived = {
             e.tile.col: e.completed_at
             for e in map(
@@ -195,7 +208,7 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
     lines += [
         f"watcher    {'':>8} {'':>8} {'':>11} {rss.get('watcher', 0):>12.2f}",
         f"file complete -> processed, median per tile: {crit:.2f} s "
-        f"({len(paths)} of {args.tiles} tiles)",
+        f"({len(paths)} of {args.tiles} tiles: {', '.join(f'{p:.2f}' for p in paths)})",
         f"kernels alone (one tile in memory, best of 2): {kernel_s:.2f} s",
         f"cat FILE > /dev/null (page cache, median): {cat_s:.2f} s",
         f"ratio critical path / kernels alone: {crit / kernel_s:.2f}",
@@ -213,9 +226,16 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch (logs) after")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
-        lines = asyncio.run(run(args, Path(scratch)))
+    scratch = Path(tempfile.mkdtemp(prefix="realsize-", dir=args.dir))
+    try:
+        lines = asyncio.run(run(args, scratch))
+    finally:
+        if args.keep:
+            print(f"scratch kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
     text = "\n".join(lines)
     print(text)
     if args.out:

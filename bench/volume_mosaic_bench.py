@@ -1,13 +1,14 @@
 """3-D volume mosaics at real size: seconds and peak memory per mosaic (issue 22, item 5).
 
 Real-size tile products as the process stage writes them (350 x 350 A-lines x 1000 depth
-samples, float32, Blosc zstd, chunks of 16 B-lines) are fused into dBI, R3D and O3D mosaics
-of ``n x n`` tiles (20 % overlap), cropped to 500 samples from 30 below a focus plane (fitted
-first, from the tiles' unfiltered surfaces), masked with a mosaic mask. Each mosaic runs in a
-fresh Python process, which reports its wall seconds per step and its peak resident memory
-(``VmHWM``): memory set by the block, not by the mosaic, shows as the same peak for every n.
+samples, float32, chunks of 16 B-lines, its codec: ``--codec``, lz4 by default) are fused
+into dBI, R3D and O3D mosaics of ``n x n`` tiles (20 % overlap), cropped to 500 samples
+from 30 below a focus plane (fitted first, from the tiles' unfiltered surfaces), masked
+with a mosaic mask. Each mosaic runs in a fresh Python process, which reports its wall
+seconds per step, CPU seconds and peak resident memory (``VmHWM``): memory set by the
+block, not by the mosaic, shows as the same peak for every n.
 
-    python bench/volume_mosaic_bench.py --sizes 2 4 [--distinct 2] [--work DIR]
+    python bench/volume_mosaic_bench.py --sizes 2 4 [--codec lz4] [--distinct 2] [--work DIR]
 
 To keep the disk and the set-up small, ``--distinct`` tile stores are written once and each
 mosaic's tiles reuse them round-robin (the fuser reads every tile through its own path; the
@@ -30,19 +31,14 @@ import zarr
 
 from kernels.focus_plane import focus_plane
 from services.focus_plane import fit_from_tiles, plane_of
-from services.mosaic_volume import (
-    BLOCK_YX,
-    COMPRESSOR,
-    DepthCrop,
-    MosaicMask,
-    fuse_volume,
-)
+from services.mosaic_volume import BLOCK_YX, DepthCrop, MosaicMask, fuse_volume
 from services.omezarr import write_omezarr
+from services.stages.process import CODECS
 
 ARRAYS = ("db", "retardance", "orientation")
 
 
-def write_tiles(root: Path, count: int, alines: int, depth: int) -> list[Path]:
+def write_tiles(root: Path, count: int, alines: int, depth: int, codec: str) -> list[Path]:
     """`count` products groups of real size, written 16 B-lines at a time."""
     plane = focus_plane([12.0, -6.0, 8.0, 2.0, 5.0], (alines, alines))
     rng = np.random.default_rng(0)
@@ -59,7 +55,7 @@ def write_tiles(root: Path, count: int, alines: int, depth: int) -> list[Path]:
                 shape=(alines, alines, depth),
                 chunks=(16, alines, depth),
                 dtype="float32",
-                compressors=COMPRESSOR,
+                compressors=CODECS[codec],
             )
             for name in ARRAYS
         }
@@ -124,6 +120,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=1000, help="tile depth samples")
     parser.add_argument("--overlap", type=float, default=0.2)
     parser.add_argument("--distinct", type=int, default=2, help="tile stores written")
+    parser.add_argument("--codec", choices=list(CODECS), default="lz4", help="tiles' codec")
     parser.add_argument("--block", type=int, nargs=2, default=list(BLOCK_YX))
     parser.add_argument("--work", default=None, help="directory for tiles and outputs")
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)  # worker mode
@@ -132,7 +129,7 @@ def main() -> None:
         return worker(args)
     work = Path(args.work or tempfile.mkdtemp(prefix="volbench-"))
     t0 = time.perf_counter()
-    write_tiles(work, args.distinct, args.alines, args.depth)
+    write_tiles(work, args.distinct, args.alines, args.depth, args.codec)
     print(f"tiles: {args.distinct} stores in {time.perf_counter() - t0:.0f} s under {work}")
     head = "| tiles | output (z, y, x) | GB per product | focus s | dBI s | R3D s | O3D s |"
     print(head + " total s | CPU s | peak RSS MB |")

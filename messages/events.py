@@ -212,6 +212,14 @@ class TileConverted(TileEvent):
     shape: list[Index] = Field(max_length=8)
     dtype: Name
     completed_at: datetime | None = None
+    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="digest of the raw tile's identity, calibration and conventions"
+    )
+
+    def msg_id(self) -> str:
+        """Recomputed from other inputs or parameters: a new event; the same work again: a
+        duplicate."""
+        return f"{self.subject()}:{self.basis}" if self.basis else self.subject()
 
 
 class TileProcessed(TileEvent):
@@ -223,6 +231,14 @@ class TileProcessed(TileEvent):
     device: Name
     seconds: Annotated[float, Field(ge=0)]
     completed_at: datetime | None = None
+    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="digest of the recipe's basis and the kernels' version"
+    )
+
+    def msg_id(self) -> str:
+        """Recomputed from other inputs or parameters: a new event; the same work again: a
+        duplicate."""
+        return f"{self.subject()}:{self.basis}" if self.basis else self.subject()
 
 
 class TilePairAligned(SliceEvent):
@@ -236,9 +252,16 @@ class TilePairAligned(SliceEvent):
     confidence: float
     accepted: bool
     reason: Text = ""
+    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="digest of the two tiles' bases"
+    )
 
     def tile_token(self) -> str:
         return f"{self.a.token()}-{self.b.token()}"
+
+    def msg_id(self) -> str:
+        """The pair aligned again from recomputed tiles: a new event."""
+        return f"{self.subject()}:{self.basis}" if self.basis else self.subject()
 
 
 class TilePosition(BaseModel):
@@ -284,6 +307,11 @@ class SliceStitched(SliceEvent):
         default_factory=dict,
         description="3-D volume mosaics fused beside the en-face one (dBI, R3D, O3D -> path "
         "under the output root); empty when volumes are not fused",
+    )
+    exports: dict[Name, RelPath] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="NIfTI copies and previews of the mosaic (nifti.<key>, preview.<key>)",
     )
 
     def msg_id(self) -> str:
@@ -340,6 +368,11 @@ class SliceAxis(SliceEvent):
     basis: Annotated[str, StringConstraints(max_length=64)] = Field(
         default="", description="digest of the inputs (both mosaics, options)"
     )
+    exports: dict[Name, RelPath] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="NIfTI copies and previews of the axis products (nifti.<key>, preview.<key>)",
+    )
 
     def msg_id(self) -> str:
         """Same slice redone from other inputs or with another result: a new event; a
@@ -363,6 +396,26 @@ class TileOrSliceEvent(Event):
         return self.tile.token() if self.tile is not None else ANY
 
 
+class RawArchival(BaseModel):
+    """The raw tile behind an archival copy (`artifact_uploaded` of product `rawarchive`,
+    whose `bytes` and `checksum` are the archive's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: RelPath = Field(description="the raw tile, relative to the raw root")
+    bytes: Annotated[int, Field(ge=0)]
+    sha256: Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+    shape: Annotated[list[Index], Field(max_length=8)]
+    dtype: Annotated[str, StringConstraints(max_length=32)]
+    verified: Literal["read-back", "etag", "read"] = Field(
+        description="how the stored archive was checked: read back and hashed, or the "
+        "storage's check after the PUT (ETag, or read back by the storage layer)"
+    )
+    raw_deleted: bool = Field(
+        default=False, description="the local raw file was deleted after the read-back check"
+    )
+
+
 class ArtifactUploaded(TileOrSliceEvent):
     """One artifact reached object storage and was verified."""
 
@@ -374,11 +427,16 @@ class ArtifactUploaded(TileOrSliceEvent):
     bytes: Annotated[int, Field(ge=0)]
     checksum: Name
     seconds: Annotated[float, Field(ge=0)]
+    raw: RawArchival | None = Field(
+        default=None, description="for a raw tile's archival copy: the raw file it holds"
+    )
 
     def msg_id(self) -> str:
         """Another object (a slice's second mosaic) or other content (a re-upload after a
-        re-stitch) is a new event; the same object with the same content is a duplicate."""
-        body = f"{self.key}\n{self.checksum}".encode()
+        re-stitch) is a new event; the same object with the same content is a duplicate (a
+        raw archive's later deletion of its raw file is a new event too)."""
+        deleted = "\nraw-deleted" if self.raw is not None and self.raw.raw_deleted else ""
+        body = f"{self.key}\n{self.checksum}{deleted}".encode()
         return f"{self.subject()}:{self.product}:{hashlib.sha256(body).hexdigest()[:16]}"
 
 

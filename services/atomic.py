@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 COMPLETE_ATTR = "tilepipe_complete"
+BASIS_ATTR = "tilepipe_basis"  # digest of what a store was computed from (`basis_digest`)
 TEMPORARY = re.compile(
     r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d{1,10})-(?P<host>[0-9a-f]{8})-[0-9a-f]{8,32}\Z"
 )
@@ -198,6 +199,13 @@ def zarr_attrs(store: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return meta.get("attributes", {}) if isinstance(meta, dict) else {}
+
+
+def basis_digest(value: object) -> str:
+    """Digest of what an output is computed from (its inputs' identities and the parameters
+    that affect it, as canonical JSON): the same basis, the same output."""
+    body = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
 def is_complete(store: Path, **expected: object) -> bool:

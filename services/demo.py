@@ -22,7 +22,8 @@ from rich.live import Live
 
 from services.bus import connect
 from services.config import Config, StageSettings
-from services.layout import axis_volume_path, volume_path
+from services.exports import AXIS_EXPORT_FILES, MOSAIC_EXPORT_FILES
+from services.layout import axis_volume_path, index_path, volume_path
 from services.manifest import Manifest
 from services.simulate import (
     TILTED_VIEW,
@@ -70,19 +71,24 @@ def has_axis(manifest: Manifest) -> bool:
     return any(manifest.geometry(m).tilt_deg != 0.0 for m in range(1, manifest.lattice.mosaics))
 
 
-def expected_uploads(manifest: Manifest, stages: list[str]) -> int:
+def expected_uploads(manifest: Manifest, stages: list[str], exports: bool = True) -> int:
     """artifact_uploaded events of a complete acquisition, at least: tiles, mosaics, volume
     planes, each slice's axis products (the stacked axis volume comes on top, once or twice
-    per slice depending on which of its two events comes last)."""
+    per slice depending on which of its two events comes last), and with `exports` the
+    mosaics' and axis products' NIfTI copies and previews."""
     if "upload" not in stages:
         return 0
     lat = manifest.lattice
     register = "register" in stages
-    per_slice = lat.mosaics * ("stitch" in stages) + register + (register and has_axis(manifest))
+    mosaic = 1 + MOSAIC_EXPORT_FILES * exports
+    axis = (1 + AXIS_EXPORT_FILES * exports) * (register and has_axis(manifest))
+    per_slice = lat.mosaics * ("stitch" in stages) * mosaic + register + axis
     return manifest.tiles * ("process" in stages) + lat.slices * per_slice
 
 
-def finished(status: Status, manifest: Manifest, stages: list[str], uploaded: int) -> bool:
+def finished(
+    status: Status, manifest: Manifest, stages: list[str], uploaded: int, exports: bool = True
+) -> bool:
     """Every tile through the tile stages, every slice through stitch, register and upload."""
     lat = manifest.lattice
     last = "tile_processed" if "process" in stages else "tile_converted"
@@ -101,7 +107,7 @@ def finished(status: Status, manifest: Manifest, stages: list[str], uploaded: in
             or not has_axis(manifest)
             or len(status.mosaics.get("slice_axis", ())) >= lat.slices
         )
-        and uploaded >= expected_uploads(manifest, stages)
+        and uploaded >= expected_uploads(manifest, stages, exports)
     )
 
 
@@ -130,6 +136,7 @@ async def run_demo(
     stream = config.nats.stream
     status: Status | None = None
     uploaded = 0
+    exports = bool(config.stage("upload").options.get("include_exports", True))
     try:
         with Live(console=console, refresh_per_second=4) as live:
             while not stop.is_set():
@@ -139,7 +146,7 @@ async def run_demo(
                     if counts.waiting is not None and name in backlog.samples:
                         backlog.record(name, counts.waiting + (counts.in_progress or 0))
                 live.update(render(status, manifest.grids()))
-                if finished(status, manifest, stages, uploaded):
+                if finished(status, manifest, stages, uploaded, exports):
                     break
                 supervisor.check(console.print)
                 await asyncio.sleep(0.5)
@@ -149,16 +156,18 @@ async def run_demo(
     output = Path(config.roots.output)
     volume = output / volume_path(manifest.id)
     axis_volume = output / axis_volume_path(manifest.id)
+    index = output / index_path(manifest.id)
     return {
         "acq": manifest.id,
         "wall_s": time.monotonic() - started,
         "timeline": timeline,
-        "complete": status is not None and finished(status, manifest, stages, uploaded),
+        "complete": status is not None and finished(status, manifest, stages, uploaded, exports),
         "figures": figures(timeline, tail_slack(manifest.settle_s, services), backlog.max()),
         "mosaics": sorted(str(output / s.path) for s in timeline.slices.values() if s.path),
         "volume": str(volume) if volume.exists() else None,
         "axis": sorted(str(output / s.axis_path) for s in timeline.slices.values() if s.axis_path),
         "axis_volume": str(axis_volume) if axis_volume.exists() else None,
+        "index": str(index) if index.exists() else None,
         "object_store": config.stage("upload").options.get("url") if "upload" in stages else None,
     }
 
@@ -181,6 +190,8 @@ def summary(figures: dict, config: Config, work: Path) -> list[str]:
     lines += [f"  axis (3-D):     {a}" for a in figures.get("axis", [])]
     if figures.get("axis_volume"):
         lines.append(f"  axis volume:    {figures['axis_volume']}")
+    if figures.get("index"):
+        lines.append(f"  previews:       {figures['index']}")
     if figures["object_store"]:
         lines.append(f"  uploaded to:    {figures['object_store']}")
     else:

@@ -19,6 +19,12 @@ def products_path(acq: str, tile: TileCoord) -> str:
     return _tile_dir(acq, "products", tile)
 
 
+def archive_path(acq: str, tile: TileCoord) -> str:
+    """Work-root-relative archival copy (.nii.gz) of a raw tile, kept until it is uploaded;
+    its record (sizes, SHA-256) stays beside it as `<name>.json`."""
+    return f"{acq}/archive/slice{tile.slice:04d}/{tile.token()}.nii.gz"
+
+
 def mosaic_path(acq: str, slice_index: int, mosaic: int) -> str:
     """Output-root-relative OME-Zarr mosaic of one slice."""
     return f"{acq}/mosaics/slice{slice_index:04d}-m{mosaic}.ome.zarr"
@@ -57,3 +63,19 @@ def volume_product_of(mosaic_rel: str, product: str) -> str:
 def focus_plane_path(acq: str, illumination: str) -> str:
     """Output-root-relative record of an illumination's focus plane (found once, reused)."""
     return f"{acq}/focus/focus-{illumination}.json"
+
+
+def exports_dir(store_rel: str) -> str:
+    """The NIfTI files of an OME-Zarr store, in a directory beside it
+    (`.../slice0001-m0.ome.zarr` -> `.../slice0001-m0/`)."""
+    return store_rel.removesuffix(".ome.zarr")
+
+
+def previews_dir(acq: str, slice_index: int, label: str) -> str:
+    """Output-root-relative directory of one slice's previews (`label`: `m<M>` or `axis`)."""
+    return f"{acq}/previews/slice{slice_index:04d}-{label}"
+
+
+def index_path(acq: str) -> str:
+    """Output-root-relative static HTML index of an acquisition's newest previews."""
+    return f"{acq}/index.html"

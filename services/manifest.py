@@ -40,6 +40,7 @@ from services.calibration_files import (
     wave_pixel_polynomials,
 )
 from services.config import format_validation_error
+from services.names import Names
 from services.regular_files import NotRegularFile, open_regular
 from services.stage import PermanentError
 
@@ -422,6 +423,9 @@ class Manifest(Strict):
     calibration: Calibration = Field(default_factory=Calibration)
     processing: Processing = Field(default_factory=Processing)
     settle_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    names: Names = Field(
+        default_factory=Names, description="published file names (services/names.py)"
+    )
     ignore: Annotated[list[Annotated[str, Field(max_length=500)]], Field(max_length=100)] = Field(
         default_factory=lambda: list(SIDECARS),
         description="glob patterns (relative to the manifest's directory) the watcher skips",
@@ -495,7 +499,56 @@ class Manifest(Strict):
                 raise ValueError("{file} interleaves mosaics: they need the same number of tiles")
         if self.tiles > MAX_TILES:
             raise ValueError(f"{self.tiles} tiles; an acquisition holds at most {MAX_TILES}")
+        self.names.check(
+            self.project,
+            [self.acq_label(m) for m in range(self.lattice.mosaics)],
+            max_slice=self.lattice.slices + self.numbering.slice_offset,
+            max_tile=max(g.tiles for g in self._geometries),
+        )
         return self
+
+    # ---------------------------------------------------------------- published names
+    @property
+    def project(self) -> str:
+        """The project name in published file names (``[names] project``, else the id)."""
+        return self.names.label(self.id)[0]
+
+    @property
+    def subject(self) -> str:
+        """The DANDI/BIDS subject label (``[names] subject``, else the project's letters and
+        digits)."""
+        return self.names.label(self.id)[1]
+
+    def acq_label(self, mosaic: int) -> str:
+        """A mosaic's ``{acq}`` in names: its illumination, with its index appended when
+        another mosaic of the slice has the same illumination."""
+        labels = [g.illumination for g in self._geometries]
+        label = labels[mosaic]
+        return label if labels.count(label) == 1 else f"{label}{mosaic}"
+
+    def published_name(
+        self,
+        kind: str,
+        *,
+        slice_index: int | None = None,
+        mosaic: int | None = None,
+        tile: TileCoord | None = None,
+        modality: str | None = None,
+    ) -> str:
+        """The file name ``[names] <kind>`` gives one artifact (tilepipe's 0-based slice
+        and mosaic indices in, the lab's numbers out)."""
+        if tile is not None:
+            slice_index, mosaic = tile.slice, tile.mosaic
+        fields: dict[str, Any] = {"project": self.project}
+        if slice_index is not None:
+            fields["slice"] = slice_index + self.numbering.slice_offset + 1
+        if mosaic is not None:
+            fields.update(mosaic=mosaic, acq=self.acq_label(mosaic))
+        if tile is not None:
+            fields["tile"] = self.geometry(tile.mosaic).index_of(tile.row, tile.col) + 1
+        if modality is not None:
+            fields["modality"] = modality
+        return self.names.render(kind, fields)
 
     # ---------------------------------------------------------------- geometry
     @cached_property

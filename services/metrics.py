@@ -142,6 +142,16 @@ UPLOAD_FAILURES = Counter(
     "verify, transient, config).",
     ["reason"],
 )
+RAW_ARCHIVE_BYTES = Counter(
+    "tilepipe_raw_archive_bytes_total",
+    "Bytes of raw tiles read for archival (file=raw) and of the archives written (file=archive).",
+    ["file"],
+)
+RAW_DELETED = Counter(
+    "tilepipe_raw_deleted_total",
+    "Raw tiles deleted after a verified upload of their archive, by outcome (deleted, failed).",
+    ["outcome"],
+)
 UPLOAD_SECONDS = Histogram(
     "tilepipe_upload_duration_seconds",
     "Time to hash, upload and verify one artifact.",
@@ -186,3 +196,16 @@ def serve_metrics(host: str, port: int) -> int:
     """Expose /metrics on host:port (0 picks a free port); returns the bound port."""
     server, _thread = start_http_server(port, addr=host)
     return server.server_address[1]
+
+
+NOTIFY_MESSAGES = Counter(
+    "tilepipe_notify_messages_total",
+    "Webhook notifications, by kind (acq_started, slice_done, failures) and outcome "
+    "(sent, dropped: given up after its retries).",
+    ["kind", "outcome"],
+)
+NOTIFY_SKIPPED = Counter(
+    "tilepipe_notify_events_skipped_total",
+    "Events not notified, by reason (old: emitted before max_age_s; own_failure).",
+    ["reason"],
+)

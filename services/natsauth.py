@@ -51,6 +51,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 WATCHER_OUTPUTS = ("acq_started", "tile_arrived", "acq_finished")
 LATTICE_WRITERS = frozenset(LATTICE_KEYS)  # stitch, register; also read tp-acquisitions
+ACQ_READERS = frozenset({"upload"})  # reads tp-acquisitions (a manifest's [names])
 
 Permissions = dict[str, list[str]]
 
@@ -110,6 +111,8 @@ def stage_permissions(
             *(f"$KV.{LATTICE_BUCKET}.{keys}" for keys in LATTICE_KEYS.get(name, ())),
             *_read_kv(ACQ_BUCKET),
         ]
+    elif name in ACQ_READERS:
+        publish += _read_kv(ACQ_BUCKET)
     return {"publish": publish, "subscribe": [f"{inbox_prefix(name)}.>"]}
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from services.atomic import atomic_file
+from services.nifti import write_nifti
 
 VOLUMES = {"dBI": ("db", "dB"), "R3D": ("retardance", "deg"), "O3D": ("orientation", "deg")}
 MAPS = {
@@ -49,19 +50,6 @@ def product_prefix(raw_name: str) -> str:
     return match.group(1) if match and match.group(1) else stem
 
 
-def _write(path: Path, data: np.ndarray, zooms_mm: tuple[float, float, float], what: str) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.diag([*zooms_mm, 1.0]))
-    img.header.set_xyzt_units("mm", "sec")
-    img.header.set_zooms(zooms_mm)
-    img.header["descrip"] = what.encode()[:79]
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(img.to_bytes())
-
-
 def write_tile_products(
     products: Any,
     out_dir: Path,
@@ -81,14 +69,16 @@ def write_tile_products(
     for key, (attr, unit) in VOLUMES.items():
         vol = getattr(products, attr).transpose(1, 0, 2)  # [B, A, Z] -> (A, B, Z)
         path = out_dir / f"{prefix}_{key}.nii"
-        _write(path, vol, (px, px, axial_pixel_um / 1000.0), f"tilepipe {key} [{unit}] x=A y=B z")
+        write_nifti(
+            path, vol, (px, px, axial_pixel_um / 1000.0), f"tilepipe {key} [{unit}] x=A y=B z"
+        )
         written.append(path)
     for key, (attr, unit) in MAPS.items():
         img = np.asarray(getattr(products, attr), dtype=np.float32)
         if key == "surf":
             img = img + 1.0  # the toolbox's files count depth from 1
         path = out_dir / f"{prefix}_{key}.nii"
-        _write(
+        write_nifti(
             path,
             img.T[:, :, None],
             (px, px, slice_thickness_um / 1000.0),

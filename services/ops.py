@@ -4,12 +4,19 @@ Replays and retries are targeted: the input events are republished on `tp.redo_<
 which only that stage's consumer listens to, with a replay tag that makes their outputs new
 events (not duplicates of the first run) and tells the stage to recompute even if its outputs
 are complete. Other stages' progress is untouched.
+
+A replay from a point of the log (`tilepipe replay STAGE --from-seq N | --since T`) rewinds
+the stage's durable consumer with the server's consumer reset (nats-server 2.14+, ADR-60;
+`nats consumer reset TILEPIPE STAGE N` does the same): every input of the stage from there is
+delivered again, and the digest-keyed completion of the outputs recomputes exactly those
+whose inputs or parameters changed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -19,7 +26,7 @@ from nats.js.errors import KeyNotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed
-from messages.subjects import HOLD, PREFIX, event_subjects, parse_subject, redo_subject
+from messages.subjects import HOLD, PREFIX, REDO, event_subjects, parse_subject, redo_subject
 from services.bus import MSG_ID, REPLAY_HEADER
 from services.eventlog import subjects_seen
 from services.lattice import HOLD_BUCKET
@@ -120,6 +127,67 @@ async def replay(
             await republish(js, stage, event, tag, msg.metadata.sequence.stream)
             sent.append(event)
     return sent
+
+
+RESET_SINCE = (2, 14)  # nats-server version with `$JS.API.CONSUMER.RESET` (ADR-60)
+
+
+class ResetUnsupported(RuntimeError):
+    """The server predates consumer reset."""
+
+
+def reset_supported(version: str) -> bool:
+    """Whether a nats-server of `version` (e.g. "2.15.1") has consumer reset."""
+    numbers = re.findall(r"\d+", version)[:2]
+    return tuple(int(n) for n in numbers) >= RESET_SINCE if len(numbers) == 2 else False
+
+
+async def first_seq_since(js: JetStreamContext, stream: str, since: datetime) -> int | None:
+    """Stream sequence of the first event logged at or after `since` (None: none since)."""
+    request = json.dumps({"start_time": since.astimezone(UTC).isoformat()}).encode()
+    reply = await js._nc.request(f"{js._prefix}.STREAM.MSG.GET.{stream}", request, timeout=5)
+    found = json.loads(reply.data)
+    if "error" in found:
+        if found["error"].get("code") == 404:
+            return None
+        raise ValueError(found["error"].get("description", "message lookup failed"))
+    message = found["message"]
+    stamp = datetime.fromisoformat(re.sub(r"(\.\d{6})\d*", r"\1", message["time"]))
+    # a start time past the last message is answered with the first one: nothing since
+    return message["seq"] if stamp >= since else None
+
+
+async def reset(js: JetStreamContext, stream: str, stage: str, seq: int | None) -> tuple[int, int]:
+    """Rewind a stage's durable consumer to stream sequence `seq` (its ack floor: None) with
+    the server's consumer reset: the running stage receives every input of its filter from
+    there again, without a restart; other stages are untouched. Returns the sequence its
+    next delivery will be at or above, and how many handled targeted replays were removed.
+
+    Targeted replays and retries the stage has already handled (`tp.redo_<stage>` messages
+    at or below its ack floor) are purged first: delivered again they would recompute
+    regardless of their basis (they are explicit requests to recompute).
+
+    Raises ResetUnsupported on a server older than 2.14 (`tilepipe replay STAGE --acq ACQ`
+    does a targeted replay there), NotFoundError for an unknown stage (the server does not
+    answer a reset of an unknown consumer, so it is looked up first)."""
+    version = str(js._nc.connected_server_version)
+    if not reset_supported(version):
+        raise ResetUnsupported(
+            f"nats-server {version} has no consumer reset (2.14 or later): use the targeted "
+            f"`tilepipe replay {stage} --acq ACQ [--slice N] [--since T]` instead"
+        )
+    if seq is not None and seq < 1:
+        raise ValueError("a stream sequence counts from 1")
+    info = await js.consumer_info(stream, stage)
+    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    redo = f"{PREFIX}.{REDO}{stage}.>"
+    purged = 0
+    if floor:
+        before = sum((await subjects_seen(js, stream, redo)).values())
+        await js.purge_stream(stream, seq=floor + 1, subject=redo)
+        purged = before - sum((await subjects_seen(js, stream, redo)).values())
+    done = await js.reset_consumer(stream, stage, seq)
+    return done.reset_seq, purged
 
 
 async def retry(js: JetStreamContext, stream: str, items: list[Failure]) -> int:

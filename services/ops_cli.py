@@ -51,10 +51,16 @@ async def command(config: Config, args: argparse.Namespace) -> int:
             await _run(config, ops.resume, args.stage)
             console.print(f"{args.stage} resumed")
         elif args.command == "replay":
-            kinds = [k.kind for k in stage_for(config, args.stage).consumes]
             since = datetime.fromisoformat(args.since) if args.since else None
             if since is not None and since.tzinfo is None:
                 since = since.astimezone()
+            if args.acq is None:
+                if args.slice is not None:
+                    raise ValueError("--slice selects within --acq ACQ (a targeted replay)")
+                return await _rewind(config, console, args.stage, args.from_seq, since)
+            if args.from_seq is not None:
+                raise ValueError("--from-seq rewinds the whole stage: leave out --acq")
+            kinds = [k.kind for k in stage_for(config, args.stage).consumes]
             sent = await _run(config, ops.replay, args.stage, kinds, args.acq, args.slice, since)
             console.print(f"replayed {len(sent)} events to {args.stage}")
         elif args.command in ("failed", "retry"):
@@ -109,12 +115,36 @@ async def command(config: Config, args: argparse.Namespace) -> int:
             for row in ops.history_rows(events):
                 table.add_row(*row)
             console.print(table if events else "no events for this tile")
+    except ops.ResetUnsupported as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 2
     except NotFoundError:
         console.print(f"[red]no such stage consumer: {getattr(args, 'stage', '?')}[/red]")
         return 2
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         return 2
+    return 0
+
+
+async def _rewind(
+    config: Config, console: Console, stage: str, seq: int | None, since: datetime | None
+) -> int:
+    """`replay STAGE --from-seq N | --since T`: rewind the stage's consumer (consumer reset)."""
+    if (seq is None) == (since is None):
+        raise ValueError("replay needs --acq ACQ (targeted), or one of --from-seq N / --since T")
+    if since is not None:
+        seq = await _run(config, ops.first_seq_since, since)
+        if seq is None:
+            console.print(f"nothing logged since {since.isoformat()}: nothing to replay")
+            return 0
+    at, purged = await _run(config, ops.reset, stage, seq)
+    if purged:
+        console.print(f"removed {purged} targeted replays {stage} had handled")
+    console.print(
+        f"{stage} rewound: its inputs from stream sequence {at} are delivered again "
+        "(outputs whose inputs and parameters are unchanged are not recomputed)"
+    )
     return 0
 
 
@@ -127,11 +157,21 @@ def add_commands(add) -> None:
     p = add("resume", "release a paused stage, or a held acquisition (--acq)")
     p.add_argument("stage", nargs="?", default=None)
     p.add_argument("--acq", default=None)
-    p = add("replay", "reprocess one stage's inputs from the event log (only that stage)")
+    p = add(
+        "replay",
+        "reprocess one stage's inputs from the event log (only that stage): targeted (--acq, "
+        "recomputes) or by rewinding its consumer (--from-seq / --since, recomputes what changed)",
+    )
     p.add_argument("stage")
-    p.add_argument("--acq", required=True)
+    p.add_argument("--acq", default=None, help="targeted: this acquisition's inputs")
     p.add_argument("--slice", type=int, default=None)
     p.add_argument("--since", default=None, help="ISO time: only inputs logged since then")
+    p.add_argument(
+        "--from-seq",
+        type=int,
+        default=None,
+        help="rewind the stage's consumer to this stream sequence (nats consumer reset)",
+    )
     p = add("failed", "list inputs a stage gave up on and that have not succeeded since")
     p.add_argument("acq", nargs="?", default=None)
     p = add("retry", "re-queue the failed inputs (optionally of one stage)")

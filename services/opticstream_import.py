@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from services.manifest import (
     RawLayout,
     dump_manifest,
 )
+from services.names import Names
 from services.tomlio import write_atomically
 
 DEFAULT_TILT_DEG = -15.0  # the lab's tilted illumination (gamma)
@@ -70,13 +72,8 @@ ACQUISITION_FIELDS = {
 }
 NOT_APPLIED = {  # top-level and processing fields tilepipe does not use here, with the reason
     "project_base_path": "tilepipe writes under its configured roots",
-    "dandiset_path": "publishing to DANDI is not part of this manifest",
-    "archive_path": "raw archival is not part of this manifest",
-    "archive_tile_name_format": "output names are not part of this manifest",
-    "mosaic_volume_format": "output names are not part of this manifest",
-    "mosaic_enface_format": "output names are not part of this manifest",
-    "mosaic_mask_format": "output names are not part of this manifest",
-    "slice_registered_format": "output names are not part of this manifest",
+    "dandiset_path": "the destination is [stages.upload] options url with layout = 'dandi'",
+    "archive_path": "raw tiles are archived by [stages.upload] options archive_raw = true",
     "enface_modalities": "tilepipe computes every en-face product",
     "volume_modalities": "tilepipe computes every volume",
     "stitch_3d_volumes": "set [stages.stitch] options fuse_volume in the tilepipe config",
@@ -90,8 +87,18 @@ NOT_APPLIED = {  # top-level and processing fields tilepipe does not use here, w
     "processing.ori_method_args": "no arguments for circularMean",
     "processing.biref_method_args": "no arguments for the legacy fit",
 }
+# opticstream's name formats -> [names] templates; its placeholders -> tilepipe's fields
+NAME_FORMATS = {
+    "archive_tile_name_format": "raw_archive",
+    "mosaic_enface_format": "mosaic_enface",
+    "mosaic_mask_format": "mosaic_mask",
+    "mosaic_volume_format": "mosaic_volume",
+    "slice_registered_format": "slice_axis",
+}
+PLACEHOLDERS = {"project_name": "project", "slice_id": "slice", "tile_id": "tile"}
 KNOWN_TOP = {
     "project_name",
+    *NAME_FORMATS,
     "mosaics_per_slice",
     "acquisition",
     "processing",
@@ -127,6 +134,29 @@ def acquisition_id(project_name: str) -> str:
     """A tilepipe acquisition id from a project name (letters, digits, - and _)."""
     cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", project_name).strip("-")[:64]
     return cleaned or "acquisition"
+
+
+def name_template(field_name: str, fmt: Any) -> str:
+    """An opticstream name format as a [names] template (its placeholders renamed)."""
+    if not isinstance(fmt, str) or not fmt:
+        raise _refuse(field_name, fmt, "a non-empty format string")
+    out = []
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as exc:
+        raise _refuse(field_name, fmt, f"not a format string ({exc})") from None
+    for text, name, spec, conversion in parsed:
+        out.append(text.replace("{", "{{").replace("}", "}}"))
+        if name is not None:
+            name = PLACEHOLDERS.get(name, name)
+            out.append(
+                "{"
+                + name
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+    return "".join(out)
 
 
 def build_manifest(
@@ -264,9 +294,14 @@ def build_manifest(
     )
     if not dispersion_file:
         notes.append("no dispersion file: no dispersion compensation (pass --dispersion)")
+    names = {"project": acquisition_id(project)}
+    for field_name, kind in NAME_FORMATS.items():
+        if config.get(field_name) is not None:
+            names[kind] = name_template(field_name, config[field_name])
     try:
         manifest = Manifest(
             id=acq_id or acquisition_id(project),
+            names=Names(**names),
             description=f"imported from opticstream scan config {project!r}",
             lattice=Lattice(
                 slices=slices,

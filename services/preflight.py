@@ -179,6 +179,16 @@ def run_checks(manifest_path: Path, config: Config) -> list[Check]:
             f"{manifest.raw.format}, {manifest.processing.preset} conventions",
         )
     )
+    first = next(iter(manifest.coords()))
+    checks.append(
+        Check(
+            "published names",
+            True,
+            f"raw archives {manifest.published_name('raw_archive', tile=first)}, mosaics "
+            f"{manifest.published_name('mosaic', slice_index=0, mosaic=0)} (DANDI subject "
+            f"sub-{manifest.subject})",
+        )
+    )
     roots = config.roots
     raw = Path(roots.raw)
     raw_ok = raw.is_dir() and os.access(raw, os.R_OK | os.X_OK)

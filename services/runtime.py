@@ -38,7 +38,7 @@ from messages.events import (
 )
 from messages.paths import PathEscapeError
 from messages.subjects import hold_subject
-from services.bus import REPLAY_HEADER, connect, delivery_count, publish_event
+from services.bus import MSG_ID, REPLAY_HEADER, connect, delivery_count, publish_event
 from services.config import Config, StageSettings
 from services.lattice import HOLD_BUCKET
 from services.logs import get_logger
@@ -301,6 +301,10 @@ class StageRunner:
                 out if out.origin is origin else out.model_copy(update={"origin": origin})
                 for out in result.events
             ]
+            if result.unchanged:  # a forced replay recomputes: never unchanged
+                outputs = [out for out in outputs if not await self._in_log(js, out)]
+                if not outputs:
+                    result.detail = result.detail or "unchanged: outputs and events exist"
             for out in outputs:
                 await self._publish(js, out, replay=replay)
             await msg.ack()
@@ -332,9 +336,9 @@ class StageRunner:
             log.info(
                 "event_handled",
                 seconds=round(seconds, 4),
-                published=[e.kind for e in result.events],
+                published=[e.kind for e in outputs],
             )
-            if not result.events or result.detail:  # else the outputs carry the record
+            if not outputs or result.detail:  # else the outputs carry the record
                 await self._record(
                     msg, event, attempt, "ok", started_at, replay, detail=result.detail
                 )
@@ -406,6 +410,17 @@ class StageRunner:
         if not isinstance(result, Result):
             raise TypeError(f"{self.name}.handle returned {type(result).__name__}, not Result")
         return result
+
+    async def _in_log(self, js: JetStreamContext, event: Event) -> bool:
+        """Whether the newest event on `event`'s subject is `event` (its de-duplication id):
+        unlike the server's duplicate window, this holds however long ago it was published.
+        Unsure (no permission, a lost connection): False, the publish is de-duplicated as
+        usual."""
+        try:
+            last = await js.get_last_msg(self.config.nats.stream, event.subject())
+        except Exception:
+            return False
+        return (last.headers or {}).get(MSG_ID) == event.msg_id()
 
     async def _publish(
         self,

@@ -27,6 +27,9 @@ class Result:
     bytes_read: int = 0
     bytes_written: int = 0
     detail: str = ""  # recorded in the tile's history (e.g. an external program's exit code)
+    # the outputs were complete with the same basis (nothing recomputed): their events are
+    # published only where the log lacks them, so a rewound consumer adds no duplicates
+    unchanged: bool = False
 
 
 @dataclass

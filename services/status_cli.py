@@ -13,6 +13,7 @@ from rich.live import Live
 from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
 from services.bus import connect
 from services.config import Config
+from services.layout import index_path
 from services.stages import configured_stages
 from services.status import snapshot
 from services.status_view import render, status_json
@@ -49,13 +50,19 @@ async def status_command(config: Config, args) -> int:
         async def current():
             return await snapshot(js, config.nats.stream, acq, stages)
 
+        index = config.roots.output / index_path(acq)
+        previews = f"previews: {index}" if index.is_file() else "previews: none yet"
         if args.json:
-            print(json.dumps(status_json(await current()), indent=2))
+            doc = status_json(await current())
+            doc["previews_index"] = str(index) if index.is_file() else None
+            print(json.dumps(doc, indent=2))
             return 0
         console = Console()
         if not args.watch:
             console.print(render(await current(), lattice))
+            console.print(previews, soft_wrap=True)
             return 0
+        console.print(previews, soft_wrap=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -509,6 +509,23 @@ class Storage:
         """The listing of a complete directory artifact at `key`, if its marker exists."""
         return await self._retrying(f"read {key}/{MARKER}", lambda: self._read_marker(key))
 
+    async def read_back(self, key: str) -> tuple[int, str] | None:
+        """(size, `sha256:<hex>`) of the stored object at `key`, read back in full (no
+        metadata trusted); None when it is absent."""
+
+        async def attempt() -> tuple[int, str] | None:
+            try:
+                sha, size = hashlib.sha256(), 0
+                result = await obstore.get_async(self.store, key)
+                async for chunk in result.stream(min_chunk_size=4 * MIB):
+                    sha.update(chunk)
+                    size += len(chunk)
+                return size, "sha256:" + sha.hexdigest()
+            except NOT_FOUND:
+                return None
+
+        return await self._retrying(f"read back {key}", attempt)
+
     # -- one object -------------------------------------------------------------------------
 
     async def _upload_file(self, key: str, path: Path, product: str) -> UploadReport:

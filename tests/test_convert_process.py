@@ -54,6 +54,7 @@ async def test_simulated_tiles_converted_and_processed(config, js):
             str(config.roots.work / event.products["db"].rsplit("/", 1)[0]), mode="r"
         )
         assert group["db"].shape == (48, 48, cal.n_depth)
+        assert [c.cname.value for c in group["db"].compressors] == ["lz4"]  # the default codec
         fields = sim.tile_fields(truth.tile(event.tile))
         surface = np.asarray(group["surface"][:], dtype=float)
         expected = depth_bin_of(fields["surface_um"], cal)

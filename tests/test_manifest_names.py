@@ -255,6 +255,10 @@ def test_process_options_keep_the_science_in_the_manifest():
         runtime_options({"enface_thickness": 50})
     with pytest.raises(ValueError, match="unknown process options"):
         runtime_options({"thickness": 50})
+    # the products' codec is a stage option, not a kernel parameter; a wrong one is named
+    assert runtime_options({"compression": "zstd", "cpu_threads": 2}) == {"cpu_threads": 2}
+    with pytest.raises(ValueError, match=r"compression = 'gzip'; known: \['lz4', 'zstd', 'none'\]"):
+        runtime_options({"compression": "gzip"})
 
 
 def test_manifest_file_limits(tmp_path):

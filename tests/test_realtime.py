@@ -263,14 +263,15 @@ def test_demo_config_uploads_to_a_local_store(tmp_path):
     off = Config(stages={"upload": StageSettings(enabled=False)})
     assert demo_config(off, tmp_path) is off
     manifest = small_manifest("x", slices=2, rows=3, cols=3)
-    assert expected_uploads(manifest, ["convert", "process", "stitch", "register", "upload"]) == (
-        18 + 2 * 2
-    )
+    everything = ["convert", "process", "stitch", "register", "upload"]
+    # per slice: its mosaic with 6 NIfTI copies and 6 previews, its volume plane
+    assert expected_uploads(manifest, everything) == 18 + 2 * (13 + 1)
+    assert expected_uploads(manifest, everything, exports=False) == 18 + 2 * 2
     assert expected_uploads(manifest, ["convert", "process", "stitch", "register"]) == 0
     both = small_manifest("x", slices=2, rows=3, cols=3, mosaics=2)  # + each slice's axis
-    assert expected_uploads(both, ["convert", "process", "stitch", "register", "upload"]) == (
-        36 + 2 * (2 + 1 + 1)
-    )
+    # + the axis products with 6 NIfTI copies and 5 previews
+    assert expected_uploads(both, everything) == 36 + 2 * (2 * 13 + 1 + 12)
+    assert expected_uploads(both, everything, exports=False) == 36 + 2 * (2 + 1 + 1)
 
 
 def test_demo_runs_end_to_end_with_upload(tmp_path):
@@ -300,6 +301,9 @@ def test_demo_runs_end_to_end_with_upload(tmp_path):
     axis = re.findall(r"slice \d: last tile -> axis s\s+([\d.]+)", out)
     assert len(axis) == 2, out
     assert f"uploaded to:    {store.as_uri()}" in out
+    index = re.search(r"  previews:\s+(\S+index\.html)", out)
+    assert index and Path(index.group(1)).is_file(), out
+    assert len(list(store.rglob("*.nii.gz"))) == 2 * (2 * 6 + 6)  # mosaics' and axis' NIfTI
     assert "tiles (failed)" in out and "36 (0)" in out
     slices = re.findall(r"slice \d m0: last tile -> stitched / registered / uploaded s\s+(.*)", out)
     assert len(slices) == 2 and all("-" not in s for s in slices), out

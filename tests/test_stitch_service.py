@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import nibabel
 import numpy as np
 import zarr
 from ome_zarr_models.v05.image import Image
@@ -98,6 +99,14 @@ async def test_stitch_while_acquiring_with_low_texture_and_missing_tile(config, 
     mask = level0[5]
     assert np.array_equal(np.isfinite(mask), np.isfinite(aip)) and np.nanmean(mask) > 0.95
     assert attrs["mask"] == {"of": "aip", "threshold_db": 45.0, "sigma_px": 5.0}
+    # NIfTI copies beside the store (the mosaic transposed: X x Y x 1), previews, the index
+    assert sorted(event.exports) == sorted(
+        [f"nifti.{k}" for k in ("aip", "mip", "ret", "ori", "biref", "mask")]
+        + [f"preview.{k}" for k in ("aip", "mip", "ret", "ori", "biref", "mask")]
+    )
+    nii = nibabel.load(config.roots.output / event.exports["nifti.aip"])
+    assert np.array_equal(nii.get_fdata()[:, :, 0], aip.T, equal_nan=True)
+    assert (config.roots.output / "st/index.html").is_file()
 
     # the 3-D volumes, fused out of core, cropped below the focus plane, masked
     assert event.volumes == {

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 
+import nibabel
 import numpy as np
 import zarr
 
@@ -286,6 +287,10 @@ async def test_stage_fits_the_axis_when_both_mosaics_are_stitched(config, js):
         assert np.percentile(err["azimuth"], 95) < 5.0, k
         assert np.percentile(err["inclination"], 95) < 5.0, k
         assert np.median(err["delta_n"]) < 0.05, k
+        # NIfTI copies and previews of the axis products, listed in the event
+        nii = nibabel.load(config.roots.output / e.exports["nifti.delta_n"])
+        assert np.array_equal(nii.get_fdata()[:, :, 0], products["delta_n"].T, equal_nan=True)
+        assert (config.roots.output / e.exports["preview.inplane"]).is_file()
     # the void (slice 0): out of the mask, so no axis there
     yy, xx = np.mgrid[0:150, 0:160]
     hole = ((yy * PX_UM - 700.0) ** 2 + (xx * PX_UM - 400.0) ** 2) < 150.0**2
@@ -317,17 +322,23 @@ async def test_stage_fits_the_axis_when_both_mosaics_are_stitched(config, js):
 
 
 # ----------------------------------------------------------------------------- end to end
-async def test_simulated_two_illumination_acquisition_recovers_the_axis(config, js):
+async def test_simulated_two_illumination_acquisition_recovers_the_axis(config, js, tmp_path):
     """Raw spectra of both illuminations of one slice (the tilted tiles see the fibre field
     through the tilted beam and an affine view of the sample) through convert, process,
     stitch and register: masks leave the void out, the tilted -> normal transform is within
     0.5 px of the truth, azimuth and inclination within 5 deg and delta-n within 10 % where
-    delta-n is above the noise (medians; the 90th percentiles are bounded too)."""
+    delta-n is above the noise (medians; the 90th percentiles are bounded too). The NIfTI
+    copies and previews of both mosaics and of the axis open with nibabel and in headless
+    Chromium (the index), and a webhook receiver gets exactly the acquisition started and the
+    slice done."""
     from services.simulate import Simulator, simulate, small_manifest, write_manifest
     from services.stages.convert import Convert
+    from services.stages.notify import Notify
     from services.stages.process import Process
     from services.stages.stitch import Stitch
     from tests.conftest import pipeline
+    from tests.test_exports import chromium, images_loaded
+    from tests.test_notify import Receiver, url_file
 
     manifest = small_manifest(
         "e2e", slices=1, rows=3, cols=3, settle_s=0.2, mosaics=2, tilted_cols=5
@@ -343,10 +354,20 @@ async def test_simulated_two_illumination_acquisition_recovers_the_axis(config, 
         void_um=(1150.0, 550.0, 220.0),
         tilted_affine=TILTED_VIEW,
     )
-    async with pipeline(config, js, (Convert, Process, Stitch, Register)):
-        truth = await asyncio.to_thread(simulate, path, manifest, 0.0, params=params)
-        await wait_for(_count(js, "slice_axis", 1), timeout=400)
+    receiver = Receiver()
+    hook = {"url_file": str(url_file(tmp_path, receiver.url)), "backoff_s": [0.2]}
+    try:
+        stages = (Convert, Process, Stitch, Register, Notify)
+        async with pipeline(config, js, stages, {Notify: hook}):
+            truth = await asyncio.to_thread(simulate, path, manifest, 0.0, params=params)
+            await wait_for(_count(js, "slice_axis", 1), timeout=400)
+            await wait_for(lambda: len(receiver.posts) >= 2, timeout=20)
+            await asyncio.sleep(2.0)  # and nothing more
+    finally:
+        receiver.close()
     assert await kinds(js, "stage_failed") == []
+    assert receiver.texts() == ["tilepipe: acquisition e2e started", "tilepipe: e2e slice 0 done"]
+    assert "slice0000-axis/inplane.png" in json.dumps(receiver.posts[1])
     axis = (await kinds(js, "slice_axis"))[0]
     stitched = {e.mosaic: e for e in await kinds(js, "slice_stitched")}
     sim = Simulator(manifest, params)
@@ -407,6 +428,22 @@ async def test_simulated_two_illumination_acquisition_recovers_the_axis(config, 
     assert figures["azimuth"][0] <= 5.0 and figures["azimuth"][1] <= 10.0, figures
     assert figures["inclination"][0] <= 5.0 and figures["inclination"][1] <= 10.0, figures
     assert figures["delta_n"][0] <= 0.10 and figures["delta_n"][1] <= 0.2, figures
+
+    # NIfTI copies (X x Y x 1: the stores' planes transposed) and previews, in the index
+    out = config.roots.output
+    for event, store_products in ((stitched[0], None), (stitched[1], None), (axis, products)):
+        assert len([k for k in event.exports if k.startswith("nifti.")]) == 6
+        key, channel = ("nifti.delta_n", "delta_n") if store_products else ("nifti.aip", "aip")
+        if store_products is None:
+            names = read_multiscale(out / event.path)["channel_names"]
+            plane = np.asarray(open_level(out / event.path, 0)[names.index(channel)])
+        else:
+            plane = store_products[channel]
+        nii = nibabel.load(out / event.exports[key])
+        assert np.array_equal(nii.get_fdata()[:, :, 0], plane.T, equal_nan=True)
+        assert np.allclose(nii.header.get_zooms(), (PX_UM / 1000, PX_UM / 1000, 0.2))
+    if chromium() is not None:
+        assert images_loaded(out / "e2e/index.html") == "images=17 broken=0"
 
     # the same mosaics solved with the wrong sign of gamma: the inclinations are mirrored
     from services.stages.register import Mosaic

@@ -456,6 +456,52 @@ async def test_volume_mosaics_listed_by_slice_stitched_go_up(config, js, tmp_pat
     assert await events(js, "stage_failed") == []
 
 
+async def test_nifti_and_previews_listed_by_a_mosaic_are_uploaded_with_checksums(
+    config, js, tmp_path
+):
+    """A stitched mosaic's exports (services/exports.py) go to their own keys; S3-style
+    checksums are verified like every artifact's; `include_exports = false` leaves them."""
+    from services.exports import export_mosaic
+    from services.omezarr import write_omezarr
+
+    rel = "acq1/mosaics/slice0002-m1.ome.zarr"
+    maps = {c: np.full((20, 30), 50.0, np.float32) for c in ("aip", "retardance", "orientation")}
+    write_omezarr(config.roots.output / rel, maps, pixel_size_um=(10.0, 10.0))
+    exports = export_mosaic(config.roots.output, rel, 2, 1, 200.0)
+    assert sorted(exports) == ["nifti.aip", "nifti.ori", "nifti.ret", "preview.aip",
+                               "preview.ori", "preview.ret"]  # fmt: skip
+    event = SliceStitched(acq="acq1", slice=2, mosaic=1, path=rel, exports=exports)
+    dest = tmp_path / "dest"
+    async with upload_stage(config, {"url": f"file://{dest}"}):
+        await publish_event(js, event)
+        found = await wait_for(lambda: _uploaded(js, 1 + len(exports)), timeout=20)
+    by_product = sorted((e.product, e.key.removeprefix(f"file://{dest}/")) for e in found)
+    stem = "sub-acq1/micr/sub-acq1_sample-slice0002_acq-m1"
+    assert by_product[:4] == [
+        ("mosaic", f"{stem}_mosaic.ome.zarr"),
+        ("mosaic_nifti", f"{stem}_proc-aip.nii.gz"),
+        ("mosaic_nifti", f"{stem}_proc-ori.nii.gz"),
+        ("mosaic_nifti", f"{stem}_proc-ret.nii.gz"),
+    ]
+    assert (
+        "mosaic_preview",
+        "sub-acq1/micr/previews/sub-acq1_sample-slice0002_acq-m1_proc-ori.png",
+    ) in by_product
+    for e in found:
+        if e.product != "mosaic":
+            local = config.roots.output / e.source
+            assert e.checksum == "sha256:" + hashlib.sha256(local.read_bytes()).hexdigest()
+            assert (dest / e.key.removeprefix(f"file://{dest}/")).read_bytes() == local.read_bytes()
+    opts = {"url": f"file://{dest}", "include_exports": False}
+    without = Upload(config, StageSettings(**{**Upload.defaults, "options": opts}))
+    assert [a.product for a in without._artifacts(event)] == ["mosaic"]
+
+
+async def _uploaded(js, n: int):
+    found = await events(js, "artifact_uploaded")
+    return found if len(found) == n else None
+
+
 def test_options_are_validated_with_clear_errors(tmp_path):
     cases = [
         ({}, "url: Field required"),

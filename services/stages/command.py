@@ -12,15 +12,24 @@ tile's products group), `{output}` (absolute path under the work root, its paren
 `{work}`, `{raw}`, `{output_root}`. The program runs without a shell; exit code 0 is success,
 anything else is retried and finally recorded as failed. Exit code and the tail of stderr are
 recorded in the tile's history (`tilepipe history`).
+
+With an `output`, a successful run is recorded beside it (`.<output name>.tilepipe-basis`: the
+digest of the input's identity, its event id, which carries the digest of a recomputed
+input, and of the command): the same input delivered again (a consumer reset, a
+redelivery) finds its output complete with the same basis and does not run the program; a
+recomputed input, another command or a `tilepipe replay --acq` runs it.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
+from pathlib import Path
 from typing import Any, ClassVar
 
 from messages.events import EVENT_TYPES, Event, TileEvent
+from services.atomic import atomic_file, basis_digest
 from services.stage import Context, PermanentError, Result, Stage
 
 STDERR_TAIL = 2000
@@ -90,6 +99,12 @@ class Command(Stage):
             argv = [arg.format(**values) for arg in argv]
         except KeyError as exc:
             raise PermanentError(f"placeholder {exc} is not available for {event.kind}") from None
+        output = values.get("output")
+        marker = _marker(Path(output)) if output else None
+        basis = basis_digest([event.msg_id(), command, opts.get("output")])
+        complete = marker is not None and Path(output).exists() and _recorded(marker) == basis
+        if complete and not ctx.force:
+            return Result(detail="unchanged: output complete with the same basis")
         try:
             proc = subprocess.run(
                 argv,
@@ -104,4 +119,19 @@ class Command(Stage):
         if proc.returncode != 0:
             raise RuntimeError(f"exit code {proc.returncode}; stderr: {stderr}")
         ctx.log.info("command_done", argv=argv, exit_code=0)
+        if marker is not None and Path(output).exists():
+            with atomic_file(marker) as tmp:
+                tmp.write_text(json.dumps({"basis": basis}))
         return Result(detail=f"exit code 0; stderr: {stderr}" if stderr else "exit code 0")
+
+
+def _marker(output: Path) -> Path:
+    """Where a command's completion (the basis of its output) is recorded."""
+    return output.with_name(f".{output.name}.tilepipe-basis")
+
+
+def _recorded(marker: Path) -> str | None:
+    try:
+        return json.loads(marker.read_text()).get("basis")
+    except (OSError, ValueError, AttributeError):
+        return None

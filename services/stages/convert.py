@@ -19,7 +19,7 @@ import zarr
 
 from messages.events import TileArrived, TileConverted, utcnow
 from services.acquisitions import manifest_at
-from services.atomic import COMPLETE_ATTR, atomic_directory, is_complete
+from services.atomic import BASIS_ATTR, COMPLETE_ATTR, atomic_directory, basis_digest, is_complete
 from services.layout import converted_path
 from services.manifest import NIFTI_HEADER_BYTES
 from services.rawio import open_tile
@@ -50,24 +50,30 @@ class Convert(Stage):
             "raw_size": stat.st_size,
             "raw_mtime_ns": stat.st_mtime_ns,
         }
+        cal = _jsonable(dataclasses.asdict(manifest.spectrometer()))
+        params = _jsonable(dataclasses.asdict(manifest.processing_params()))
+        recipe = {
+            "layout": layout.model_dump(mode="json"),
+            "calibration": cal,
+            "processing": params,
+        }
+        basis = basis_digest([source, recipe])  # a calibration fix changes it: recomputed
         written = 0
-        if ctx.force or not is_complete(target, **source):
+        unchanged = not ctx.force and is_complete(target, **{BASIS_ATTR: basis})
+        if not unchanged:
             started = time.perf_counter()
             with open_tile(raw_file, layout):  # a FIFO, a corrupt or truncated tile: fails at once
                 pass
-            cal = manifest.spectrometer()
-            params = manifest.processing_params()
             with atomic_directory(target) as tmp:
                 group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
                 group.attrs.update(
                     {
                         "acq": event.acq,
                         "tile": event.tile.model_dump(),
-                        "layout": layout.model_dump(mode="json"),
                         "raw_format": layout.format,
-                        "calibration": _jsonable(dataclasses.asdict(cal)),
-                        "processing": _jsonable(dataclasses.asdict(params)),
+                        **recipe,
                         **source,
+                        BASIS_ATTR: basis,
                     }
                 )
                 group.attrs[COMPLETE_ATTR] = True
@@ -87,9 +93,11 @@ class Convert(Stage):
                     shape=_shape(layout),
                     dtype="complex64" if layout.complex else "uint16",
                     completed_at=utcnow(),
+                    basis=basis,
                     producer=self.name,
                 )
             ],
+            unchanged=unchanged,
             bytes_read=NIFTI_HEADER_BYTES if written and layout.format != "raw12" else 0,
             bytes_written=written,
         )

@@ -72,6 +72,7 @@ from kernels.thruplane import UNITS as AXIS_UNITS
 from messages.events import Event, SliceAxis, SliceRegistered, SliceStitched
 from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
 from services.atomic import COMPLETE_ATTR, zarr_attrs
+from services.exports import export_axis
 from services.lattice import LATTICE_BUCKET, read_keys
 from services.layout import axis_path, axis_volume_path, volume_of, volume_path
 from services.omezarr import open_level, read_multiscale
@@ -325,7 +326,8 @@ class Register(Stage):
         output = self.config.roots.resolve("output", rel)
         done = records.get("done")
         result = Result()
-        if redo or not is_done(output, done, basis):
+        computed = redo or not is_done(output, done, basis)
+        if computed:
             inputs = {f"m{self.mosaic}": normal, f"m{t}": tilted}
             done = await asyncio.to_thread(
                 compute_axis,
@@ -357,7 +359,15 @@ class Register(Stage):
                 fit_s=round(fig.get("fit_s", 0.0), 3),
                 total_s=round(fig.get("total_s", 0.0), 3),
             )
-        result.events.append(axis_event(event.acq, j, self.mosaic, done, self.name))
+        exports = await asyncio.to_thread(
+            export_axis,
+            self.config.roots.output,
+            rel,
+            j,
+            await self._slice_thickness(ctx, event.acq),
+            force=computed,
+        )
+        result.events.append(axis_event(event.acq, j, self.mosaic, done, self.name, exports))
         return result
 
     async def _stack_axes(self, acq: str, ctx: Context) -> None:

@@ -43,7 +43,8 @@ from messages.events import (
     TileProcessed,
 )
 from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
-from services.atomic import is_complete
+from services.atomic import basis_digest, is_complete
+from services.exports import export_mosaic
 from services.focus_plane import fit_from_tiles, plane_of
 from services.focus_plane import load as load_focus
 from services.focus_plane import store as store_focus
@@ -154,7 +155,9 @@ class Stitch(Stage):
         tile = event.tile
         group = event.products[self.align_product].rsplit("/", 1)[0]
         book = await MosaicBook.open(ctx.js, event.acq, tile.slice, tile.mosaic)
-        await book.mark_tile(tile.row, tile.col, "processed", products=group)
+        # the tile's basis is part of the mosaic's digest: a tile recomputed from other
+        # inputs (a calibration fix) re-aligns its pairs and re-fuses its mosaic
+        await book.mark_tile(tile.row, tile.col, "processed", products=group, basis=event.basis)
         state = await book.state()
         events: list[Event] = []
         done = state.processed()
@@ -163,11 +166,14 @@ class Stitch(Stage):
             if nb not in done:
                 continue
             a, b = sorted([(tile.row, tile.col), nb])  # fixed = upper / left tile
-            if (a, b) in state.pairs and not ctx.force:
+            bases = [state.tiles[a].get("basis", ""), state.tiles[b].get("basis", "")]
+            known = state.pairs.get((a, b))
+            if known is not None and known.get("bases", ["", ""]) == bases and not ctx.force:
                 continue
             record = await asyncio.to_thread(
                 self._align, geometry, state.tiles[a]["products"], state.tiles[b]["products"], a, b
             )
+            record["bases"] = bases
             await book.record_pair(a, b, record)
             events.append(
                 TilePairAligned(
@@ -180,11 +186,12 @@ class Stitch(Stage):
                     confidence=record["confidence"],
                     accepted=record["accepted"],
                     reason=record["reason"],
+                    basis=basis_digest(bases) if any(bases) else "",
                     producer=self.name,
                 )
             )
         stitched = await self._maybe_stitch(book, event.acq, tile.slice, tile.mosaic, manifest, ctx)
-        return Result(events=events + stitched.events)
+        return Result(events=events + stitched.events, unchanged=stitched.unchanged and not events)
 
     def _image(self, group: str, product: str) -> np.ndarray:
         store = self.config.roots.resolve("work", group)
@@ -248,18 +255,15 @@ class Stitch(Stage):
             raise PermanentError(f"slice {slice_index} mosaic {mosaic} has no processed tile")
         digest = state.digest()
         rel = mosaic_path(acq, slice_index, mosaic)
-        positions, residual, missing, rejected, stage_placed, volumes = await asyncio.to_thread(
-            self._fuse,
-            manifest,
-            state,
-            rel,
-            acq,
-            slice_index,
-            mosaic,
+        write = (
             digest != state.stitched_digest
             or ctx.force
-            or not self.config.roots.resolve("output", rel).exists(),
-            ctx.log,
+            or not self.config.roots.resolve("output", rel).exists()
+        )
+        positions, residual, missing, rejected, stage_placed, volumes, exports = (
+            await asyncio.to_thread(
+                self._fuse, manifest, state, rel, acq, slice_index, mosaic, write, ctx.log
+            )
         )
         await book.mark_stitched(digest)
         ctx.log.info(
@@ -287,9 +291,10 @@ class Stitch(Stage):
             rejected=rejected,
             stage_placed=stage_placed,
             volumes=volumes,
+            exports=exports,
             producer=self.name,
         )
-        return Result(events=[event])
+        return Result(events=[event], unchanged=not write)
 
     def _fuse(
         self,
@@ -402,7 +407,15 @@ class Stitch(Stage):
                 out = volume_product_of(rel, product)
                 if is_complete(self.config.roots.resolve("output", out)):
                     volumes[product] = out
-        return positions, rms, missing, rejected, stage_placed, volumes
+        exports = export_mosaic(  # NIfTI and previews beside the store (services/exports.py)
+            self.config.roots.output,
+            rel,
+            slice_index,
+            mosaic,
+            manifest.lattice.slice_thickness_um,
+            force=write,
+        )
+        return positions, rms, missing, rejected, stage_placed, volumes, exports
 
     def _fuse_volume(
         self,

@@ -319,7 +319,14 @@ def compute_axis(
     return _json_safe(record)
 
 
-def axis_event(acq: str, j: int, normal_mosaic: int, rec: dict, producer: str) -> SliceAxis:
+def axis_event(
+    acq: str,
+    j: int,
+    normal_mosaic: int,
+    rec: dict,
+    producer: str,
+    exports: dict[str, str] | None = None,
+) -> SliceAxis:
     fig = rec.get("figures", {})
     return SliceAxis(
         acq=acq,
@@ -339,6 +346,7 @@ def axis_event(acq: str, j: int, normal_mosaic: int, rec: dict, producer: str) -
         residual_p95=fig.get("residual_p95"),
         delta_n_median=fig.get("delta_n_median"),
         basis=rec.get("basis", ""),
+        exports=exports or {},
         producer=producer,
     )
 
