@@ -529,3 +529,34 @@ def test_zarr_metadata_goes_last_root_very_last():
     assert phases[1] == ["a/b/zarr.json"]
     assert sorted(phases[2]) == ["aip/zarr.json", "db/zarr.json"]
     assert phases[-1] == ["zarr.json"]
+
+
+def test_volume_mosaic_keys_in_the_dandi_layout(tmp_path):
+    """In the DANDI layout a volume mosaic is named by `[names] mosaic_volume` with its
+    modality (the product the file name ends with), under derivatives/."""
+    from services.config import Config, Roots
+    from services.simulate import small_manifest
+
+    manifest = small_manifest("acqd", slices=2, rows=1, cols=1, mosaics=2)
+    roots = Roots(raw=tmp_path / "raw", work=tmp_path / "work", output=tmp_path / "out")
+    opts = {"url": f"file://{tmp_path}/dest", "layout": "dandi"}
+    stage = Upload(Config(roots=roots), StageSettings(**{**Upload.defaults, "options": opts}))
+    keys = {
+        (sl, mos, p): stage._key(
+            manifest,
+            "acqd",
+            "mosaicvolume",
+            f"acqd/mosaics/slice{sl:04d}-m{mos}-{p}.ome.zarr",
+            None,
+            sl,
+            mos,
+        )
+        for sl in (0, 1)
+        for mos in (0, 1)
+        for p in ("dBI", "R3D", "O3D")
+    }
+    assert len(set(keys.values())) == 12  # one key per slice, illumination and product
+    for (sl, mos, p), key in keys.items():
+        assert key.startswith(f"derivatives/tilepipe/sub-{manifest.subject}/micr/"), key
+        assert key.endswith(f"_proc-{p}_OCT.ome.zarr"), key
+        assert f"acq-{manifest.acq_label(mos)}" in key and f"slice{sl + 1:02d}" in key, key
