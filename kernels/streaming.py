@@ -67,6 +67,7 @@ class TileMaps:
     birefringence: np.ndarray
     surface: np.ndarray
     device: str
+    surface_raw: np.ndarray | None = None  # the candidates before the lateral median
 
 
 class _Finisher:
@@ -80,6 +81,7 @@ class _Finisher:
         self.cand = xp.empty((n_b, n_a), xp.int32)  # stays on the device: no round trip
         self.maps = {name: np.empty((n_b, n_a), np.float32) for name in MAPS}
         self.surface = np.empty((n_b, n_a), np.int32)
+        self.surface_raw = np.empty((n_b, n_a), np.int32)
         self.pending: deque[tuple[int, int, tuple[Any, Any, Any]]] = deque()
         self.rows = 0
 
@@ -108,6 +110,7 @@ class _Finisher:
             axial_pixel_um=p.axial_pixel_um,
         )
         self.surface[b0:b1] = to_host(surface)
+        self.surface_raw[b0:b1] = to_host(self.cand[b0:b1])  # for the focus plane
         for name, value in zip(
             MAPS,
             (maps.aip, maps.mip, maps.retardance, maps.orientation, maps.birefringence),
@@ -117,7 +120,9 @@ class _Finisher:
 
     def result(self, device: str) -> TileMaps:
         assert not self.pending, "blocks left unfinished"
-        return TileMaps(**self.maps, surface=self.surface, device=device)
+        return TileMaps(
+            **self.maps, surface=self.surface, device=device, surface_raw=self.surface_raw
+        )
 
 
 def batch_volumes(

@@ -22,6 +22,7 @@ AcqId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Text = Annotated[str, StringConstraints(max_length=8000)]
 Index = Annotated[int, Field(ge=0, le=MAX_INDEX)]
+VolumeProduct = Literal["dBI", "R3D", "O3D"]
 
 
 def utcnow() -> datetime:
@@ -301,6 +302,11 @@ class SliceStitched(SliceEvent):
         default_factory=list,
         max_length=MAX_LIST,
         description="(row, col) of tiles without an accepted pair, placed by the stage model",
+    )
+    volumes: dict[VolumeProduct, RelPath] = Field(
+        default_factory=dict,
+        description="3-D volume mosaics fused beside the en-face one (dBI, R3D, O3D -> path "
+        "under the output root); empty when volumes are not fused",
     )
     exports: dict[Name, RelPath] = Field(
         default_factory=dict,

@@ -214,3 +214,26 @@ def is_complete(store: Path, **expected: object) -> bool:
     if not attrs.get(COMPLETE_ATTR):
         return False
     return all(attrs.get(key) == value for key, value in expected.items())
+
+
+def create_once(target: Path, data: bytes) -> bool:
+    """Write `data` to `target` only if it does not exist yet, atomically (a temporary file,
+    fsynced, then hard-linked onto the name, which fails if another writer got there first).
+    Returns whether this call created it; the first writer's content always stays."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(target)
+    with writing(tmp):
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

@@ -31,8 +31,8 @@ def mosaic_path(acq: str, slice_index: int, mosaic: int) -> str:
 
 
 def volume_of(mosaic_rel: str) -> str:
-    """The fused 3-D dB volume beside a slice's en-face mosaic."""
-    return mosaic_rel.replace(".ome.zarr", "-db.ome.zarr")
+    """The fused 3-D dB volume (dBI) beside a slice's en-face mosaic."""
+    return volume_product_of(mosaic_rel, "dBI")
 
 
 def volume_path(acq: str) -> str:
@@ -48,6 +48,21 @@ def axis_path(acq: str, slice_index: int) -> str:
 def axis_volume_path(acq: str) -> str:
     """Output-root-relative OME-Zarr of the acquisition's stacked axis products."""
     return f"{acq}/volume/axis.ome.zarr"
+
+
+VOLUME_PRODUCTS = ("dBI", "R3D", "O3D")  # the lab's names of the 3-D volume products
+
+
+def volume_product_of(mosaic_rel: str, product: str) -> str:
+    """A 3-D volume mosaic (dBI, R3D or O3D) beside a slice's en-face mosaic."""
+    if product not in VOLUME_PRODUCTS:
+        raise ValueError(f"unknown volume product {product!r}; known: {VOLUME_PRODUCTS}")
+    return mosaic_rel.replace(".ome.zarr", f"-{product}.ome.zarr")
+
+
+def focus_plane_path(acq: str, illumination: str) -> str:
+    """Output-root-relative record of an illumination's focus plane (found once, reused)."""
+    return f"{acq}/focus/focus-{illumination}.json"
 
 
 def exports_dir(store_rel: str) -> str:

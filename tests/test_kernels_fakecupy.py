@@ -102,15 +102,16 @@ def _blocks(n_b, step):
 def _check_streamed(ledger, sizes, n_a, n_z, input_tail=None, volumes=True):
     """Transfers of a streamed tile after the per-tile ones: per block of n B-lines, the input
     ``(n, 2, A, *input_tail)`` once (a host input), the volumes ``(n, A, Z)`` once each (with a
-    sink), the surface and maps ``(n, A)`` once each; uploads on the copy stream, downloads on
-    the compute stream, the large copies through pinned buffers; nothing else."""
+    sink), the surface, its unfiltered candidates and the maps ``(n, A)`` once each; uploads
+    on the copy stream, downloads on the compute stream, the large copies through pinned
+    buffers; nothing else."""
     want = Counter()
     for n in sizes:
         if input_tail is not None:
             want["upload", "set", (n, 2, n_a, *input_tail), True] += 1
         if volumes:
             want["download", "get", (n, n_a, n_z), True] += len(VOLUMES)
-        want["download", "get", (n, n_a), False] += 1 + len(MAPS)
+        want["download", "get", (n, n_a), False] += 2 + len(MAPS)
     got = Counter((t.direction, t.how, t.shape, t.pinned) for t in ledger.transfers)
     assert got == want
     up = {t.stream for t in ledger.uploads()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import nibabel
 import numpy as np
@@ -11,6 +12,7 @@ from ome_zarr_models.v05.image import Image
 
 from messages import decode_event
 from services.finish import finish
+from services.focus_plane import plane_of
 from services.omezarr import open_level, read_multiscale
 from services.simulate import PhantomParams, simulate, small_manifest, write_manifest
 from services.stages.convert import Convert
@@ -106,21 +108,37 @@ async def test_stitch_while_acquiring_with_low_texture_and_missing_tile(config, 
     assert np.array_equal(nii.get_fdata()[:, :, 0], aip.T, equal_nan=True)
     assert (config.roots.output / "st/index.html").is_file()
 
-    # the 3-D dB volume, fused out of core: a tile's interior is that tile's data
-    volume_store = config.roots.output / event.path.replace(".ome.zarr", "-db.ome.zarr")
-    volume = zarr.open_array(str(volume_store / "0"), mode="r")
+    # the 3-D volumes, fused out of core, cropped below the focus plane, masked
+    assert event.volumes == {
+        p: event.path.replace(".ome.zarr", f"-{p}.ome.zarr") for p in ("dBI", "R3D", "O3D")
+    }
+    focus = json.loads((config.roots.output / "st/focus/focus-normal.json").read_text())
+    assert focus["found_on"] == {"slice": 0, "mosaic": 0} and focus["pairs"] >= 15
+    assert focus["surface"] == ["surface_raw"]
     origin = np.floor(np.array([(p.y, p.x) for p in event.positions]).min(axis=0)).astype(int)
     p00 = found[(0, 0)]
     y0, x0 = round(p00[0]) - origin[0], round(p00[1]) - origin[1]
-    tile = zarr.open_group(
-        str(config.roots.work / "st/products/slice0000/m0-r0-c0.zarr"), mode="r"
-    )["db"]
-    assert volume.shape[0] == tile.shape[2]
-    assert np.allclose(volume[:, y0 + 20, x0 + 20], tile[20, 20, :], atol=1e-4)
-    for ngff in (store, volume_store):  # both validate as NGFF 0.5 images
-        Image.from_zarr(zarr.open_group(str(ngff), mode="r"))
-    ome = zarr.open_group(str(volume_store), mode="r").attrs["ome"]
-    assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["z", "y", "x"]
+    tile_store = config.roots.work / "st/products/slice0000/m0-r0-c0.zarr"
+    group = zarr.open_group(str(tile_store), mode="r")
+    plane = plane_of(focus, group["db"].shape[:2])
+    start = 30 + round(float(plane[20, 20]))
+    for product, array in (("dBI", "db"), ("R3D", "retardance"), ("O3D", "orientation")):
+        volume_store = config.roots.output / event.volumes[product]
+        volume = zarr.open_array(str(volume_store / "0"), mode="r")[:]
+        depth = min(500, group[array].shape[2] - 30)
+        assert volume.shape == (depth, *level0.shape[1:])  # the en-face mosaic's frame
+        assert mask[y0 + 20, x0 + 20] == 1
+        tile = group[array][20, 20, start : start + depth]
+        got = volume[: len(tile), y0 + 20, x0 + 20]
+        assert np.allclose(got, tile, atol=1e-4), product
+        assert np.isnan(volume[:, mask != 1]).all()  # masked: no tissue or no data
+        Image.from_zarr(zarr.open_group(str(volume_store), mode="r"))  # NGFF 0.5
+        attrs = zarr.open_group(str(volume_store), mode="r").attrs["tilepipe"]
+        assert attrs["focus_plane"]["found_on"] == {"slice": 0, "mosaic": 0}
+        assert attrs["crop"] == {"offset": 30, "depth": depth, "focus_plane": True}
+    o3d = zarr.open_array(str(config.roots.output / event.volumes["O3D"] / "0"), mode="r")[:]
+    assert np.nanmin(o3d) >= -90 and np.nanmax(o3d) < 90
+    Image.from_zarr(zarr.open_group(str(store), mode="r"))
 
 
 async def test_rejections_and_stage_placed_tiles_are_in_the_event(config, js):
@@ -140,3 +158,55 @@ async def test_rejections_and_stage_placed_tiles_are_in_the_event(config, js):
     assert set(rejected) == {((p.a.row, p.a.col), (p.b.row, p.b.col)) for p in pairs}
     assert all("low confidence" in reason for reason in rejected.values())
     assert sorted(tuple(t) for t in event.stage_placed) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+async def test_focus_plane_found_on_first_slice_reused_after_a_restart(config, js):
+    """Slice 0 finds and stores one focus plane per illumination; the stages stop; the normal
+    record is edited (as if another host had found a different plane); restarted stages fuse
+    slice 1 with the stored planes, not new ones."""
+    manifest = small_manifest(
+        "fp", slices=2, rows=2, cols=2, alines=48, bscans=48, settle_s=0.2, mosaics=2
+    )
+    path = write_manifest(manifest, config.roots.raw / "fp")
+    record_path = config.roots.output / "fp/focus/focus-normal.json"
+    tilted_path = config.roots.output / "fp/focus/focus-tilted.json"
+
+    async def stitched(k: int) -> list:
+        found = [e for e in await events(js, "slice_stitched") if e.slice == k]
+        return sorted(found, key=lambda e: e.mosaic) if len(found) == 2 else []
+
+    async with pipeline(config, js, STAGES, OPTIONS):
+        await asyncio.to_thread(
+            simulate, path, manifest, 0, params=PARAMS, only=lambda c: c.slice == 0
+        )
+        await wait_for(lambda: stitched(0), timeout=120)
+    first = json.loads(record_path.read_text())
+    assert first["found_on"] == {"slice": 0, "mosaic": 0}
+    tilted = json.loads(tilted_path.read_text())
+    assert tilted["found_on"] == {"slice": 0, "mosaic": 1} and tilted["tile_shape"] == [48, 24]
+    edited = {**first, "coefficients": [9.0, 0.0, 0.0, 0.0, 0.0]}  # 0 at row 0, 9 at the end
+    record_path.write_text(json.dumps(edited))
+    async with pipeline(config, js, STAGES, OPTIONS):  # a fresh stage: nothing in memory
+        await asyncio.to_thread(
+            simulate, path, manifest, 0, params=PARAMS, only=lambda c: c.slice == 1
+        )
+
+        event, tilted_event = await wait_for(lambda: stitched(1), timeout=120)
+    assert json.loads(record_path.read_text()) == edited  # reused, never refound
+    assert json.loads(tilted_path.read_text()) == tilted
+    tilted_store = config.roots.output / tilted_event.volumes["O3D"]
+    tilted_attrs = zarr.open_group(str(tilted_store), mode="r").attrs["tilepipe"]
+    assert tilted_attrs["focus_plane"]["found_on"] == {"slice": 0, "mosaic": 1}
+    store = config.roots.output / event.volumes["dBI"]
+    attrs = zarr.open_group(str(store), mode="r").attrs["tilepipe"]
+    assert attrs["focus_plane"]["found_on"] == {"slice": 0, "mosaic": 0}
+    volume = zarr.open_array(str(store / "0"), mode="r")[:]
+    origin = np.floor(np.array([(p.y, p.x) for p in event.positions]).min(axis=0)).astype(int)
+    p00 = next((p.y, p.x) for p in event.positions if (p.row, p.col) == (0, 0))
+    y0, x0 = round(p00[0]) - origin[0], round(p00[1]) - origin[1]
+    db = zarr.open_group(str(config.roots.work / "fp/products/slice0001/m0-r0-c0.zarr"), mode="r")
+    for row in (2, 30):  # the edited plane: round(9 * row / 47) samples deeper than row 0
+        shift = round(9 * row / 47)
+        want = db["db"][row, 20, 30 + shift : 30 + shift + 8]
+        assert np.allclose(volume[:8, y0 + row, x0 + 20], want, atol=1e-4), row
+    assert round(9 * 30 / 47) == 6

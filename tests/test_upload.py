@@ -424,6 +424,38 @@ async def test_file_destination_delete_after_upload_and_replay(config, js, tmp_p
     assert await events(js, "stage_failed") == []
 
 
+async def test_volume_mosaics_listed_by_slice_stitched_go_up(config, js, tmp_path):
+    """The 3-D volume mosaics a `slice_stitched` lists (dBI, R3D, O3D) are uploaded beside
+    the en-face mosaic, each under its own key, byte for byte."""
+    dest = tmp_path / "dest"
+    mosaic = write_mosaic(config, acq="acqv")
+    volumes = {}
+    for product in ("dBI", "R3D", "O3D"):
+        rel = mosaic.path.replace(".ome.zarr", f"-{product}.ome.zarr")
+        group = zarr.open_group(str(config.roots.output / rel), mode="w", zarr_format=3)
+        group.create_array("0", data=np.full((4, 8, 8), len(product), np.float32))
+        volumes[product] = rel
+    mosaic = mosaic.model_copy(update={"volumes": volumes})
+    async with upload_stage(config, {"url": f"file://{dest}"}):
+        await publish_event(js, mosaic)
+
+        async def four():
+            found = await events(js, "artifact_uploaded")
+            return found if len(found) == 4 else None
+
+        done = await wait_for(four, timeout=20)
+    assert sorted(e.product for e in done) == ["mosaic", *["mosaicvolume"] * 3]
+    for e in done:
+        if e.product == "mosaicvolume":
+            name = e.source.rsplit("/", 1)[1]
+            assert e.key == f"file://{dest}/sub-acqv/micr/volumes/sub-acqv_{name}"
+            local = local_files(config.roots.output / e.source)
+            stored = local_files(dest / e.key.removeprefix(f"file://{dest}/"))
+            assert stored == {**local, MARKER: stored[MARKER]}
+    assert {e.source for e in done if e.product == "mosaicvolume"} == set(volumes.values())
+    assert await events(js, "stage_failed") == []
+
+
 async def test_nifti_and_previews_listed_by_a_mosaic_are_uploaded_with_checksums(
     config, js, tmp_path
 ):
@@ -497,3 +529,34 @@ def test_zarr_metadata_goes_last_root_very_last():
     assert phases[1] == ["a/b/zarr.json"]
     assert sorted(phases[2]) == ["aip/zarr.json", "db/zarr.json"]
     assert phases[-1] == ["zarr.json"]
+
+
+def test_volume_mosaic_keys_in_the_dandi_layout(tmp_path):
+    """In the DANDI layout a volume mosaic is named by `[names] mosaic_volume` with its
+    modality (the product the file name ends with), under derivatives/."""
+    from services.config import Config, Roots
+    from services.simulate import small_manifest
+
+    manifest = small_manifest("acqd", slices=2, rows=1, cols=1, mosaics=2)
+    roots = Roots(raw=tmp_path / "raw", work=tmp_path / "work", output=tmp_path / "out")
+    opts = {"url": f"file://{tmp_path}/dest", "layout": "dandi"}
+    stage = Upload(Config(roots=roots), StageSettings(**{**Upload.defaults, "options": opts}))
+    keys = {
+        (sl, mos, p): stage._key(
+            manifest,
+            "acqd",
+            "mosaicvolume",
+            f"acqd/mosaics/slice{sl:04d}-m{mos}-{p}.ome.zarr",
+            None,
+            sl,
+            mos,
+        )
+        for sl in (0, 1)
+        for mos in (0, 1)
+        for p in ("dBI", "R3D", "O3D")
+    }
+    assert len(set(keys.values())) == 12  # one key per slice, illumination and product
+    for (sl, mos, p), key in keys.items():
+        assert key.startswith(f"derivatives/tilepipe/sub-{manifest.subject}/micr/"), key
+        assert key.endswith(f"_proc-{p}_OCT.ome.zarr"), key
+        assert f"acq-{manifest.acq_label(mos)}" in key and f"slice{sl + 1:02d}" in key, key

@@ -54,6 +54,7 @@ PRODUCT_UNITS = {
     "orientation_enface": "degrees, doubled-angle circular mean over the en-face window",
     "birefringence": "delta-n (dimensionless), retardance slope * wavelength / (360 * dz)",
     "surface": "depth index, 0-based",
+    "surface_raw": "depth index, 0-based, before the lateral median (focus plane)",
     "axes": "volumes [bline, aline, depth], maps [bline, aline]; depth 0 is the shallowest "
     "kept FFT bin (the deepest with calibration.flip_z)",
 }
@@ -65,6 +66,7 @@ ENFACE = {
     "enface_orientation": "orientation_enface",
     "birefringence": "birefringence",
     "surface": "surface",
+    "surface_raw": "surface_raw",
 }
 
 

@@ -43,12 +43,15 @@ from messages.events import (
     TileProcessed,
 )
 from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
-from services.atomic import basis_digest
+from services.atomic import basis_digest, is_complete
 from services.exports import export_mosaic
+from services.focus_plane import fit_from_tiles, plane_of
+from services.focus_plane import load as load_focus
+from services.focus_plane import store as store_focus
 from services.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
-from services.layout import mosaic_path, volume_of
+from services.layout import VOLUME_PRODUCTS, focus_plane_path, mosaic_path, volume_product_of
 from services.manifest import Manifest, MosaicGeometry
-from services.mosaic_volume import fuse_volume
+from services.mosaic_volume import BLOCK_YX, DepthCrop, MosaicMask, fuse_volume
 from services.omezarr import write_omezarr
 from services.stage import Context, PermanentError, Result, Stage
 
@@ -88,6 +91,14 @@ class Stitch(Stage):
         self.align_product = PRODUCTS.get(opts.get("align_product", "aip"), "aip")
         self.min_confidence = float(opts.get("min_confidence", 0.2))
         self.fuse_volume = bool(opts.get("fuse_volume", False))
+        self.volume_products = tuple(opts.get("volume_products", VOLUME_PRODUCTS))
+        if set(self.volume_products) - set(VOLUME_PRODUCTS):
+            raise ValueError(f"volume_products: {self.volume_products}; known {VOLUME_PRODUCTS}")
+        self.volume_crop = bool(opts.get("volume_crop", True))
+        self.volume_depth = int(opts.get("volume_depth", 500))
+        self.volume_offset = int(opts.get("volume_offset", 30))
+        self.volume_mask = bool(opts.get("volume_mask", True))
+        self.volume_block = tuple(int(v) for v in opts.get("volume_block", BLOCK_YX))
 
     async def handle(self, event: Event, ctx: Context) -> Result:
         if isinstance(event, StageFailed):
@@ -249,8 +260,10 @@ class Stitch(Stage):
             or ctx.force
             or not self.config.roots.resolve("output", rel).exists()
         )
-        positions, residual, missing, rejected, stage_placed, exports = await asyncio.to_thread(
-            self._fuse, manifest, state, rel, acq, slice_index, mosaic, write
+        positions, residual, missing, rejected, stage_placed, volumes, exports = (
+            await asyncio.to_thread(
+                self._fuse, manifest, state, rel, acq, slice_index, mosaic, write, ctx.log
+            )
         )
         await book.mark_stitched(digest)
         ctx.log.info(
@@ -277,6 +290,7 @@ class Stitch(Stage):
             inputs=digest,
             rejected=rejected,
             stage_placed=stage_placed,
+            volumes=volumes,
             exports=exports,
             producer=self.name,
         )
@@ -291,6 +305,7 @@ class Stitch(Stage):
         slice_index: int,
         mosaic: int,
         write: bool,
+        log: Any,
     ):
         geometry = manifest.geometry(mosaic)
         rows, cols = geometry.rows, geometry.cols
@@ -340,6 +355,7 @@ class Stitch(Stage):
             if not layout.accepted[k] and present[index[a]] and present[index[b]]
         ]
         stage_placed = [rc for rc, i in index.items() if layout.stage_only[i]]
+        volumes: dict[str, str] = {}
         if write:
             tiles = {name: [None] * n for name in PRODUCTS}
             for rc in done:
@@ -383,9 +399,14 @@ class Stitch(Stage):
                 },
             )
             if self.fuse_volume:
-                self._fuse_volume(
-                    manifest, state, layout.positions_yx, index, rel, acq, slice_index, mosaic
+                volumes = self._fuse_volume(
+                    manifest, state, layout.positions_yx, index, rel, acq, slice_index, mosaic, log
                 )
+        elif self.fuse_volume:  # already fused: announce what is there
+            for product in self.volume_products:
+                out = volume_product_of(rel, product)
+                if is_complete(self.config.roots.resolve("output", out)):
+                    volumes[product] = out
         exports = export_mosaic(  # NIfTI and previews beside the store (services/exports.py)
             self.config.roots.output,
             rel,
@@ -394,7 +415,7 @@ class Stitch(Stage):
             manifest.lattice.slice_thickness_um,
             force=write,
         )
-        return positions, rms, missing, rejected, stage_placed, exports
+        return positions, rms, missing, rejected, stage_placed, volumes, exports
 
     def _fuse_volume(
         self,
@@ -406,17 +427,73 @@ class Stitch(Stage):
         acq: str,
         slice_index: int,
         mosaic: int,
-    ) -> None:
-        """The 3-D dB volume of the slice, fused out of core next to the en-face mosaic."""
+        log: Any,
+    ) -> dict[str, str]:
+        """The mosaic's 3-D volumes (dBI, R3D, O3D) fused out of core beside the en-face
+        mosaic: cropped below the illumination's focus plane (found on its first fused
+        slice, then reused), masked with the mosaic's mask. Returns product -> path."""
         roots = self.config.roots
+        geometry = manifest.geometry(mosaic)
         tiles = [
             (roots.resolve("work", state.tiles[rc]["products"]), tuple(positions_yx[index[rc]]))
-            for rc in sorted(state.processed())
+            for rc in sorted(state.processed() & set(index))
         ]
-        fuse_volume(
-            tiles,
-            roots.resolve("output", volume_of(rel)),
-            pixel_um=manifest.lattice.pixel_size_um,
-            axial_um=manifest.lattice.axial_pixel_um,
-            attributes={"acq": acq, "slice": slice_index, "mosaic": mosaic},
-        )
+        crop, focus = None, None
+        if self.volume_crop:
+            try:
+                focus = self._focus_plane(acq, geometry, tiles, slice_index, mosaic)
+                plane = plane_of(focus, tuple(focus["tile_shape"]))
+            except ValueError as exc:  # e.g. no tissue in any overlap: crop flat, store none
+                log.warning("focus_plane_not_found", slice=slice_index, reason=str(exc))
+                focus, plane = {"found_on": None, "error": str(exc)[:300]}, None
+            crop = DepthCrop(self.volume_offset, self.volume_depth, plane)
+        mosaic_store = roots.resolve("output", rel)
+        mask = MosaicMask(mosaic_store) if self.volume_mask else None
+        conventions = manifest.conventions()
+        written = {}
+        for product in self.volume_products:
+            out = volume_product_of(rel, product)
+            fuse_volume(
+                tiles,
+                roots.resolve("output", out),
+                pixel_um=geometry.pixel_size_um,
+                axial_um=manifest.lattice.axial_pixel_um,
+                product=product,
+                crop=crop,
+                mask=mask,
+                block_yx=self.volume_block,
+                attributes={
+                    "acq": acq,
+                    "slice": slice_index,
+                    "mosaic": mosaic,
+                    "illumination": geometry.illumination,
+                    "mosaic_path": rel,
+                    "focus_plane": None
+                    if focus is None
+                    else {
+                        "path": focus_plane_path(acq, geometry.illumination),
+                        "found_on": focus["found_on"],
+                        **({"error": focus["error"]} if "error" in focus else {}),
+                    },
+                    "orientation_convention": {
+                        "preset": manifest.processing.preset,
+                        "orientation_offset_deg": conventions["orientation_offset_deg"],
+                        "orientation_sign": conventions["orientation_sign"],
+                    },
+                },
+            )
+            written[product] = out
+        return written
+
+    def _focus_plane(
+        self, acq: str, geometry: MosaicGeometry, tiles: list, slice_index: int, mosaic: int
+    ) -> dict:
+        """The illumination's stored focus plane, found from this mosaic if there is none."""
+        path = self.config.roots.resolve("output", focus_plane_path(acq, geometry.illumination))
+        record = load_focus(path)
+        if record is None:
+            found = fit_from_tiles(tiles, geometry.mask_threshold_db)
+            found["found_on"] = {"slice": slice_index, "mosaic": mosaic}
+            found["illumination"] = geometry.illumination
+            record, _ = store_focus(path, found)
+        return record

@@ -7,7 +7,8 @@ root; `slice_registered` and `slice_axis` also send the stacked axis volume once
 written it: product `axisvolume`; a slice's axis products are product `axis`; the NIfTI copies
 and previews a `slice_stitched` or `slice_axis` lists in `exports` are products
 `mosaic_nifti`, `mosaic_preview`, `axis_nifti`, `axis_preview`, unless
-`include_exports = false`). Each
+`include_exports = false`; the 3-D volume mosaics (dBI, R3D, O3D) a `slice_stitched` lists in
+`volumes` are product `mosaicvolume`, named by `[names] mosaic_volume` in the DANDI layout). Each
 artifact is uploaded by `services.storage.Storage` (checksums, verification, completeness
 marker, retries: see that module) and announced by one `artifact_uploaded` event whose `key`
 is the artifact's full URL.
@@ -87,6 +88,7 @@ PRODUCTS = (
     "volume",
     "axis",
     "axisvolume",
+    "mosaicvolume",
     "mosaic_nifti",
     "mosaic_preview",
     "axis_nifti",
@@ -100,6 +102,7 @@ NAME_KINDS = {
     "volume": "volume",
     "axis": "axis",
     "axisvolume": "axis_volume",
+    "mosaicvolume": "mosaic_volume",
 }
 EXPORT_PRODUCTS = ("mosaic_nifti", "mosaic_preview", "axis_nifti", "axis_preview")
 NIFTI_EXT, PREVIEW_EXT = ".nii.gz", ".png"
@@ -140,6 +143,7 @@ DEFAULT_KEYS: dict[str, str] = {
     "volume": "sub-{acq}/micr/sub-{acq}_acq-m{mosaic}_{product}{ext}",
     "axis": "sub-{acq}/micr/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}_{product}{ext}",
     "axisvolume": "sub-{acq}/micr/sub-{acq}_acq-m{mosaic}_{product}{ext}",
+    "mosaicvolume": "sub-{acq}/micr/volumes/sub-{acq}_{name}",
     # NIfTI copies and previews (services/exports.py): stem = the product key (aip, ori, ...)
     "mosaic_nifti": "sub-{acq}/micr/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}_proc-{stem}"
     "{ext}",
@@ -434,6 +438,12 @@ class Upload(Stage):
             return render_key(self.templates[product], fields)
         if product in EXPORT_PRODUCTS:
             return check_key(export_key(manifest, product, source, sl, mos))
+        if product == "mosaicvolume":  # `...-dBI.ome.zarr`: the modality ends the stem
+            modality = split_name(PurePosixPath(source).name)[0].rsplit("-", 1)[-1]
+            name = manifest.published_name(
+                "mosaic_volume", slice_index=sl, mosaic=mos, modality=modality
+            )
+            return check_key(dandi_key("mosaic_volume", manifest.subject, name))
         kind = NAME_KINDS[product]
         spec = KINDS[kind]
         name = manifest.published_name(
@@ -485,6 +495,8 @@ class Upload(Stage):
                 archive.raw_source = raw_source(roots, groups[0])
         elif isinstance(event, SliceStitched):
             add("mosaic", "output", event.path, None, event.slice, event.mosaic)
+            for volume in event.volumes.values():  # the 3-D volume mosaics (dBI, R3D, O3D)
+                add("mosaicvolume", "output", volume, None, event.slice, event.mosaic)
             if delete and self.options.delete_when == "stitched":
                 for pos in event.positions:  # the stitched tiles' products, if still here
                     tile = TileCoord(
