@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 
@@ -30,6 +31,7 @@ from messages.events import SliceStitched
 from services.bus import publish_event
 from services.config import StageSettings
 from services.layout import axis_path, axis_volume_path, mosaic_path
+from services.manifest import load_manifest
 from services.omezarr import open_level, read_multiscale, write_omezarr
 from services.runtime import StageRunner
 from services.simulate import TILTED_VIEW, Phantom, PhantomParams
@@ -37,6 +39,7 @@ from services.stages.register import Register
 from services.stages.thruplane import toolbox_orientation
 from services.volume import Volume
 from tests.conftest import stream_messages, wait_for
+from tests.test_upload import aws_env, moto  # noqa: F401 (fixtures)
 
 PX_UM = 10.0
 GAMMA = -15.0
@@ -322,23 +325,29 @@ async def test_stage_fits_the_axis_when_both_mosaics_are_stitched(config, js):
 
 
 # ----------------------------------------------------------------------------- end to end
-async def test_simulated_two_illumination_acquisition_recovers_the_axis(config, js, tmp_path):
+async def test_simulated_two_illumination_acquisition_recovers_the_axis(
+    config, js, tmp_path, moto, aws_env  # noqa: F811
+):
     """Raw spectra of both illuminations of one slice (the tilted tiles see the fibre field
     through the tilted beam and an affine view of the sample) through convert, process,
-    stitch and register: masks leave the void out, the tilted -> normal transform is within
-    0.5 px of the truth, azimuth and inclination within 5 deg and delta-n within 10 % where
-    delta-n is above the noise (medians; the 90th percentiles are bounded too). The NIfTI
+    stitch, register and upload: masks leave the void out, the tilted -> normal transform is
+    within 0.5 px of the truth, azimuth and inclination within 5 deg and delta-n within 10 %
+    where delta-n is above the noise (medians; the 90th percentiles are bounded too). The NIfTI
     copies and previews of both mosaics and of the axis open with nibabel and in headless
-    Chromium (the index), and a webhook receiver gets exactly the acquisition started and the
+    Chromium (the index); the 3-D volume mosaics (dBI, R3D, O3D) are written; everything, with
+    the raw tiles' archives, is on the S3 test server under the DANDI layout and the lab's
+    names, checksums matching; a webhook receiver gets exactly the acquisition started and the
     slice done."""
     from services.simulate import Simulator, simulate, small_manifest, write_manifest
     from services.stages.convert import Convert
     from services.stages.notify import Notify
     from services.stages.process import Process
     from services.stages.stitch import Stitch
+    from services.stages.upload import Upload
     from tests.conftest import pipeline
     from tests.test_exports import chromium, images_loaded
     from tests.test_notify import Receiver, url_file
+    from tests.test_upload import BUCKET, s3_options, s3_tree
 
     manifest = small_manifest(
         "e2e", slices=1, rows=3, cols=3, settle_s=0.2, mosaics=2, tilted_cols=5
@@ -356,12 +365,25 @@ async def test_simulated_two_illumination_acquisition_recovers_the_axis(config, 
     )
     receiver = Receiver()
     hook = {"url_file": str(url_file(tmp_path, receiver.url)), "backoff_s": [0.2]}
+    s3 = moto.client()
+    s3.create_bucket(Bucket=BUCKET)
+    options = {
+        Notify: hook,
+        Stitch: {"fuse_volume": True},
+        Upload: s3_options(moto.url, layout="dandi", archive_raw=True),
+    }
     try:
-        stages = (Convert, Process, Stitch, Register, Notify)
-        async with pipeline(config, js, stages, {Notify: hook}):
+        stages = (Convert, Process, Stitch, Register, Notify, Upload)
+        async with pipeline(config, js, stages, options, enabled=True):
             truth = await asyncio.to_thread(simulate, path, manifest, 0.0, params=params)
             await wait_for(_count(js, "slice_axis", 1), timeout=400)
             await wait_for(lambda: len(receiver.posts) >= 2, timeout=20)
+
+            async def uploaded() -> bool:
+                info = await js.consumer_info("TILEPIPE", "upload")
+                return info.num_pending == 0 and info.num_ack_pending == 0
+
+            await wait_for(uploaded, timeout=240)
             await asyncio.sleep(2.0)  # and nothing more
     finally:
         receiver.close()
@@ -444,6 +466,54 @@ async def test_simulated_two_illumination_acquisition_recovers_the_axis(config, 
         assert np.allclose(nii.header.get_zooms(), (PX_UM / 1000, PX_UM / 1000, 0.2))
     if chromium() is not None:
         assert images_loaded(out / "e2e/index.html") == "images=17 broken=0"
+
+    # the 3-D volume mosaics of both illuminations: dBI, R3D, O3D, cropped at the focus plane
+    for event in stitched.values():
+        assert sorted(event.volumes) == ["O3D", "R3D", "dBI"]
+        for product, rel in event.volumes.items():
+            image = zarr.open_array(str(out / rel / "0"), mode="r")
+            assert image.ndim == 3 and image.shape[1:] == open_level(out / event.path, 0).shape[1:]
+            assert np.isfinite(np.asarray(image[:, ::8, ::8])).any(), product
+    # published: DANDI layout, the lab's names, every file's checksum that of the stored bytes
+    published = load_manifest(path)
+    stored = s3_tree(s3, "run1")
+    sent = await kinds(js, "artifact_uploaded")
+    keys = {e.key.removeprefix(f"s3://{BUCKET}/run1/") for e in sent}
+    assert len(keys) == len(sent)  # nothing sent twice
+    raw = f"rawdata/sub-{published.subject}/micr/"
+    derived = f"derivatives/tilepipe/sub-{published.subject}/micr/"
+    archives = [e for e in sent if e.product == "rawarchive"]
+    assert len(archives) == published.tiles and all(e.raw.verified for e in archives)
+    for e in archives:
+        assert e.key.endswith(raw + published.published_name("raw_archive", tile=e.tile))
+    name = published.published_name
+    expected = {
+        derived + name("slice_axis", slice_index=0),
+        *(
+            derived + name("mosaic_volume", slice_index=0, mosaic=m, modality=v)
+            for m in (0, 1)
+            for v in ("dBI", "R3D", "O3D")
+        ),
+        *(
+            derived + name("mosaic_enface", slice_index=0, mosaic=m, modality=v)
+            for m in (0, 1)
+            for v in ("aip", "mip", "ret", "ori", "biref")
+        ),
+        *(derived + name("mosaic_mask", slice_index=0, mosaic=m) for m in (0, 1)),
+    }
+    assert expected <= keys, sorted(expected - keys)
+    for e in sent:
+        key = e.key.removeprefix(f"s3://{BUCKET}/run1/")
+        assert key.startswith((raw, derived)), key
+        if key.endswith((".nii.gz", ".png")):  # a file: its bytes are what the event says
+            body = s3.get_object(Bucket=BUCKET, Key=f"run1/{key}")["Body"].read()
+            assert e.checksum == "sha256:" + hashlib.sha256(body).hexdigest(), key
+            assert e.bytes == len(body) and key in stored
+        else:  # a store: complete on the server (its marker is written last)
+            assert f"{key}/.tilepipe-complete.json" in stored, key
+    body = s3.get_object(Bucket=BUCKET, Key=f"run1/{derived}{name('slice_axis', slice_index=0)}")
+    (tmp_path / "axis.nii.gz").write_bytes(body["Body"].read())
+    assert nibabel.load(tmp_path / "axis.nii.gz").shape[-1] == 3  # the axis vector field
 
     # the same mosaics solved with the wrong sign of gamma: the inclinations are mirrored
     from services.stages.register import Mosaic
