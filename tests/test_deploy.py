@@ -46,6 +46,7 @@ from services.simulate import small_manifest, write_manifest
 from tests.conftest import stream_messages, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
+ROLE_TEMPLATES = REPO / "deploy" / "ansible" / "roles" / "tilepipe" / "templates"
 ANSIBLE = REPO / "deploy" / "ansible"
 BIN = Path(sys.executable).parent
 EXPOSURE_LIMIT = 4.0  # systemd-analyze security: "OK" ends at 4.9; ours score about 1.2-1.7
@@ -635,3 +636,33 @@ async def test_rendered_units_run_a_simulated_acquisition(deployment, tmp_path):
         if "Permissions Violation" in line
     ]
     assert not violations, violations[:10]
+
+
+def test_only_an_upload_unit_that_deletes_raw_files_may_write_the_raw_root():
+    """The unit template, rendered with Jinja as Ansible does: the raw root stays read-only
+    for every unit unless upload is configured to delete raw files after a verified upload."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(ROLE_TEMPLATES), trim_blocks=True)
+    env.filters["bool"] = lambda v: v in (True, "true", "yes", 1)
+    template = env.get_template("tilepipe.service.j2")
+    roots = {"raw": "/data/raw", "work": "/data/work", "output": "/data/out"}
+
+    def render(service: str, options: dict) -> str:
+        return template.render(
+            tilepipe_unit={"service": service, "gpu_template": False},
+            tilepipe_stage_settings={service: {"options": options}},
+            tilepipe_roots=roots,
+            tilepipe_extra_rw_paths=[],
+            tilepipe_ports={service: 9400},
+            tilepipe_stop_margin_s=30,
+        )
+
+    deleting = {"archive_raw": True, "delete_raw_after_verified_upload": True}
+    for service, options in (("upload", {}), ("convert", deleting), ("upload", {"x": 1})):
+        text = render(service, options)
+        assert "ReadOnlyPaths=/data/raw\n" in text
+        assert "ReadWritePaths=/data/work /data/out\n" in text
+    text = render("upload", deleting)
+    assert "ReadOnlyPaths" not in text
+    assert "ReadWritePaths=/data/raw /data/work /data/out\n" in text
