@@ -48,13 +48,14 @@ import boto3
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.upload_bench import free_port, start_moto  # noqa: E402
+from bench.upload_bench import start_moto  # noqa: E402
 from messages.subjects import PREFIX  # noqa: E402
 from services.bus import connect  # noqa: E402
 from services.config import NatsSettings  # noqa: E402
 from services.demo import expected_uploads  # noqa: E402
 from services.eventlog import subjects_seen  # noqa: E402
 from services.manifest import Manifest  # noqa: E402
+from services.natsserver import free_port  # noqa: E402
 from services.simulate import small_manifest, write_manifest, write_tile_file  # noqa: E402
 from services.timeline import (  # noqa: E402
     BacklogSampler,

@@ -39,15 +39,10 @@ from botocore.config import Config as BotoConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.logs import configure_logging
+from services.natsserver import free_port
 from services.storage import Storage, StorageSettings
 
 BUCKET = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_moto(port: int) -> subprocess.Popen:

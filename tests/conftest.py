@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
 import pytest
 
+from messages import decode_event
 from services.config import Config, NatsSettings, Roots
 from services.natsserver import EmbeddedServer
+from tests.s3server import MotoServer
 
 
 @pytest.fixture
@@ -66,6 +69,30 @@ async def stream_messages(js, subject: str) -> list:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+async def events(js, kind: str) -> list:
+    """The decoded events of one kind in the stream, oldest first."""
+    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.>")]
+
+
+@pytest.fixture
+def moto():
+    """The S3-compatible test server (tests/s3server.py), for one test."""
+    server = MotoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    """Credentials for the test server only; nothing from the machine's environment."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 def tilepipe(*args: str, config: Config | None = None, timeout: float = 60):

@@ -26,8 +26,8 @@ from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.upload import Upload
 from services.stages.upload_raw import RawDeletionRefused, delete_raw_file
-from tests.conftest import pipeline, wait_for
-from tests.test_upload import BUCKET, aws_env, events, moto, s3_options, s3_tree  # noqa: F401
+from tests.conftest import events, pipeline, wait_for
+from tests.s3server import BUCKET, s3_options, s3_tree
 
 ACQ = "sim"
 TILES = 4  # one slice, 1 x 2 tiles, normal and tilted
@@ -69,13 +69,13 @@ async def run(config, js, s3, **options) -> list:
 
 
 @pytest.fixture
-def s3(moto):  # noqa: F811
+def s3(moto):
     client = moto.client()
     client.endpoint = moto.url
     return client
 
 
-async def test_dandi_layout_and_raw_archives(config, js, s3, aws_env, tmp_path):  # noqa: F811
+async def test_dandi_layout_and_raw_archives(config, js, s3, aws_env, tmp_path):
     manifest_path, raws = await asyncio.to_thread(acquisition, config)
     before = {p: p.read_bytes() for p in raws}
     archived = await run(config, js, s3)
@@ -135,7 +135,7 @@ async def test_dandi_layout_and_raw_archives(config, js, s3, aws_env, tmp_path):
     assert f"derivatives/tilepipe/sub-{ACQ}/micr/{name}/zarr.json" in s3_tree(s3, "run1")
 
 
-async def test_raw_deleted_only_after_verified_upload(config, js, s3, aws_env):  # noqa: F811
+async def test_raw_deleted_only_after_verified_upload(config, js, s3, aws_env):
     _, raws = await asyncio.to_thread(acquisition, config)
 
     # refused before anything: a destination that cannot store the archive keeps every raw file
@@ -169,7 +169,7 @@ async def _count(fn, n: int) -> bool:
     return (await fn()) >= n
 
 
-async def test_delete_after_read_back_and_redelivery(config, js, s3, aws_env):  # noqa: F811
+async def test_delete_after_read_back_and_redelivery(config, js, s3, aws_env):
     _, raws = await asyncio.to_thread(acquisition, config)
     digests = {p.relative_to(config.roots.raw).as_posix(): sha256(p.read_bytes()) for p in raws}
     deletions = RAW_DELETED.labels("deleted")._value.get()
@@ -279,7 +279,7 @@ async def test_a_stored_archive_that_does_not_read_back_keeps_the_raw_file(
     config,
     js,
     s3,
-    aws_env,  # noqa: F811
+    aws_env,
 ):
     """Archived without deletion; then the stored archive is damaged. With deletion on, a
     redelivery reads it back, finds the mismatch, fails and keeps the raw file; the next one

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +40,7 @@ from messages.events import (
 )
 from services import monitoring
 from services.bus import publish_event
+from services.natsserver import free_port
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,12 +59,6 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"`{name}` not found: apt-get install prometheus (see .ci/apt-packages)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 10.0) -> dict:

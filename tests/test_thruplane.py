@@ -39,7 +39,6 @@ from services.stages.register import Register
 from services.stages.thruplane import toolbox_orientation
 from services.volume import Volume
 from tests.conftest import stream_messages, wait_for
-from tests.test_upload import aws_env, moto  # noqa: F401 (fixtures)
 
 PX_UM = 10.0
 GAMMA = -15.0
@@ -326,7 +325,7 @@ async def test_stage_fits_the_axis_when_both_mosaics_are_stitched(config, js):
 
 # ----------------------------------------------------------------------------- end to end
 async def test_simulated_two_illumination_acquisition_recovers_the_axis(
-    config, js, tmp_path, moto, aws_env  # noqa: F811
+    config, js, tmp_path, moto, aws_env
 ):
     """Raw spectra of both illuminations of one slice (the tilted tiles see the fibre field
     through the tilted beam and an affine view of the sample) through convert, process,
@@ -345,9 +344,9 @@ async def test_simulated_two_illumination_acquisition_recovers_the_axis(
     from services.stages.stitch import Stitch
     from services.stages.upload import Upload
     from tests.conftest import pipeline
+    from tests.s3server import BUCKET, s3_options, s3_tree
     from tests.test_exports import chromium, images_loaded
     from tests.test_notify import Receiver, url_file
-    from tests.test_upload import BUCKET, s3_options, s3_tree
 
     manifest = small_manifest(
         "e2e", slices=1, rows=3, cols=3, settle_s=0.2, mosaics=2, tilted_cols=5

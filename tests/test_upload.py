@@ -11,19 +11,13 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import zarr
-from botocore.config import Config as BotoConfig
 
-from messages import SliceStitched, TileCoord, TileProcessed, decode_event
+from messages import SliceStitched, TileCoord, TileProcessed
 from messages.events import TilePosition
 from services.bus import publish_event
 from services.config import ConfigError, StageSettings
@@ -32,69 +26,13 @@ from services.runtime import StageRunner
 from services.stages.upload import Upload, parse_options
 from services.status import snapshot
 from services.storage import MARKER, digest_file, upload_phases
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import events, wait_for
+from tests.s3server import BUCKET, PART, MotoServer, s3_options, s3_tree
 
-BUCKET = "tp-bucket"
-PART = 256 * 1024
 TILE = TileCoord(slice=0, mosaic=0, row=1, col=2)
 PSOCT_KEY = (
     "sub-acq1/micr/tiles/slice0000/sub-acq1_sample-slice0000_acq-m0_chunk-r001c002_psoct.zarr"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MotoServer:
-    """`moto_server` as a subprocess on a loopback port (in-memory: a restart loses all)."""
-
-    def __init__(self, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "S3_UPLOAD_PART_MIN_SIZE": "65536", **env}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> MotoServer:
-        exe = Path(sys.executable).with_name("moto_server")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
-        self.proc = subprocess.Popen(
-            [*cmd, "-H", "127.0.0.1", "-p", str(self.port)],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def client(self, key: str = "testing"):
-        return boto3.client(
-            "s3",
-            endpoint_url=self.url,
-            region_name="us-east-1",
-            aws_access_key_id=key,
-            aws_secret_access_key=key,
-            config=BotoConfig(retries={"max_attempts": 1}),
-        )
 
 
 class PausingProxy:
@@ -160,23 +98,6 @@ class PausingProxy:
         self.server.close()
 
 
-@pytest.fixture
-def moto():
-    server = MotoServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
 @contextlib.asynccontextmanager
 async def upload_stage(config, options: dict, **settings):
     """The real stage under the real runner, until the block ends."""
@@ -199,21 +120,6 @@ async def upload_stage(config, options: dict, **settings):
         stop.set()
         await asyncio.wait_for(task, 30)
         stage.storage.close()
-
-
-def s3_options(endpoint: str, **extra) -> dict:
-    return {
-        "url": f"s3://{BUCKET}/run1",
-        "endpoint": endpoint,
-        "region": "us-east-1",
-        "part_size_mb": PART / 1024 / 1024,
-        "part_concurrency": 3,
-        "concurrency": 4,
-        "backoff_initial_s": 0.1,
-        "backoff_max_s": 1.0,
-        "request_timeout_s": 10,
-        **extra,
-    }
 
 
 def write_tile(config, big_bytes: int, acq: str = "acq1") -> TileProcessed:
@@ -248,17 +154,8 @@ def write_mosaic(config, acq: str = "acq1") -> SliceStitched:
     return SliceStitched(acq=acq, slice=0, mosaic=0, path=rel)
 
 
-async def events(js, kind: str) -> list:
-    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.>")]
-
-
 def local_files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
-def s3_tree(client, prefix: str) -> dict[str, dict]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/")
-    return {o["Key"][len(prefix) + 1 :]: o for page in pages for o in page.get("Contents", [])}
 
 
 def handled_ok() -> float:
