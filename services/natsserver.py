@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,6 +31,28 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive TCP ports free on `host` right now, chosen below the
+    kernel's ephemeral range (32768 and up on Linux), so that no process's outgoing connection
+    takes one of them before a service binds it (`[metrics] base_port` + position)."""
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randrange(20000, 32768 - count)
+        socks = []
+        try:
+            for port in range(start, start + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise OSError(f"no {count} consecutive free ports on {host}")
 
 
 def port_open(host: str, port: int) -> bool:

@@ -14,7 +14,7 @@ import nats
 
 from messages import TileArrived, TileCoord, utcnow
 from services.bus import publish_event
-from services.natsserver import port_open
+from services.natsserver import free_port_block, port_open
 from tests.conftest import stream_messages, tilepipe, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +31,8 @@ impl = "tests.stages_for_tests:ProcessLike"
 def free_ports() -> str:
     """Config lines pinning `up`'s server and metrics to free loopback ports (`up --config`
     listens exactly where its config says)."""
-    from services.natsserver import free_port
-
-    return f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\n[metrics]\nbase_port = {free_port()}\n'
+    nats, metrics = free_port_block(1), free_port_block(16)
+    return f'[nats]\nurl = "nats://127.0.0.1:{nats}"\n[metrics]\nbase_port = {metrics}\n'
 
 
 async def test_init_is_idempotent_and_names_are_stable(nats_server, tmp_path):
@@ -173,9 +172,7 @@ async def _consumer_exists(nc, name: str) -> bool:
 async def test_up_honours_the_configs_nats_url_and_metrics_ports(tmp_path):
     """`up --config F` listens where F says (server and metrics), so `tilepipe ... --config F`
     finds it; a second `up` with the same F refuses clearly instead of moving ports."""
-    from services.natsserver import free_port
-
-    nats_port, base_port = free_port(), free_port()
+    nats_port, base_port = free_port_block(1), free_port_block(16)
     cfg = tmp_path / "tp.toml"
     cfg.write_text(
         PLUGINS
@@ -234,3 +231,12 @@ async def test_up_honours_the_configs_nats_url_and_metrics_ports(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert f"metrics http://127.0.0.1:{metrics_port}/metrics" in out
+
+
+def test_free_port_block_is_free_and_below_the_ephemeral_range():
+    """Metrics ports (base_port + position) come from below 32768, where no outgoing
+    connection of another process can take one between the choice and the bind."""
+    start = free_port_block(16)
+    assert start >= 20000 and start + 16 <= 32768
+    for port in range(start, start + 16):
+        assert not port_open("127.0.0.1", port)

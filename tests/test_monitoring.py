@@ -40,7 +40,7 @@ from messages.events import (
 )
 from services import monitoring
 from services.bus import publish_event
-from services.natsserver import free_port
+from services.natsserver import free_port, free_port_block
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,8 +192,8 @@ async def test_dashboards_and_metrics_against_a_live_pipeline(tmp_path):
     config.write_text(
         "[roots]\n"
         + "".join(f'{name} = "{path}"\n' for name, path in roots.items())
-        + f"[metrics]\nbase_port = {free_port()}\n"
-        + f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\n'
+        + f"[metrics]\nbase_port = {free_port_block(16)}\n"
+        + f'[nats]\nurl = "nats://127.0.0.1:{free_port_block(1)}"\n'
         + "[watcher]\nsettle_s = 0.2\n"
         + "[stages.upload]\nenabled = true\n"
         + f'options = {{ url = "file://{tmp_path / "bucket"}" }}\n'

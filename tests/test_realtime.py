@@ -25,7 +25,7 @@ from messages.events import (
 from services.bus import publish_event
 from services.config import Config, StageSettings
 from services.demo import demo_config, expected_uploads
-from services.natsserver import free_port
+from services.natsserver import free_port_block
 from services.provision import ensure_consumer
 from services.simulate import small_manifest
 from services.stages.convert import Convert
@@ -280,8 +280,8 @@ def test_demo_runs_end_to_end_with_upload(tmp_path):
     cfg = tmp_path / "tp.toml"
     cfg.write_text(
         '[roots]\nraw = "w/raw"\nwork = "w/work"\noutput = "w/output"\n'
-        f"[metrics]\nbase_port = {free_port()}\n"
-        f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\n'
+        f"[metrics]\nbase_port = {free_port_block(16)}\n"
+        f'[nats]\nurl = "nats://127.0.0.1:{free_port_block(1)}"\n'
         f'[stages.upload]\nenabled = true\noptions = {{ url = "{store.as_uri()}" }}\n'
     )
     args = ["up", "--demo", "--config", str(cfg), "--work", str(tmp_path / "w")]
