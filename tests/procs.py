@@ -1,12 +1,17 @@
-"""Services as real processes for fault tests: `tilepipe run NAME` children of the production
-`Supervisor` (the same restart logic as `tilepipe up`), with kill -9, logs and /metrics."""
+"""Services as real processes: `tilepipe up` in its own session (`running_up`), and for fault
+tests `tilepipe run NAME` children of the production `Supervisor` (the same restart logic as
+`tilepipe up`), with kill -9, logs and /metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,8 +21,31 @@ from services.natsserver import free_port
 from services.simulate import small_manifest
 from services.supervisor import Child, Supervisor, write_config
 
+REPO = Path(__file__).resolve().parents[1]
 TILE_STAGES = ("convert", "process", "stitch")
 ALL_STAGES = ("convert", "process", "stitch", "register")
+
+
+@contextlib.contextmanager
+def running_up(*args: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """`tilepipe up ARGS` from the repository, output merged into `stdout` (text), in its own
+    session: whatever still runs when the block ends (a failed test), `up` and every child
+    it started, is killed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def fault_config(

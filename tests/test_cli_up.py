@@ -16,6 +16,7 @@ from messages import TileArrived, TileCoord, utcnow
 from services.bus import publish_event
 from services.natsserver import free_port_block, port_open
 from tests.conftest import stream_messages, tilepipe, wait_for
+from tests.procs import running_up
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -64,27 +65,15 @@ async def test_up_runs_embedded_server_and_services_until_ctrl_c(tmp_path):
     cfg = tmp_path / "tp.toml"
     cfg.write_text(PLUGINS + free_ports())
     work = tmp_path / "work"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "up",
-            "--config",
-            str(cfg),
-            "--work",
-            str(work),
-            "--services",
-            "convert_like,process_like",
-        ],
-        cwd=REPO,
+    with running_up(
+        "--config",
+        str(cfg),
+        "--work",
+        str(work),
+        "--services",
+        "convert_like,process_like",
         env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # a failed test kills `up` and every child it started
-    )
-    try:
+    ) as proc:
         await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=30)
         url = tomllib.loads((work / "tilepipe.toml").read_text())["nats"]["url"]
         nc = await nats.connect(url)
@@ -109,9 +98,6 @@ async def test_up_runs_embedded_server_and_services_until_ctrl_c(tmp_path):
         await nc.close()
         proc.send_signal(signal.SIGINT)
         out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert "(embedded)" in out and "convert_like" in out
     host, port = url.removeprefix("nats://").split(":")
@@ -123,29 +109,8 @@ async def test_up_with_existing_server_leaves_it_running(nats_server, tmp_path):
     cfg = tmp_path / "tp.toml"
     cfg.write_text(PLUGINS + "[metrics]\nbase_port = 19600\n")
     work = tmp_path / "work"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "up",
-            "--config",
-            str(cfg),
-            "--work",
-            str(work),
-            "--services",
-            "convert_like",
-            "--nats-url",
-            nats_server.url,
-        ],
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # a failed test kills `up` and every child it started
-    )
-    try:
+    args = ["--config", str(cfg), "--work", str(work), "--services", "convert_like"]
+    with running_up(*args, "--nats-url", nats_server.url, env=ENV) as proc:
         await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=30)
         assert tomllib.loads((work / "tilepipe.toml").read_text())["nats"]["url"] == nats_server.url
         nc = await nats.connect(nats_server.url)
@@ -153,9 +118,6 @@ async def test_up_with_existing_server_leaves_it_running(nats_server, tmp_path):
         await nc.close()
         proc.send_signal(signal.SIGINT)
         out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert "(embedded)" not in out and not (work / "nats").exists()
     assert port_open("127.0.0.1", nats_server.port)
@@ -186,18 +148,10 @@ async def test_up_honours_the_configs_nats_url_and_metrics_ports(tmp_path):
     metrics_port = metrics_port_for(load_config(cfg), "convert_like")
     assert metrics_port > base_port
     work = tmp_path / "work"
-    cmd = [sys.executable, "-m", "services.cli", "up", "--config", str(cfg)]
+    up_args = ["--config", str(cfg)]
+    cmd = [sys.executable, "-m", "services.cli", "up", *up_args]
     services = ["--services", "convert_like"]
-    proc = subprocess.Popen(
-        [*cmd, "--work", str(work), *services],
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # a failed test kills `up` and every child it started
-    )
-    try:
+    with running_up(*up_args, "--work", str(work), *services, env=ENV) as proc:
         await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=30)
         written = tomllib.loads((work / "tilepipe.toml").read_text())
         assert written["nats"]["url"] == f"nats://127.0.0.1:{nats_port}"
@@ -226,9 +180,6 @@ async def test_up_honours_the_configs_nats_url_and_metrics_ports(tmp_path):
         assert f"127.0.0.1:{nats_port} is in use" in second.stderr
         proc.send_signal(signal.SIGINT)
         out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert f"metrics http://127.0.0.1:{metrics_port}/metrics" in out
 

@@ -41,11 +41,12 @@ from services.natsauth import (
     render_tls,
     service_permissions,
 )
-from services.natsserver import EmbeddedServer, free_port, port_open
+from services.natsserver import EmbeddedServer, free_port, free_port_block, port_open
 from services.provision import ensure_kv, ensure_stream
 from services.runtime import StageRunner
 from services.stages import BUILTIN, stage_class
 from tests.conftest import REPO, pipeline, stream_messages, wait_for
+from tests.procs import running_up
 from tests.stages_for_tests import ConvertLike
 
 PLUGIN = "convert_like"
@@ -563,37 +564,18 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
     work = tmp_path / "work"
     roots = {name: tmp_path / "data" / name for name in ("raw", "work", "output")}
     cfg = tmp_path / "tp.toml"
-    base_port = free_port()
+    base_port = free_port_block(16)
     cfg.write_text(
         "[roots]\n"
         + "".join(f'{name} = "{path}"\n' for name, path in roots.items())
         + f"[metrics]\nbase_port = {base_port}\n"
-        + f'[nats]\nurl = "nats://127.0.0.1:{free_port()}"\n'  # `up --config` listens there
+        + f'[nats]\nurl = "nats://127.0.0.1:{free_port_block(1)}"\n'  # `up --config` listens there
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env = {k: v for k, v in env.items() if not k.startswith("TILEPIPE_")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "up",
-            "--auth",
-            "--config",
-            str(cfg),
-            "--work",
-            str(work),
-            "--services",
-            "watcher,convert,process,stitch,register",  # the bookkeepers too
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # a failed test kills `up` and every child it started
-    )
-    try:
+    services = "watcher,convert,process,stitch,register"  # the bookkeepers too
+    args = ["--auth", "--config", str(cfg), "--work", str(work), "--services", services]
+    with running_up(*args, env=env) as proc:
         await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=60)
         written = tomllib.loads((work / "tilepipe.toml").read_text())
         admin = NatsSettings(
@@ -638,10 +620,6 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
             await nats.connect(written["nats"]["url"], allow_reconnect=False)
         proc.send_signal(signal.SIGINT)
         out, _ = await asyncio.to_thread(proc.communicate, timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     assert proc.returncode == 0, out
     assert f"export TILEPIPE_NATS__PASSWORD_FILE={work / 'auth' / 'admin.pass'}" in out
     passwords = [p.read_text() for p in (work / "auth").glob("*.pass")]
