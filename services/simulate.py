@@ -120,7 +120,8 @@ class Instrument:
 
         mu, wave = self.wave_pixel()
         (acq_dir / "calibration").mkdir(parents=True, exist_ok=True)
-        scipy.io.savemat(acq_dir / CALIBRATION_MAT, {"mu": mu, "wave_prime": wave[:, None]})
+        with atomic_file(acq_dir / CALIBRATION_MAT) as tmp:
+            scipy.io.savemat(tmp, {"mu": mu, "wave_prime": wave[:, None]}, appendmat=False)
         values = self.dispersion_file_values().astype("<f8")
         write_atomically(acq_dir / DISPERSION_FILE, values.tobytes())
 
