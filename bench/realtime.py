@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.upload_bench import start_moto  # noqa: E402
-from messages.subjects import PREFIX  # noqa: E402
+from messages.subjects import PIPELINE_ORDER, PREFIX  # noqa: E402
 from services.bus import connect  # noqa: E402
 from services.config import NatsSettings  # noqa: E402
 from services.demo import expected_uploads  # noqa: E402
@@ -67,7 +67,7 @@ from services.timeline import (  # noqa: E402
 )
 
 BUCKET = "tilepipe-bench"
-STAGES = ["convert", "process", "stitch", "register", "upload"]
+STAGES = list(PIPELINE_ORDER[1:])  # every built-in stage
 SERVICES = ["watcher", *STAGES]
 
 

@@ -28,6 +28,9 @@ _TOKENS_RE = {  # the n tokens after the prefix in one match: 4, or 5 with a sta
 }
 STAGE_NAMED = frozenset({"stage_failed", "attempt"})  # subjects ending with the stage's name
 REDO, HOLD = "redo_", "hold_"  # `redo_<stage>`, `hold_<stage>`: an input of that stage
+# The built-in services in pipeline order: the watcher, then each built-in stage. The one
+# definition of the order (stage registry, metrics ports, timeline, stitch's upstream).
+PIPELINE_ORDER = ("watcher", "convert", "process", "stitch", "register", "upload")
 
 
 class SubjectMismatch(ValueError):

@@ -1,5 +1,9 @@
 """Outputs appear whole or not at all: write under a temporary name, then rename into place.
 
+The one atomic writer of the project: :func:`atomic_file` (and :func:`write_atomically`),
+:func:`atomic_directory` and :func:`create_once` fsync what they wrote and the directory they
+renamed it into, so an output under its final name is whole and durable after a power loss.
+
 Every writer names its temporaries with :func:`temp_name`: ``.<name>.tmp-<pid>-<host>-<id>``
 beside the target (``.old-`` for a replaced output on its way out), and registers them in
 :func:`writing` while it writes. A crash, or a failed attempt whose clean-up did not finish
@@ -10,12 +14,14 @@ removes exactly those that no live writer owns, and nothing else.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -61,8 +67,10 @@ def writing(tmp: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `target`; on success it replaces `target`.
+def atomic_directory(target: Path, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory name beside `target` (created by the caller); on success
+    its files and folders are fsynced (unless `fsync` is False), it is moved onto `target`
+    (:func:`move_into_place`) and the parent directory is fsynced.
 
     On error the temporary directory is removed and `target` is left as it was. Readers never
     see a half-written directory under the final name.
@@ -73,13 +81,11 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     with writing(tmp):
         try:
             yield tmp
-            if target.exists():
-                old = temp_name(target, "old")
-                target.rename(old)
-                tmp.rename(target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(target)
+            if fsync:
+                fsync_tree(tmp)
+            move_into_place(tmp, target)
+            if fsync:
+                fsync_directory(target.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -87,24 +93,103 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary file path beside `target`; on success it is flushed to disk and
-    renamed onto `target`, on error removed (`target` untouched)."""
+    """Yield a temporary file name beside `target` (the caller writes it); on success the file
+    is fsynced, renamed onto `target` and the parent directory fsynced; on error it is removed
+    (`target` untouched)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(target)
     with writing(tmp):
         try:
             yield tmp
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(tmp)
             os.replace(tmp, target)
+            fsync_directory(target.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
+
+
+def write_atomically(path: Path, data: str | bytes) -> Path:
+    """Write `data` (text as UTF-8) to `path` through :func:`atomic_file`; returns `path`."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def move_into_place(tmp: Path, target: Path) -> None:
+    """Rename the directory `tmp` onto `target`. An existing `target` is swapped out atomically
+    (Linux ``renameat2(RENAME_EXCHANGE)``), elsewhere by two renames (a brief window where the
+    name is absent, the old one under an ``.old-`` name), then deleted."""
+    try:
+        os.rename(tmp, target)  # atomic when target is absent (or an empty directory)
+        return
+    except OSError:
+        if not (os.path.lexists(target) and os.path.lexists(tmp)):
+            raise
+    if _exchange(tmp, target):  # tmp now holds the old content
+        _remove(tmp)
+        return
+    old = temp_name(target, "old")
+    os.rename(target, old)
+    os.rename(tmp, target)
+    _remove(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove(path: Path) -> None:
+    """Delete a replaced output, directory or file (best effort: the sweeper finishes it)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (renames, new names) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (a directory about to be renamed in)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_file(Path(dirpath, name))
+        fsync_directory(Path(dirpath))
 
 
 def _alive(pid: int) -> bool:
@@ -233,6 +318,7 @@ def create_once(target: Path, data: bytes) -> bool:
                 os.link(tmp, target)
             except FileExistsError:
                 return False
+            fsync_directory(target.parent)
             return True
         finally:
             with contextlib.suppress(FileNotFoundError):

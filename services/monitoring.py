@@ -537,7 +537,7 @@ def scrape_config(
 
 def write_prometheus_config(path: Path | str, targets, **kwargs) -> Path:
     """Write `scrape_config(...)` (JSON, which is YAML) atomically; returns the path."""
-    from services.tomlio import write_atomically
+    from services.atomic import write_atomically
 
     return write_atomically(Path(path), json.dumps(scrape_config(targets, **kwargs), indent=2))
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from messages.subjects import PREFIX, STREAM, event_filter
 from services.acquisitions import ACQ_BUCKET
+from services.atomic import atomic_file
 from services.bus import inbox_prefix
 from services.config import Config, NatsSettings
 from services.lattice import HOLD_BUCKET, LATTICE_BUCKET, LATTICE_KEYS
@@ -199,12 +200,11 @@ def write_secret(path: Path, value: str) -> Path:
     """Write a secret readable by its owner only (0600, directory 0700), atomically."""
     path = Path(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value)
-    os.chmod(tmp, 0o600)  # an existing temp file keeps its mode through O_CREAT
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)
+        os.chmod(tmp, 0o600)  # the umask may have taken bits away
     return path
 
 

@@ -10,8 +10,8 @@ orientation in degrees use the circular mean of doubled angles), until the small
 and translation ``(0, oy + (2^k - 1) py / 2, ox + (2^k - 1) px / 2)``: the physical position of
 pixel centres, so levels overlay exactly (``origin_um`` is the centre of pixel ``[0, 0]``).
 
-Atomicity: the store is written under a temporary name beside the target
-(:func:`services.atomic.temp_name`), fsynced, then renamed into place, so the target name only
+Atomicity: the store is written through :func:`services.atomic.atomic_directory` (a temporary
+name beside the target, fsynced, then renamed into place), so the target name only
 ever holds a complete store; a crash leaves at most a ``.tmp-`` directory, which the sweeper
 (:func:`services.atomic.sweep_temporaries`) removes once its writer is gone. An existing store
 at the target is left untouched if its recorded content digest
@@ -23,13 +23,10 @@ window where the name is absent). A target that is not a Zarr store is never rep
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
 import os
-import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +35,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from services.atomic import temp_name, writing
+from services.atomic import atomic_directory
 
 __all__ = [
     "NGFF_VERSION",
@@ -153,54 +150,41 @@ def write_omezarr(
         if _stored_digest(target) == digest:
             return WriteResult(target, shapes, digest, written=False)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(target)
-    with writing(tmp):
-        _write_levels(tmp, target, levels, ome, extra, digest, chunk, shard, fsync)
+    with atomic_directory(target, fsync=fsync) as tmp:
+        _write_levels(tmp, levels, ome, extra, digest, chunk, shard)
     return WriteResult(target, shapes, digest, written=True)
 
 
 def _write_levels(
     tmp: Path,
-    target: Path,
     levels: list[np.ndarray],
     ome: dict[str, Any],
     extra: dict[str, Any],
     digest: str,
     chunk: int,
     shard: int,
-    fsync: bool,
 ) -> None:
-    """Write the store under `tmp` and move it onto `target` (removing `tmp` on error)."""
-    try:
-        group = zarr.create_group(
-            store=str(tmp),
-            zarr_format=3,
-            attributes={"ome": ome, "tilepipe": {**extra, "content_sha256": digest}},
+    """Write the store's group and levels under `tmp`."""
+    group = zarr.create_group(
+        store=str(tmp),
+        zarr_format=3,
+        attributes={"ome": ome, "tilepipe": {**extra, "content_sha256": digest}},
+    )
+    for k, lv in enumerate(levels):
+        _, ny, nx = lv.shape
+        cy, cx = min(chunk, ny), min(chunk, nx)
+        sy = min(shard, math.ceil(ny / cy) * cy) // cy * cy
+        sx = min(shard, math.ceil(nx / cx) * cx) // cx * cx
+        arr = group.create_array(
+            name=str(k),
+            shape=lv.shape,
+            dtype="float32",
+            chunks=(1, cy, cx),
+            shards=(1, sy, sx),
+            fill_value=float("nan"),
+            dimension_names=("c", "y", "x"),
         )
-        for k, lv in enumerate(levels):
-            _, ny, nx = lv.shape
-            cy, cx = min(chunk, ny), min(chunk, nx)
-            sy = min(shard, math.ceil(ny / cy) * cy) // cy * cy
-            sx = min(shard, math.ceil(nx / cx) * cx) // cx * cx
-            arr = group.create_array(
-                name=str(k),
-                shape=lv.shape,
-                dtype="float32",
-                chunks=(1, cy, cx),
-                shards=(1, sy, sx),
-                fill_value=float("nan"),
-                dimension_names=("c", "y", "x"),
-            )
-            arr[...] = lv
-        if fsync:
-            _fsync_tree(tmp)
-        _move_into_place(tmp, target)
-        if fsync:
-            _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        arr[...] = lv
 
 
 def _stem(path: Path) -> str:
@@ -326,61 +310,6 @@ def _stored_digest(store: Path) -> str | None:
         return None
     value = attrs.get("tilepipe", {}).get("content_sha256")
     return value if isinstance(value, str) else None
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is swapped out then deleted."""
-    try:
-        os.rename(tmp, target)  # atomic when target is absent (or an empty directory)
-        return
-    except OSError:
-        if not target.exists():
-            raise
-    if _exchange(tmp, target):  # atomic swap; tmp now holds the old store
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    old = temp_name(target, "old")
-    os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- read

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.atomic import atomic_file, write_atomically
 from services.manifest import (
     SIDECARS,
     Calibration,
@@ -37,7 +38,6 @@ from services.manifest import (
     dump_manifest,
 )
 from services.names import Names
-from services.tomlio import write_atomically
 
 DEFAULT_TILT_DEG = -15.0  # the lab's tilted illumination (gamma)
 SAVING_FORMATS = {
@@ -412,7 +412,8 @@ def import_command(args) -> int:
     cal_dir.mkdir(parents=True, exist_ok=True)
     for key, source in (("mat", args.calibration), ("dispersion", args.dispersion)):
         if key in names:
-            shutil.copyfile(source, out / names[key])
+            with atomic_file(out / names[key]) as tmp:
+                shutil.copyfile(source, tmp)
     write_atomically(target, dump_manifest(manifest))
     try:  # the calibration must load as written
         from services.manifest import load_manifest

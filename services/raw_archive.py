@@ -127,8 +127,6 @@ def archive_tile(
                 if layout.format in ("nifti-spectral", "nifti-complex"):
                     raw_sha.update(_read_exact(src, NIFTI_HEADER_BYTES, raw.name))
                 _copy_payload(src, gz, layout, raw_sha, int(block_mb * MIB), raw.name)
-            out.flush()
-            os.fsync(out.fileno())
     return ArchiveReport(
         raw_bytes=size,
         raw_sha256="sha256:" + raw_sha.hexdigest(),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from messages.events import TileCoord
+from services.atomic import atomic_file, fsync_file, write_atomically
 from services.manifest import (
     Calibration,
     Lattice,
@@ -40,7 +40,6 @@ from services.manifest import (
     RawLayout,
     dump_manifest,
 )
-from services.tomlio import write_atomically
 
 TRUTH_NAME = "ground_truth.json"
 # a tilted view (PhantomParams.tilted_affine): 3 % longer along the tilt (x), a little shear,
@@ -121,8 +120,10 @@ class Instrument:
 
         mu, wave = self.wave_pixel()
         (acq_dir / "calibration").mkdir(parents=True, exist_ok=True)
-        scipy.io.savemat(acq_dir / CALIBRATION_MAT, {"mu": mu, "wave_prime": wave[:, None]})
-        self.dispersion_file_values().astype("<f8").tofile(acq_dir / DISPERSION_FILE)
+        with atomic_file(acq_dir / CALIBRATION_MAT) as tmp:
+            scipy.io.savemat(tmp, {"mu": mu, "wave_prime": wave[:, None]}, appendmat=False)
+        values = self.dispersion_file_values().astype("<f8")
+        write_atomically(acq_dir / DISPERSION_FILE, values.tobytes())
 
 
 @dataclass(frozen=True)
@@ -531,16 +532,21 @@ def write_tile_file(
     """Write a tile as the microscope does: chunk by chunk (optionally slowly), either in place
     under its final name or under a temporary name renamed into place at the end."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    target = path.with_name(f".{path.name}.part") if rename else path
-    with open(target, "wb") as fh:
+    if rename:
+        with atomic_file(path) as tmp:
+            _write_chunks(tmp, payload, chunk_bytes, chunk_delay_s)
+    else:
+        _write_chunks(path, payload, chunk_bytes, chunk_delay_s)
+        fsync_file(path)
+
+
+def _write_chunks(path: Path, payload: bytes, chunk_bytes: int, chunk_delay_s: float) -> None:
+    with open(path, "wb") as fh:
         for start in range(0, len(payload), chunk_bytes):
             fh.write(payload[start : start + chunk_bytes])
             fh.flush()
             if chunk_delay_s:
                 time.sleep(chunk_delay_s)
-        os.fsync(fh.fileno())
-    if rename:
-        target.replace(path)
 
 
 def simulate(
@@ -574,10 +580,8 @@ def simulate(
         path = acq_dir / manifest.path_of(coord)
         payload = encode_tile(data, manifest.geometry(coord.mosaic).raw)
         if payload is None:
-            tmp = path.with_name(f".{path.name}.part")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_tiff(tmp, data)
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                write_tiff(tmp, data)
         else:
             write_tile_file(path, payload, chunk_bytes, chunk_delay_s, rename)
         if progress is not None:

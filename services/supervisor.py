@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from services.atomic import write_atomically
 from services.config import Config, ConfigError, dump_toml
 from services.natsserver import EmbeddedServer, port_open
 from services.stages import metrics_port_for
-from services.tomlio import write_atomically
 
 RESTART_LIMIT = 5
 

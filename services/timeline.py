@@ -39,7 +39,7 @@ from messages.events import (
     TileConverted,
     TileProcessed,
 )
-from messages.subjects import PREFIX
+from messages.subjects import PIPELINE_ORDER, PREFIX
 from services.status import read_events
 
 KINDS = (
@@ -55,7 +55,7 @@ KINDS = (
 OUTPUTS = (TileProcessed, SliceStitched, SliceRegistered, SliceAxis, ArtifactUploaded)
 TileKey = tuple[int, int, int, int]  # slice, mosaic, row, col
 HOP_SLACK_S = 0.25  # allowance per hand-over between services (fetch, publish, ack)
-TAIL_HOPS = ("watcher", "convert", "process", "stitch", "register", "upload")
+TAIL_HOPS = PIPELINE_ORDER
 
 
 def tail_slack(settle_s: float, services: Iterable[str]) -> float:

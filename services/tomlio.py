@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 
@@ -42,11 +41,3 @@ def to_toml(data: dict[str, Any]) -> str:
     emit("", data)
     return "\n".join(out)
 
-
-def write_atomically(path: Path, text: str) -> Path:
-    """Write `text` to a temporary name beside `path`, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path

@@ -36,7 +36,7 @@ import numpy as np
 import zarr
 
 from kernels.register import halve
-from services.atomic import atomic_directory, temp_name, writing
+from services.atomic import atomic_directory, write_atomically
 from services.omezarr import NGFF_VERSION
 
 __all__ = ["Canvas", "Volume", "downsample", "level_shapes"]
@@ -143,9 +143,7 @@ def _levels(data: np.ndarray, axial: Sequence[bool], n: int) -> Iterator[np.ndar
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    with writing(temp_name(path)) as tmp:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=1))
 
 
 def _update_attrs(store: Path, change: Callable[[dict[str, Any]], None]) -> None:

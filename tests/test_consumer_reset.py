@@ -21,7 +21,7 @@ import pytest
 
 from messages import TileArrived, TileConverted, TileCoord, decode_event
 from services import ops
-from services.atomic import BASIS_ATTR, zarr_attrs
+from services.atomic import BASIS_ATTR, write_atomically, zarr_attrs
 from services.bus import MSG_ID, publish_event
 from services.config import Config, StageSettings
 from services.layout import products_path
@@ -32,7 +32,6 @@ from services.stages import stage_for
 from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.stitch import Stitch
-from services.tomlio import write_atomically
 from tests.conftest import pipeline, stream_messages, tilepipe, wait_for
 from tests.stages_for_tests import ConvertLike
 from tests.test_ops import arrived

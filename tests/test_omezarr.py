@@ -11,7 +11,7 @@ import pytest
 import zarr
 from ome_zarr_models.v05.image import Image
 
-from services import omezarr
+from services import atomic
 from services.omezarr import downsample2, open_level, pyramid, read_multiscale, write_omezarr
 
 PRODUCTS = ("aip", "mip", "retardance", "orientation")
@@ -125,7 +125,7 @@ def test_identical_store_is_left_alone_and_changes_replace_it(tmp_path):
 def test_replacement_without_atomic_exchange(tmp_path, monkeypatch):
     path = tmp_path / "s.ome.zarr"
     write_omezarr(path, products((100, 100), seed=1))
-    monkeypatch.setattr(omezarr, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     write_omezarr(path, products((100, 100), seed=2))
     np.testing.assert_array_equal(open_level(path)[0], products((100, 100), seed=2)["aip"])
     assert leftovers(tmp_path) == []
@@ -139,7 +139,7 @@ def test_failed_write_leaves_previous_store(tmp_path, monkeypatch):
     def boom(root):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(omezarr, "_fsync_tree", boom)
+    monkeypatch.setattr(atomic, "fsync_tree", boom)
     with pytest.raises(RuntimeError):
         write_omezarr(path, products((100, 120), seed=2))
     np.testing.assert_array_equal(open_level(path)[0], old["aip"])
@@ -151,8 +151,8 @@ def test_failed_write_leaves_previous_store(tmp_path, monkeypatch):
 
 def test_hard_crash_never_exposes_a_partial_store(tmp_path, monkeypatch):
     """A crash with no clean-up (simulated: no rmtree) leaves only a hidden .tmp- directory."""
-    monkeypatch.setattr(omezarr, "_fsync_tree", lambda root: (_ for _ in ()).throw(SystemExit))
-    monkeypatch.setattr(omezarr.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(atomic, "fsync_tree", lambda root: (_ for _ in ()).throw(SystemExit))
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)
     with pytest.raises(SystemExit):
         write_omezarr(tmp_path / "s.ome.zarr", products((64, 64)))
     assert not (tmp_path / "s.ome.zarr").exists()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from messages.subjects import PIPELINE_ORDER
 from services.config import StageSettings
 
 if TYPE_CHECKING:
     from services.config import Config
     from services.stage import Stage
 
-# name -> "module:Class". Order is the pipeline order.
+# name -> "module:Class", in pipeline order (messages.subjects.PIPELINE_ORDER).
 BUILTIN: dict[str, str] = {
     "convert": "services.stages.convert:Convert",
     "process": "services.stages.process:Process",
@@ -27,7 +28,7 @@ BUILTIN: dict[str, str] = {
 
 def stage_names() -> list[str]:
     """Names of the built-in stages, in pipeline order."""
-    return list(BUILTIN)
+    return [name for name in PIPELINE_ORDER if name in BUILTIN]
 
 
 def metrics_port_for(config: Config, name: str) -> int:
@@ -38,7 +39,7 @@ def metrics_port_for(config: Config, name: str) -> int:
     if name in config.stages and config.stages[name].metrics_port is not None:
         return config.stages[name].metrics_port
     plugins = [n for n, s in config.stages.items() if s.impl and n not in BUILTIN]
-    names = ["watcher", *stage_names(), *plugins]
+    names = [*PIPELINE_ORDER, *plugins]
     offset = names.index(name) if name in names else len(names)
     return config.metrics.base_port + offset
 

@@ -42,6 +42,7 @@ from messages.events import (
     TilePosition,
     TileProcessed,
 )
+from messages.subjects import PIPELINE_ORDER
 from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
 from services.atomic import basis_digest, is_complete
 from services.exports import export_mosaic
@@ -73,7 +74,7 @@ UNITS = {  # of the fused channels (docs/conventions.md)
     "0 not, NaN without data",
 }
 MASK_SIGMA_PX = 5.0  # the lab's imgaussfilt(mask, 5) before thresholding
-UPSTREAM = ("convert", "process")
+UPSTREAM = PIPELINE_ORDER[1 : PIPELINE_ORDER.index("stitch")]  # the stages before stitch
 
 
 class Stitch(Stage):
