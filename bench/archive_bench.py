@@ -3,7 +3,7 @@
 Writes one instrument-size spectral tile (`nifti-spectral`: 2048 samples x 350 A-lines x 2
 channels x 350 B-lines, uint16, 1.0 GB) with spectrometer-like content (a Gaussian source
 spectrum, interference fringes of a few reflectors, shot and read noise, 12-bit values), then
-archives it with `services.raw_archive.archive_tile` in a fresh process per gzip level and
+archives it with `services.io.raw_archive.archive_tile` in a fresh process per gzip level and
 thread count and
 reports seconds, raw MB/s, compression ratio and that process's peak RSS (ru_maxrss).
 
@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.manifest import RawLayout
-from services.rawio import nifti_header
+from services.core.manifest import RawLayout
+from services.io.rawio import nifti_header
 
 
 def layout(args) -> RawLayout:
@@ -54,7 +54,7 @@ def write_tile(path: Path, lay: RawLayout, seed: int = 0) -> None:
 def archive_once(raw: Path, lay: RawLayout, level: int, threads: int) -> dict:
     import nibabel  # noqa: F401  (imported before the clock starts)
 
-    from services.raw_archive import archive_tile
+    from services.io.raw_archive import archive_tile
 
     target = raw.with_name(f"{raw.stem}-l{level}.nii.gz")
     report = archive_tile(raw, lay, target, level=level, threads=threads)

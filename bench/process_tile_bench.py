@@ -27,9 +27,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.manifest import Manifest, Processing  # noqa: E402
-from services.rawio import nifti_header  # noqa: E402
-from services.simulate import Instrument, small_manifest, write_manifest  # noqa: E402
+from services.core.manifest import Manifest, Processing  # noqa: E402
+from services.io.rawio import nifti_header  # noqa: E402
+from services.local.simulate import Instrument, small_manifest, write_manifest  # noqa: E402
 
 
 def write_tile(path: Path, manifest: Manifest, seed: int = 1, frames: int = 8) -> int:
@@ -66,7 +66,7 @@ def run(tile: Path, manifest: Path, out: Path) -> dict:
             [
                 sys.executable,
                 "-m",
-                "services.cli",
+                "services.ops.cli",
                 "process-tile",
                 str(tile),
                 "--manifest",

@@ -41,14 +41,14 @@ from bench.process_tile_bench import write_tile  # noqa: E402
 from kernels.backend import get_xp  # noqa: E402
 from kernels.pipeline import process_tile  # noqa: E402
 from messages import decode_event  # noqa: E402
-from services.bus import connect  # noqa: E402
-from services.cli import provision  # noqa: E402
-from services.config import Config, Roots, StageSettings, WatcherSettings  # noqa: E402
-from services.manifest import load_manifest  # noqa: E402
-from services.rawio import read_tile  # noqa: E402
-from services.simulate import small_manifest, write_manifest  # noqa: E402
-from services.status import read_events  # noqa: E402
-from services.supervisor import Supervisor, prepare, write_config  # noqa: E402
+from services.core.config import Config, Roots, StageSettings, WatcherSettings  # noqa: E402
+from services.core.manifest import load_manifest  # noqa: E402
+from services.io.rawio import read_tile  # noqa: E402
+from services.local.init import provision  # noqa: E402
+from services.local.simulate import small_manifest, write_manifest  # noqa: E402
+from services.local.supervisor import Supervisor, prepare, write_config  # noqa: E402
+from services.runtime.bus import connect  # noqa: E402
+from services.state.status import read_events  # noqa: E402
 
 STAGES = ("convert", "process")
 

@@ -17,7 +17,7 @@ before anything is timed, and then written into the raw root by this script with
 simulator's own writer (in place, chunk by chunk, fsync): generating the phantom costs about
 as much CPU as processing it, and a microscope does not take its CPU from the pipeline.
 
-Figures come from the event log (`services.timeline`: per-tile latency, per-slice tail, stage
+Figures come from the event log (`services.state.timeline`: per-tile latency, per-slice tail, stage
 handling times) plus the stage consumers sampled every 0.5 s for backlog. The tail goal: the
 time from the acquisition's last tile file to its last output is at most that tile's
 convert + process time, plus its slice's stitch + register + upload time, plus a slack (the
@@ -50,14 +50,14 @@ sys.path.insert(0, str(REPO))
 
 from bench.upload_bench import start_moto  # noqa: E402
 from messages.subjects import PIPELINE_ORDER, PREFIX  # noqa: E402
-from services.bus import connect  # noqa: E402
-from services.config import NatsSettings  # noqa: E402
-from services.demo import expected_uploads  # noqa: E402
-from services.eventlog import subjects_seen  # noqa: E402
-from services.manifest import Manifest  # noqa: E402
-from services.natsserver import free_port  # noqa: E402
-from services.simulate import small_manifest, write_manifest, write_tile_file  # noqa: E402
-from services.timeline import (  # noqa: E402
+from services.core.config import NatsSettings  # noqa: E402
+from services.core.manifest import Manifest  # noqa: E402
+from services.local.demo import expected_uploads  # noqa: E402
+from services.local.natsserver import free_port  # noqa: E402
+from services.local.simulate import small_manifest, write_manifest, write_tile_file  # noqa: E402
+from services.runtime.bus import connect  # noqa: E402
+from services.state.eventlog import subjects_seen  # noqa: E402
+from services.state.timeline import (  # noqa: E402
     BacklogSampler,
     Timeline,
     figures,
@@ -73,7 +73,7 @@ SERVICES = ["watcher", *STAGES]
 
 def cli(*args: str) -> list[str]:
     """The `tilepipe` command line of this interpreter."""
-    return [sys.executable, "-m", "services.cli", *args]
+    return [sys.executable, "-m", "services.ops.cli", *args]
 
 
 def write_config(path: Path, work: Path, args: argparse.Namespace, endpoint: str | None) -> Path:

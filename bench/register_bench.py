@@ -40,9 +40,9 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.register import decompose, similarity_matrix
-from services.config import Config, Roots, StageSettings
-from services.layout import mosaic_path
-from services.omezarr import write_omezarr
+from services.core.config import Config, Roots, StageSettings
+from services.io.layout import mosaic_path
+from services.io.omezarr import write_omezarr
 from services.stages.register import Register
 
 TILE, OVERLAP, PX_UM = 350, 0.2, 10.0

@@ -17,8 +17,8 @@ each on a freshly created TILEPIPE stream (same config: file storage, `tp.>`, de
   ``Nats-Msg-Id`` header (awaiting the PubAck), ``ack``; the same bounded number of in-flight
   handlers per hop. No validation, no metrics, no logging.
 * ``bare-lean``: the bare loop on the transport the runtime uses instead of ``fetch`` and
-  ``js.publish``: standing pull requests for the free slots (``services.pullfeed.PullFeed``)
-  and publish acknowledgements matched on one subscription (``services.bus.pubacks``). It
+  ``js.publish``: standing pull requests for the free slots (``services.runtime.pullfeed.PullFeed``)
+  and publish acknowledgements matched on one subscription (``services.runtime.bus.pubacks``). It
   shows how much of the runtime-vs-bare figure is the transport, not the runtime's features.
 * ``bare-checked``: the bare loop plus only the per-event work the runtime is asked to do,
   without the runtime: ``decode_event`` (pydantic validation of the input), an ``Origin``
@@ -76,15 +76,15 @@ from messages.events import (
     TileProcessed,
     utcnow,
 )
-from services.bus import MSG_ID, pubacks, publish_event
-from services.config import Config, NatsSettings, StageSettings
-from services.logs import configure_logging, get_logger
-from services.metrics import EVENTS_HANDLED, HANDLE_SECONDS
-from services.natsserver import EmbeddedServer
-from services.provision import ensure_stream
-from services.pullfeed import PullFeed
-from services.runtime import StageRunner, arrival_time
-from services.stage import Context, Result, Stage
+from services.core.config import Config, NatsSettings, StageSettings
+from services.core.logs import configure_logging, get_logger
+from services.core.metrics import EVENTS_HANDLED, HANDLE_SECONDS
+from services.local.natsserver import EmbeddedServer
+from services.runtime.bus import MSG_ID, pubacks, publish_event
+from services.runtime.provision import ensure_stream
+from services.runtime.pullfeed import PullFeed
+from services.runtime.runner import StageRunner, arrival_time
+from services.runtime.stage import Context, Result, Stage
 
 CHAIN: tuple[type[Event], ...] = (
     TileArrived,

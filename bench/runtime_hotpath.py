@@ -47,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runtime_bench as rb
 
 from messages.events import Origin, utcnow
-from services.bus import pubacks
-from services.config import Config, NatsSettings, StageSettings
-from services.logs import configure_logging
-from services.runtime import StageRunner
+from services.core.config import Config, NatsSettings, StageSettings
+from services.core.logs import configure_logging
+from services.runtime.bus import pubacks
+from services.runtime.runner import StageRunner
 
 VARIANTS = (
     "bare",
@@ -68,7 +68,7 @@ PUBACK = b'{"stream":"TILEPIPE","seq":1}'
 
 class InstantClient:
     """A connection that takes every publish at once: an ack (a core publish) goes nowhere,
-    a JetStream publish (one with a reply subject, from `services.bus.PubAcks`) is answered
+    a JetStream publish (one with a reply subject, from `services.runtime.bus.PubAcks`) is answered
     with a PubAck before `publish` returns, as if the server had stored it."""
 
     _inbox_prefix = bytearray(b"_INBOX")

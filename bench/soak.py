@@ -30,18 +30,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.bus import connect  # noqa: E402
-from services.cli import provision  # noqa: E402
-from services.config import Config, Roots, StageSettings, WatcherSettings  # noqa: E402
-from services.rawio import encode_tile  # noqa: E402
-from services.simulate import (  # noqa: E402
+from services.core.config import Config, Roots, StageSettings, WatcherSettings  # noqa: E402
+from services.io.rawio import encode_tile  # noqa: E402
+from services.local.init import provision  # noqa: E402
+from services.local.simulate import (  # noqa: E402
     PhantomParams,
     Simulator,
     small_manifest,
     write_manifest,
     write_tile_file,
 )
-from services.supervisor import Supervisor, prepare, write_config  # noqa: E402
+from services.local.supervisor import Supervisor, prepare, write_config  # noqa: E402
+from services.runtime.bus import connect  # noqa: E402
 
 STAGES = ("convert", "process", "stitch", "register")
 WARM_UP = 0.2  # fraction of the run left out of the memory slope

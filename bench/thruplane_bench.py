@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.optic_axis import project
 from kernels.register import warp_image
-from services.omezarr import open_level, write_omezarr
-from services.simulate import TILTED_VIEW
+from services.io.omezarr import open_level, write_omezarr
+from services.local.simulate import TILTED_VIEW
 from services.stages.register import Mosaic
 from services.stages.thruplane import AxisOptions, compute_axis
 

@@ -3,7 +3,7 @@
 One `moto_server` (in-memory, loopback, started by this script) receives every variant in
 turn, on the same data, in one run:
 
-* ``tilepipe``: `services.storage.Storage.upload` as the upload stage calls it (obstore,
+* ``tilepipe``: `services.io.storage.Storage.upload` as the upload stage calls it (obstore,
   `concurrency` objects at once, multipart above `part_size_mb` with `part_concurrency` parts
   at once, SHA-256 + S3 ETag computed locally, every object verified by HEAD, a directory
   finished by its completeness marker).
@@ -38,9 +38,9 @@ from botocore.config import Config as BotoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.logs import configure_logging
-from services.natsserver import free_port
-from services.storage import Storage, StorageSettings
+from services.core.logs import configure_logging
+from services.io.storage import Storage, StorageSettings
+from services.local.natsserver import free_port
 
 BUCKET = "bench"
 

@@ -30,9 +30,9 @@ import numpy as np
 import zarr
 
 from kernels.focus_plane import focus_plane
-from services.focus_plane import fit_from_tiles, plane_of
-from services.mosaic_volume import BLOCK_YX, DepthCrop, MosaicMask, fuse_volume
-from services.omezarr import write_omezarr
+from services.io.focus_plane import fit_from_tiles, plane_of
+from services.io.mosaic_volume import BLOCK_YX, DepthCrop, MosaicMask, fuse_volume
+from services.io.omezarr import write_omezarr
 from services.stages.process import CODECS
 
 ARRAYS = ("db", "retardance", "orientation")

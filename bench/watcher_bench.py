@@ -17,13 +17,13 @@ from pathlib import Path
 
 import nats
 
-from services.config import Config, NatsSettings, Roots, WatcherSettings
-from services.manifest import Calibration, Lattice, Manifest, RawLayout
-from services.natsserver import EmbeddedServer
-from services.provision import ensure_kv, ensure_stream
-from services.simulate import write_manifest, write_tile_file
-from services.status import read_events
-from services.watcher import Watcher
+from services.core.config import Config, NatsSettings, Roots, WatcherSettings
+from services.core.manifest import Calibration, Lattice, Manifest, RawLayout
+from services.local.natsserver import EmbeddedServer
+from services.local.simulate import write_manifest, write_tile_file
+from services.runtime.provision import ensure_kv, ensure_stream
+from services.state.status import read_events
+from services.watcher.service import Watcher
 
 LAYOUT = RawLayout(samples=64, alines=2, bscans=2)
 
@@ -33,21 +33,27 @@ def manifest(acq: str, n: int, settle_s: float) -> Manifest:
 
     cols = 50
     return Manifest(
-        id=acq, lattice=Lattice(slices=1, rows=-(-n // cols), cols=cols), raw=LAYOUT,
-        pattern="slice{slice:03d}/tile_{index:05d}.nii", settle_s=settle_s,
+        id=acq,
+        lattice=Lattice(slices=1, rows=-(-n // cols), cols=cols),
+        raw=LAYOUT,
+        pattern="slice{slice:03d}/tile_{index:05d}.nii",
+        settle_s=settle_s,
         calibration=Calibration(
             wavelength_poly_nm=SpectrometerCalibration.from_band(64).wavelength_poly_nm,
-            autocorr_bins=4),
+            autocorr_bins=4,
+        ),
     )
 
 
-async def run(acq: str, n: int, rate: float, settle_s: float, config: Config, js,
-              prewrite: bool = False) -> dict:
+async def run(
+    acq: str, n: int, rate: float, settle_s: float, config: Config, js, prewrite: bool = False
+) -> dict:
     m = manifest(acq, n, settle_s)
     acq_dir = Path(config.roots.raw) / acq
     write_manifest(m, acq_dir)
     payload = os.urandom(m.raw.expected_bytes)
     coords = list(m.coords())[:n]
+
     def write() -> float:
         start = time.time()
         for i, c in enumerate(coords):
@@ -86,9 +92,12 @@ async def run(acq: str, n: int, rate: float, settle_s: float, config: Config, js
         last = max(last, published)
     lat.sort()
     return {
-        "files": n, "rate": rate or "max", "settle_s": settle_s,
+        "files": n,
+        "rate": rate or "max",
+        "settle_s": settle_s,
         "events_per_s": n / (last - started),
-        "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * (n - 1))],
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[int(0.99 * (n - 1))],
     }
 
 
@@ -98,8 +107,9 @@ async def main(args: argparse.Namespace) -> None:
         server = EmbeddedServer(root / "nats").start()
         try:
             roots = Roots(raw=root / "raw", work=root / "work", output=root / "out")
-            config = Config(nats=NatsSettings(url=server.url), roots=roots,
-                            watcher=WatcherSettings())
+            config = Config(
+                nats=NatsSettings(url=server.url), roots=roots, watcher=WatcherSettings()
+            )
             nc = await nats.connect(server.url)
             js = nc.jetstream()
             await ensure_stream(js, config.nats)
@@ -112,15 +122,21 @@ async def main(args: argparse.Namespace) -> None:
             await nc.close()
         finally:
             server.stop()
-    print(f"{'run':<10}{'files':>7}{'rate/s':>8}{'settle s':>10}{'events/s':>10}"
-          f"{'p50 ms':>9}{'p99 ms':>9}")
+    print(
+        f"{'run':<10}{'files':>7}{'rate/s':>8}{'settle s':>10}{'events/s':>10}"
+        f"{'p50 ms':>9}{'p99 ms':>9}"
+    )
     for name, r in zip(("burst", "catch-up", "paced"), rows, strict=True):
-        print(f"{name:<10}{r['files']:>7}{r['rate']!s:>8}{r['settle_s']:>10.2f}"
-              f"{r['events_per_s']:>10.0f}{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}")
-    print("burst: files written (with fsync) as fast as possible while watching; catch-up: "
-          "files already there at start, events/s from watcher start;\nlatency = stream "
-          "timestamp of tile_arrived - file mtime (last write); it includes the settle interval "
-          "by design (catch-up latency also counts the time before the watcher started)")
+        print(
+            f"{name:<10}{r['files']:>7}{r['rate']!s:>8}{r['settle_s']:>10.2f}"
+            f"{r['events_per_s']:>10.0f}{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}"
+        )
+    print(
+        "burst: files written (with fsync) as fast as possible while watching; catch-up: "
+        "files already there at start, events/s from watcher start;\nlatency = stream "
+        "timestamp of tile_arrived - file mtime (last write); it includes the settle interval "
+        "by design (catch-up latency also counts the time before the watcher started)"
+    )
 
 
 if __name__ == "__main__":

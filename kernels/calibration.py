@@ -23,8 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .backend import ArrayModule
-
 Interpolation = Literal["linear", "cubic"]
 Window = Literal["hann", "none"]
 Background = Literal["mean", "median"]
@@ -244,12 +242,6 @@ class SpectrometerCalibration:
         """Number of depth bins in the output."""
         first, stop = self.fft_bins
         return stop - first
-
-    def resampling_table(self, xp: ArrayModule | None = None) -> Any:
-        """Precomputed gather table on ``xp`` (default NumPy), cached per (calibration, device)."""
-        from .resampling import resampling_table
-
-        return resampling_table(self, xp)
 
     def describe(self) -> dict[str, Any]:
         """Plain-dict view (for logging / metadata)."""

@@ -22,12 +22,12 @@ Conventions (pixels, NumPy/SciPy on the host):
   coordinates: ``moving[p]`` shows the sample point seen at ``fixed[M p]``.
 * ``rotation_deg`` t and ``scale`` s: ``M[:2, :2] = s [[cos t, sin t], [-sin t, cos t]]`` in
   ``(y, x)`` order, i.e. the rotation ``x' = x cos t - y sin t``, ``y' = x sin t + y cos t``
-  of :meth:`services.simulate.Phantom.slice_transform` (sample = R(t) stage + d). So the
+  of :meth:`services.local.simulate.Phantom.slice_transform` (sample = R(t) stage + d). So the
   matrix from slice k's stage pixels to slice 0's is the simulator's transform of slice k:
   rotation ``+t``, translation ``(dy, dx) / pixel`` (plus ``(R - I) origin`` for a stage
   origin other than 0).
 * Pixel ``[i, j]`` of a 2^k-downsampled level covers level-0 pixels ``[2^k i, 2^k i + 2^k)``,
-  its centre is at ``2^k i + (2^k - 1) / 2`` (as in :mod:`services.omezarr`).
+  its centre is at ``2^k i + (2^k - 1) / 2`` (as in :mod:`services.io.omezarr`).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _from_level(matrix: np.ndarray, f: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- resampling
 def halve(image: np.ndarray) -> np.ndarray:
     """NaN-aware mean of 2x2 blocks (odd sizes: the last blocks are partial; all-NaN: NaN),
-    as :func:`services.omezarr.downsample2` computes a pyramid level (float32)."""
+    as :func:`services.io.omezarr.downsample` computes a pyramid level (float32)."""
     img = np.asarray(image, dtype=np.float32)
     ny, nx = img.shape
     valid = np.isfinite(img)

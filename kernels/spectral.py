@@ -18,7 +18,7 @@ import numpy as np
 
 from .backend import ArrayModule, is_numpy, resolve_xp
 from .calibration import SpectrometerCalibration
-from .resampling import resample
+from .resampling import resample, resampling_table
 
 __all__ = [
     "as_background",
@@ -154,7 +154,7 @@ def bscans_to_complex(
     over the A-lines of each B-line (``cal.background`` = "mean" or "median").
     """
     xp = resolve_xp(xp, x)
-    table = cal.resampling_table(xp)
+    table = resampling_table(cal, xp)
     bg = _background(x, cal.background, xp) if background is None else background
     first, stop = cal.fft_bins
     b, _, a, _ = x.shape

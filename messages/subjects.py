@@ -9,7 +9,7 @@ A subject says what its payload must be: `parse_subject` reads its tokens and
 `check_subject` refuses an event that disagrees with the subject it arrived on (another
 kind, acquisition, slice, tile or stage), so a user allowed to publish on a subject cannot
 make it carry another stage's event. Because failure and attempt subjects name their stage,
-each stage's NATS user may publish only its own (services/natsauth.py).
+each stage's NATS user may publish only its own (services/local/natsauth.py).
 """
 
 from __future__ import annotations

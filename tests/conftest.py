@@ -12,8 +12,8 @@ import nats
 import pytest
 
 from messages import decode_event
-from services.config import Config, NatsSettings, Roots
-from services.natsserver import EmbeddedServer
+from services.core.config import Config, NatsSettings, Roots
+from services.local.natsserver import EmbeddedServer
 from tests.s3server import MotoServer
 
 
@@ -36,7 +36,7 @@ def config(tmp_path: Path, nats_server: EmbeddedServer) -> Config:
 @pytest.fixture
 async def js(config: Config) -> AsyncIterator:
     """A JetStream context on a provisioned server (stream and KV created)."""
-    from services.provision import ensure_kv, ensure_stream
+    from services.runtime.provision import ensure_kv, ensure_stream
 
     nc = await nats.connect(config.nats.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     ctx = nc.jetstream()
@@ -63,7 +63,7 @@ async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
 
 async def stream_messages(js, subject: str) -> list:
     """Every message of the event stream on `subject` (wildcards allowed), oldest first."""
-    from services.status import read_events
+    from services.state.status import read_events
 
     return await read_events(js, "TILEPIPE", subject)
 
@@ -112,7 +112,7 @@ def tilepipe(*args: str, config: Config | None = None, timeout: float = 60):
             }
         )
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "services.ops.cli", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -124,9 +124,9 @@ def tilepipe(*args: str, config: Config | None = None, timeout: float = 60):
 @contextlib.asynccontextmanager
 async def pipeline(config: Config, js, stages, options: dict | None = None, **settings):
     """The watcher and `stages` (classes) running in-process until the block ends."""
-    from services.config import StageSettings
-    from services.runtime import StageRunner
-    from services.watcher import Watcher
+    from services.core.config import StageSettings
+    from services.runtime.runner import StageRunner
+    from services.watcher.service import Watcher
 
     options = options or {}
     stop = asyncio.Event()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.config import Config, StageSettings
-from services.natsserver import free_port
-from services.simulate import small_manifest
-from services.supervisor import Child, Supervisor, write_config
+from services.core.config import Config, StageSettings
+from services.local.natsserver import free_port
+from services.local.simulate import small_manifest
+from services.local.supervisor import Child, Supervisor, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 TILE_STAGES = ("convert", "process", "stitch")
@@ -32,7 +32,7 @@ def running_up(*args: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
     session: whatever still runs when the block ends (a failed test), `up` and every child
     it started, is killed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", *args],
+        [sys.executable, "-m", "services.ops.cli", "up", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -75,7 +75,7 @@ def tiny_acquisition(acq: str, slices: int = 2, rows: int = 2, cols: int = 2, **
 
 
 class Services:
-    """`names` run as `python -m services.cli run NAME --config F --metrics-port P`."""
+    """`names` run as `python -m services.ops.cli run NAME --config F --metrics-port P`."""
 
     def __init__(self, config: Config, work: Path, names: list[str] | tuple[str, ...]) -> None:
         work.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 from botocore.config import Config as BotoConfig
 
-from services.natsserver import free_port
+from services.local.natsserver import free_port
 
 BUCKET = "tp-bucket"
 PART = 256 * 1024

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from messages import TileArrived, TileConverted, TileProcessed
-from services.stage import Context, Result, Stage
+from services.runtime.stage import Context, Result, Stage
 
 
 def _options(ctx: Context) -> dict:

@@ -15,17 +15,18 @@ import pytest
 import zarr
 
 from messages import SliceStitched
-from services.bus import publish_event
-from services.manifest import load_manifest
-from services.metrics import RAW_DELETED
-from services.names import Names
-from services.rawio import read_tile
-from services.simulate import simulate, small_manifest, write_manifest
-from services.stage import REPAIR_PREFIX
+from services.core.errors import RawDeletionRefused
+from services.core.manifest import load_manifest
+from services.core.metrics import RAW_DELETED
+from services.core.names import Names
+from services.io.rawio import read_tile
+from services.local.simulate import simulate, small_manifest, write_manifest
+from services.runtime.bus import publish_event
+from services.runtime.stage import REPAIR_PREFIX
 from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.upload import Upload
-from services.stages.upload_raw import RawDeletionRefused, delete_raw_file
+from services.stages.upload_raw import delete_raw_file
 from tests.conftest import events, pipeline, wait_for
 from tests.s3server import BUCKET, s3_options, s3_tree
 
@@ -252,7 +253,7 @@ async def test_archives_in_the_default_layout_to_a_file_store(config, js, tmp_pa
 def test_parallel_archive_members_read_as_one_stream(tmp_path):
     """archive_threads > 1: one gzip member per block, compressed on threads; nibabel reads
     the samples exactly, for a 12-bit tile too, and the bytes do not depend on the timing."""
-    from services.raw_archive import archive_tile
+    from services.io.raw_archive import archive_tile
 
     manifest = small_manifest(
         "p", slices=1, rows=1, cols=1, alines=32, bscans=32, raw_format="raw12"

@@ -1,4 +1,4 @@
-"""The one atomic writer (services/atomic.py): fsync of file and directory, crash safety, atomic
+"""The one atomic writer (services/io/atomic.py): fsync of file and directory, crash safety, atomic
 replacement of an existing file or directory."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services import atomic
-from services.atomic import (
+from services.io import atomic
+from services.io.atomic import (
     TEMPORARY,
     atomic_directory,
     atomic_file,
@@ -20,7 +20,7 @@ from services.atomic import (
     sweep_temporaries,
     write_atomically,
 )
-from services.natsauth import write_secret
+from services.local.natsauth import write_secret
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_an_error_mid_write_leaves_the_target_as_it_was(tmp_path):
 CRASH = """
 import os, sys
 from pathlib import Path
-from services.atomic import atomic_directory, atomic_file
+from services.io.atomic import atomic_directory, atomic_file
 kind, target = sys.argv[1], Path(sys.argv[2])
 with (atomic_file if kind == "file" else atomic_directory)(target) as tmp:
     if kind == "dir":

@@ -13,8 +13,8 @@ from pathlib import Path
 import nats
 
 from messages import TileArrived, TileCoord, utcnow
-from services.bus import publish_event
-from services.natsserver import free_port_block, port_open
+from services.local.natsserver import free_port_block, port_open
+from services.runtime.bus import publish_event
 from tests.conftest import stream_messages, tilepipe, wait_for
 from tests.procs import running_up
 
@@ -141,7 +141,7 @@ async def test_up_honours_the_configs_nats_url_and_metrics_ports(tmp_path):
         + f'[nats]\nurl = "nats://127.0.0.1:{nats_port}"\n'
         + f"[metrics]\nbase_port = {base_port}\n"
     )
-    from services.config import load_config
+    from services.core.config import load_config
     from services.stages import metrics_port_for
 
     # plugin stages come after the watcher and the built-in stages
@@ -149,7 +149,7 @@ async def test_up_honours_the_configs_nats_url_and_metrics_ports(tmp_path):
     assert metrics_port > base_port
     work = tmp_path / "work"
     up_args = ["--config", str(cfg)]
-    cmd = [sys.executable, "-m", "services.cli", "up", *up_args]
+    cmd = [sys.executable, "-m", "services.ops.cli", "up", *up_args]
     services = ["--services", "convert_like"]
     with running_up(*up_args, "--work", str(work), *services, env=ENV) as proc:
         await wait_for(lambda: (work / "tilepipe.toml").exists(), timeout=30)
@@ -159,7 +159,7 @@ async def test_up_honours_the_configs_nats_url_and_metrics_ports(tmp_path):
         # an operator command reading the same file reaches the running server
         init = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "services.cli", "init", "--config", str(cfg)],
+            [sys.executable, "-m", "services.ops.cli", "init", "--config", str(cfg)],
             cwd=REPO,
             env=ENV,
             capture_output=True,

@@ -13,10 +13,10 @@ from pathlib import Path
 import nats
 import pytest
 
-from services.cli import provision
-from services.config import Config, NatsSettings, Roots
-from services.natsserver import EmbeddedServer, free_port
-from services.simulate import PhantomParams, simulate, write_manifest
+from services.core.config import Config, NatsSettings, Roots
+from services.local.init import provision
+from services.local.natsserver import EmbeddedServer, free_port
+from services.local.simulate import PhantomParams, simulate, write_manifest
 from tests.conftest import wait_for
 from tests.procs import TILE_STAGES, Services, fault_config, tiny_acquisition
 from tests.test_faults import (

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from services.config import ConfigError, dump_toml, load_config
+from services.core.config import dump_toml, load_config
+from services.core.errors import ConfigError
+from services.stages import stage_settings
 
 
 def test_toml_env_overrides_and_relative_roots(tmp_path):
@@ -22,7 +24,7 @@ def test_toml_env_overrides_and_relative_roots(tmp_path):
     }
     config = load_config(path, environ=env)
     assert config.nats.url == "nats://127.0.0.1:2"
-    assert config.stage("convert_like").concurrency == 5
+    assert stage_settings(config, "convert_like").concurrency == 5
     assert config.roots.raw == (tmp_path / "raw").resolve()
     again = tmp_path / "again.toml"
     again.write_text(dump_toml(config))
@@ -55,7 +57,7 @@ def test_cli_reports_config_errors_with_exit_2(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[stages.x]\nconcurrency = -1\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "config", "--config", str(path)],
+        [sys.executable, "-m", "services.ops.cli", "config", "--config", str(path)],
         capture_output=True,
         text=True,
     )

@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 
 from messages import TileArrived, TileConverted, TileCoord, decode_event
-from services import ops
-from services.atomic import BASIS_ATTR, write_atomically, zarr_attrs
-from services.bus import MSG_ID, publish_event
-from services.config import Config, StageSettings
-from services.layout import products_path
-from services.manifest import dump_manifest
-from services.runtime import StageRunner
-from services.simulate import simulate, small_manifest, write_manifest
-from services.stages import stage_for
+from services.core.config import Config, StageSettings
+from services.core.manifest import dump_manifest
+from services.io.atomic import BASIS_ATTR, write_atomically, zarr_attrs
+from services.io.layout import products_path
+from services.local.simulate import simulate, small_manifest, write_manifest
+from services.ops import control as ops
+from services.runtime.bus import MSG_ID, publish_event
+from services.runtime.runner import StageRunner
+from services.stages import stage_for, stage_settings
 from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.stitch import Stitch
@@ -213,7 +213,7 @@ async def test_command_stage_runs_its_program_again_only_for_changed_inputs(conf
     cfg = Config.model_validate(
         {**config.model_dump(), "stages": {"qc": {"impl": "command", "options": options}}}
     )
-    stage = stage_for(cfg, "qc")(cfg, cfg.stage("qc"), name="qc")
+    stage = stage_for(cfg, "qc")(cfg, stage_settings(cfg, "qc"), name="qc")
     stop = asyncio.Event()
     runner = StageRunner(stage, cfg)
     task = asyncio.create_task(runner.run(stop))

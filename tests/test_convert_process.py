@@ -11,11 +11,17 @@ from prometheus_client import REGISTRY
 
 from kernels.forward import depth_bin_of
 from messages import TileArrived, decode_event, utcnow
-from services.bus import publish_event
-from services.config import StageSettings
-from services.manifest import load_manifest
-from services.runtime import StageRunner
-from services.simulate import PhantomParams, Simulator, simulate, small_manifest, write_manifest
+from services.core.config import StageSettings
+from services.core.manifest import load_manifest
+from services.local.simulate import (
+    PhantomParams,
+    Simulator,
+    simulate,
+    small_manifest,
+    write_manifest,
+)
+from services.runtime.bus import publish_event
+from services.runtime.runner import StageRunner
 from services.stages.convert import Convert
 from services.stages.process import Process
 from tests.conftest import pipeline, stream_messages, wait_for

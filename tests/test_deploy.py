@@ -40,9 +40,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.config import load_config
-from services.natsserver import find_nats_server, port_open
-from services.simulate import small_manifest, write_manifest
+from services.core.config import load_config
+from services.local.natsserver import find_nats_server, port_open
+from services.local.simulate import small_manifest, write_manifest
+from services.stages import stage_settings
 from tests.conftest import stream_messages, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,11 +101,11 @@ def free_block(size: int, avoid: set[int]) -> int:
 
 # ---------------------------------------------------------------------------- static checks
 def test_role_permission_table_equals_natsauth():
-    """The nats role's user table is services.natsauth's, subject for subject."""
+    """The nats role's user table is services.local.natsauth's, subject for subject."""
     try:
-        from services.natsauth import service_permissions
+        from services.local.natsauth import service_permissions
     except ImportError as exc:
-        pytest.skip(f"services/natsauth.py is not available yet: {exc}")
+        pytest.skip(f"services/local/natsauth.py is not available yet: {exc}")
     defaults = yaml.safe_load((ANSIBLE / "roles/nats/defaults/main.yml").read_text())
     assert defaults["nats_service_permissions"] == service_permissions()
 
@@ -402,8 +403,10 @@ def test_rendered_configs_validate(deployment):
         config = load_config(deployment.config(host))
         assert config.nats.url.count("nats://") == 3 and config.nats.replicas == 3
         assert config.roots.raw == deployment.roots["raw"]
-        assert config.stage("process").workers == 2  # one per GPU of zircon
-        assert config.stage("register").enabled and config.stage("upload").enabled
+        assert stage_settings(config, "process").workers == 2  # one per GPU of zircon
+        assert (
+            stage_settings(config, "register").enabled and stage_settings(config, "upload").enabled
+        )
     prom = deployment.prefix("zircon") / "etc/prometheus/prometheus.yml"
     checked = run([tool("promtool"), "check", "config", str(prom)])
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -1,4 +1,4 @@
-"""NIfTI copies, PNG previews and the per-acquisition HTML index (services/exports.py).
+"""NIfTI copies, PNG previews and the per-acquisition HTML index (services/io/exports.py).
 
 Real files: OME-Zarr stores written by the stages' writer, read back with nibabel and Pillow;
 the index is rendered by a real headless Chromium, which must load every image."""
@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from kernels.thruplane import CHANNELS as AXIS_CHANNELS
-from services.exports import export_axis, export_mosaic
-from services.layout import axis_path, index_path, mosaic_path
-from services.omezarr import write_omezarr
-from services.previews import block_mean
+from services.io.exports import export_axis, export_mosaic
+from services.io.layout import axis_path, index_path, mosaic_path
+from services.io.omezarr import write_omezarr
+from services.io.previews import block_mean
 from tests.conftest import tilepipe
 
 PX_UM = 10.0

@@ -23,16 +23,16 @@ import pytest
 import zarr
 
 from messages import TileArrived, TileCoord, decode_event, utcnow
-from services.atomic import is_complete
-from services.bus import publish_event
-from services.cli import provision
-from services.config import Config
-from services.layout import converted_path, mosaic_path, products_path, volume_path
-from services.manifest import Manifest
-from services.omezarr import open_level, read_multiscale
-from services.ops import pause, resume
-from services.simulate import PhantomParams, simulate, write_manifest, write_tile_file
-from services.volume import Volume
+from services.core.config import Config
+from services.core.manifest import Manifest
+from services.io.atomic import is_complete
+from services.io.layout import converted_path, mosaic_path, products_path, volume_path
+from services.io.omezarr import open_level, read_multiscale
+from services.io.volume import Volume
+from services.local.init import provision
+from services.local.simulate import PhantomParams, simulate, write_manifest, write_tile_file
+from services.ops.control import pause, resume
+from services.runtime.bus import publish_event
 from tests.conftest import stream_messages, tilepipe, wait_for
 from tests.procs import ALL_STAGES, TILE_STAGES, Services, fault_config, tiny_acquisition
 
@@ -190,8 +190,8 @@ async def test_kill9_each_stage_mid_tile_redelivered_complete_not_duplicated(con
 # --------------------------------------------------------------------------- helpers
 def write_tiles(manifest_path: Path, manifest: Manifest, coords, rate: float = 0.0) -> None:
     """Write the raw files of `coords` in the given order (the simulator's data), at `rate`."""
-    from services.rawio import encode_tile
-    from services.simulate import Simulator
+    from services.io.rawio import encode_tile
+    from services.local.simulate import Simulator
 
     sim = Simulator(manifest, PARAMS)
     for i, coord in enumerate(coords):
@@ -454,7 +454,7 @@ async def test_same_file_written_twice_is_announced_once(config, js, tmp_path):
     data = payload(manifest)
     await provision(config)
     with Services(config, tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
         write_tile_file(first, data)
         await wait_for(lambda: count_kind(js, "tile_arrived"), timeout=30)
         write_tile_file(second, data)

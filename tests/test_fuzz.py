@@ -30,14 +30,15 @@ from messages.events import (
     utcnow,
 )
 from messages.paths import resolve_in_root
-from services.bus import publish_event
-from services.config import Config, ConfigError, NatsSettings, Roots, StageSettings, load_config
-from services.manifest import ManifestError, load_manifest
-from services.natsserver import EmbeddedServer
-from services.provision import ensure_kv, ensure_stream
-from services.runtime import StageRunner
-from services.simulate import small_manifest
-from services.tomlio import to_toml
+from services.core.config import Config, NatsSettings, Roots, StageSettings, load_config
+from services.core.errors import ConfigError, ManifestError
+from services.core.manifest import load_manifest
+from services.core.tomlio import to_toml
+from services.local.natsserver import EmbeddedServer
+from services.local.simulate import small_manifest
+from services.runtime.bus import publish_event
+from services.runtime.provision import ensure_kv, ensure_stream
+from services.runtime.runner import StageRunner
 from tests.conftest import stream_messages, wait_for
 from tests.stages_for_tests import ConvertLike
 
@@ -487,7 +488,7 @@ async def _through_stage(server: EmbeddedServer, tmp: Path, batch: list[bytes]) 
 async def test_symlink_out_of_the_raw_root_fails_at_once(config, js, tmp_path):
     """A valid event whose raw file is a symlink out of the root: refused on the first attempt
     (no retries), recorded with the reason, nothing converted."""
-    from services.simulate import write_manifest
+    from services.local.simulate import write_manifest
     from services.stages.convert import Convert
 
     manifest = small_manifest("esc", slices=1, rows=1, cols=1, alines=8, bscans=8)
@@ -525,8 +526,8 @@ async def test_symlink_out_of_the_raw_root_fails_at_once(config, js, tmp_path):
 
 
 async def test_watcher_survives_a_symlink_out_of_the_raw_root(config, js, tmp_path):
-    from services.simulate import simulate, write_manifest
-    from services.watcher import Watcher
+    from services.local.simulate import simulate, write_manifest
+    from services.watcher.service import Watcher
 
     manifest = small_manifest("wesc", slices=1, rows=1, cols=3, alines=8, bscans=8, settle_s=0.1)
     path = write_manifest(manifest, config.roots.raw / "wesc")
@@ -538,9 +539,10 @@ async def test_watcher_survives_a_symlink_out_of_the_raw_root(config, js, tmp_pa
     linked = tiles[-1]
     os.replace(linked, tmp_path / "moved.nii")
     os.symlink(tmp_path / "moved.nii", linked)
-    refused = REGISTRY.get_sample_value(
-        "tilepipe_watcher_files_total", {"outcome": "outside_root"}
-    ) or 0.0
+    refused = (
+        REGISTRY.get_sample_value("tilepipe_watcher_files_total", {"outcome": "outside_root"})
+        or 0.0
+    )
     stop = asyncio.Event()
     watcher = Watcher(config, js)
     task = asyncio.create_task(watcher.run(stop))
@@ -550,10 +552,12 @@ async def test_watcher_survives_a_symlink_out_of_the_raw_root(config, js, tmp_pa
             task.result()  # raises the watcher's error
         await wait_for(lambda: _count(js, "tp.tile_arrived.wesc.>", 2), timeout=30)
         await wait_for(
-            lambda: REGISTRY.get_sample_value(
-                "tilepipe_watcher_files_total", {"outcome": "outside_root"}
+            lambda: (
+                REGISTRY.get_sample_value(
+                    "tilepipe_watcher_files_total", {"outcome": "outside_root"}
+                )
+                == refused + 1
             )
-            == refused + 1
         )
         events = [decode_event(m.data) for m in await stream_messages(js, "tp.tile_arrived.>")]
         assert linked.name not in {Path(e.path).name for e in events}

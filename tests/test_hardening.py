@@ -20,12 +20,12 @@ import numpy as np
 from nats.js.api import DiscardPolicy
 
 from messages import TileArrived, TileCoord, TileProcessed, decode_event, utcnow
-from services.bus import publish_event
-from services.cli import provision
-from services.config import Config, StageSettings
-from services.manifest import Manifest
-from services.rawio import encode_tile
-from services.simulate import PhantomParams, simulate, write_manifest, write_tile_file
+from services.core.config import Config, StageSettings
+from services.core.manifest import Manifest
+from services.io.rawio import encode_tile
+from services.local.init import provision
+from services.local.simulate import PhantomParams, simulate, write_manifest, write_tile_file
+from services.runtime.bus import publish_event
 from tests.conftest import stream_messages, tilepipe, wait_for
 from tests.procs import Services, fault_config, tiny_acquisition
 from tests.test_watcher import payload, tiny_manifest
@@ -285,7 +285,7 @@ async def test_acq_started_waits_for_a_full_stream_and_failures_are_logged_rate_
     manifest = tiny_manifest("full", 2, 2)
     cfg = watcher_config(config, settle_s=0.1)
     with Services(cfg, tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
         write_manifest(manifest, config.roots.raw / "full")
         for coord in manifest.coords():
             write_tile_file(config.roots.raw / "full" / manifest.path_of(coord), payload(manifest))
@@ -341,7 +341,7 @@ async def test_a_tile_dated_in_the_future_settles_by_the_local_clock(config, js,
     acq_dir = config.roots.raw / "skew"
     write_manifest(manifest, acq_dir)
     with Services(watcher_config(config), tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
         tile = acq_dir / manifest.path_of(next(manifest.coords()))
         outside = tmp_path / "outside.nii"  # dated first, then moved in (same filesystem)
         write_tile_file(outside, payload(manifest))
@@ -368,7 +368,7 @@ async def test_a_partial_file_that_stops_growing_is_logged_once(config, js, tmp_
     write_manifest(manifest, acq_dir)
     cfg = watcher_config(config, stalled_s=1.0)
     with Services(cfg, tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
         first, second = (acq_dir / manifest.path_of(c) for c in manifest.coords())
         data = payload(manifest)
         write_tile_file(first, data[: len(data) // 2])
@@ -422,8 +422,8 @@ HOST = socket.gethostname()
 
 
 def temporary(parent: Path, final: str, pid: int, host: str = HOST, kind: str = "tmp") -> Path:
-    """A writer's temporary directory beside `final`, named as services/atomic.py names it."""
-    from services.atomic import temp_name
+    """A writer's temporary directory beside `final`, named as services/io/atomic.py names it."""
+    from services.io.atomic import temp_name
 
     path = temp_name(parent / final, kind=kind, pid=pid, host=host)
     (path / "c").mkdir(parents=True)
@@ -481,7 +481,7 @@ async def test_sweeper_removes_dead_writers_temporaries_never_live_ones(config, 
 def test_sweep_keeps_the_temporaries_this_process_is_writing(tmp_path):
     """In one process: a temporary of an output being written is kept, the same process's
     abandoned one (a failed attempt whose clean-up did not finish) is removed."""
-    from services.atomic import atomic_directory, sweep_temporaries
+    from services.io.atomic import atomic_directory, sweep_temporaries
 
     target = tmp_path / "work" / "acq" / "converted" / "slice0000" / "m0-r0-c0.zarr"
     abandoned = temporary(target.parent, "m0-r0-c1.zarr", os.getpid())

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 
 from kernels.calibration import SpectrometerCalibration
-from services.manifest import load_manifest
-from services.opticstream_import import import_command
-from services.process_tile import process_tile_command
+from services.core.manifest import load_manifest
+from services.ops.opticstream_import import import_command
+from services.ops.process_tile import process_tile_command
 from tests.oracle import physics as ph
 from tests.oracle import toolbox as tb
 
@@ -322,7 +322,13 @@ def test_process_tile_command_line(acquisition, tmp_path):
     """The real command, as an operator runs it."""
     name = next(iter(acquisition.raw))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "services.cli", "process-tile", str(acquisition.acq_dir / name)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.ops.cli",
+        "process-tile",
+        str(acquisition.acq_dir / name),
+    ]
     run = subprocess.run(
         [*cmd, "--manifest", str(acquisition.manifest), "--out", str(tmp_path), "--device", "cpu"],
         capture_output=True,
@@ -404,7 +410,7 @@ def _variant(acquisition: Acquisition, tmp_path: Path, edit) -> Path:
     """A copy of the imported manifest with one field changed."""
     data = load_manifest(acquisition.manifest).model_dump(mode="json")
     edit(data)
-    from services.manifest import Manifest, dump_manifest
+    from services.core.manifest import Manifest, dump_manifest
 
     text = dump_manifest(Manifest.model_validate(data))
     path = acquisition.acq_dir / f"variant-{tmp_path.name}.toml"
@@ -488,8 +494,8 @@ def test_a_wrong_birefringence_unit_is_noticed(acquisition, tmp_path):
 
 def test_check_names_every_mismatch(acquisition, tmp_path):
     """`tilepipe check` reads the directory as the pipeline will and names what is wrong."""
-    from services.config import load_config
-    from services.preflight import run_checks
+    from services.core.config import load_config
+    from services.ops.preflight import run_checks
 
     acq_dir = tmp_path / "raw" / "acq"
     acq_dir.mkdir(parents=True)

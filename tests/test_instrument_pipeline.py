@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from messages import decode_event
-from services.cli import provision
-from services.layout import mosaic_path, volume_path
-from services.manifest import load_manifest
-from services.omezarr import open_level, read_multiscale
-from services.opticstream_import import import_command
-from services.simulate import Instrument, PhantomParams, simulate
+from services.core.manifest import load_manifest
+from services.io.layout import mosaic_path, volume_path
+from services.io.omezarr import open_level, read_multiscale
+from services.local.init import provision
+from services.local.simulate import Instrument, PhantomParams, simulate
+from services.ops.opticstream_import import import_command
 from tests.conftest import stream_messages, wait_for
 from tests.procs import ALL_STAGES, Services, fault_config
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.lattice import LATTICE_BUCKET, MosaicBook
+from services.state.lattice import LATTICE_BUCKET, MosaicBook
 
 
 async def test_state_reads_every_key_of_a_large_mosaic(js):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from services.logs import configure_logging, get_logger
+from services.core.logs import configure_logging, get_logger
 
 
 def test_json_lines_carry_level_timestamp_context_and_traceback(tmp_path):

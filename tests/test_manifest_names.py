@@ -9,19 +9,18 @@ import pytest
 import scipy.io
 
 from messages.events import TileCoord
-from services.calibration_files import (
-    CalibrationFileError,
+from services.core.calibration_files import (
     read_dispersion,
     read_wave_pixel_mat,
     read_wavelength_table,
     wave_pixel_polynomials,
 )
-from services.manifest import (
+from services.core.errors import CalibrationFileError, ManifestError
+from services.core.manifest import (
     FIJI_ORDERS,
     Calibration,
     Lattice,
     Manifest,
-    ManifestError,
     MosaicSpec,
     Numbering,
     Processing,
@@ -276,7 +275,8 @@ def test_manifest_file_limits(tmp_path):
 
 
 def test_import_opticstream_refuses_what_it_cannot_honour_by_field_name():
-    from services.opticstream_import import ImportRefused, build_manifest
+    from services.core.errors import ImportRefused
+    from services.ops.opticstream_import import build_manifest
 
     def config(**over):
         acq = {"grid_size_x_normal": 3, "grid_size_x_tilted": 4, "grid_size_y": 2}

@@ -148,11 +148,14 @@ def test_upload_ids_tell_objects_and_contents_apart():
 
 def test_cli_schema_prints_json_schemas():
     out = subprocess.run(
-        [sys.executable, "-m", "services.cli", "schema"], check=True, capture_output=True, text=True
+        [sys.executable, "-m", "services.ops.cli", "schema"],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert set(json.loads(out)) == set(EVENT_TYPES)
     bad = subprocess.run(
-        [sys.executable, "-m", "services.cli", "schema", "--kind", "x"],
+        [sys.executable, "-m", "services.ops.cli", "schema", "--kind", "x"],
         capture_output=True,
         text=True,
     )

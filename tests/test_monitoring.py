@@ -38,9 +38,10 @@ from messages.events import (
     TileConverted,
     TilePosition,
 )
-from services import monitoring
-from services.bus import publish_event
-from services.natsserver import free_port, free_port_block
+from services.local.natsserver import free_port, free_port_block
+from services.monitoring import collectors, dashboards, prometheus
+from services.runtime import monitor as runtime_monitor
+from services.runtime.bus import publish_event
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +135,16 @@ class Up:
     def __init__(self, config: Path, work: Path) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--config", str(config), "--work", work],
+            [
+                sys.executable,
+                "-m",
+                "services.ops.cli",
+                "up",
+                "--config",
+                str(config),
+                "--work",
+                work,
+            ],
             cwd=REPO,
             env=ENV,
             stdout=subprocess.PIPE,
@@ -206,11 +216,11 @@ async def test_dashboards_and_metrics_against_a_live_pipeline(tmp_path):
             timeout=90,
             interval=0.2,
         )
-        targets = monitoring.targets_from_up_output(up.text)
+        targets = prometheus.targets_from_up_output(up.text)
         assert {"watcher", *TILE_STAGES} <= set(targets), up.text
         assert all(t.startswith("127.0.0.1:") for ts in targets.values() for t in ts)
 
-        prom_config = monitoring.write_prometheus_config(
+        prom_config = prometheus.write_prometheus_config(
             tmp_path / "prometheus.yml", targets, interval_s=1, host="testhost", rule_files=RULES
         )
         check = subprocess.run(
@@ -230,13 +240,13 @@ async def test_dashboards_and_metrics_against_a_live_pipeline(tmp_path):
 
         # a short acquisition: 1 slice of 2x2 tiles, written at 1 tile/s (so every stage's
         # histograms grow across several 1 s scrapes: a rate() needs an increase it has seen)
-        from services.simulate import small_manifest, write_manifest
+        from services.local.simulate import small_manifest, write_manifest
 
         manifest = write_manifest(
             small_manifest("mon", slices=1, rows=2, cols=2, settle_s=0.2), roots["raw"] / "mon"
         )
         sim = subprocess.run(
-            [sys.executable, "-m", "services.cli", "simulate", str(manifest), "--rate", "1"],
+            [sys.executable, "-m", "services.ops.cli", "simulate", str(manifest), "--rate", "1"],
             cwd=REPO,
             env=ENV,
             capture_output=True,
@@ -261,7 +271,7 @@ async def test_dashboards_and_metrics_against_a_live_pipeline(tmp_path):
             seen = prom.query("tilepipe_end_to_end_latency_seconds_count")["data"]["result"]
             raise AssertionError(
                 f"stages {stages} did not all report 4 tiles done and a latency: {done} {seen} "
-                "(is services.monitoring.StageMonitor wired into services/runtime.py?)"
+                "(is StageMonitor wired into services/runtime/runner.py?)"
             ) from None
         # every stage polled its backlog and a few scrapes happened since
         await wait_for(
@@ -303,8 +313,8 @@ async def test_dashboards_and_metrics_against_a_live_pipeline(tmp_path):
         for path in DASHBOARDS:
             board = json.loads(path.read_text())
             for values in variable_values(prom, board):
-                for panel, target in monitoring.dashboard_queries(board):
-                    expr = monitoring.substitute(target["expr"], {**values, **BUILTINS})
+                for panel, target in dashboards.dashboard_queries(board):
+                    expr = dashboards.substitute(target["expr"], {**values, **BUILTINS})
                     assert "$" not in expr, expr
                     answer = prom.query(expr)
                     evaluated += 1
@@ -356,9 +366,9 @@ def test_dashboards_are_valid_for_their_schema_version():
     uids = set()
     for path in DASHBOARDS:
         board = json.loads(path.read_text())
-        assert monitoring.lint_dashboard(board) == [], path.name
+        assert dashboards.lint_dashboard(board) == [], path.name
         uids.add(board["uid"])
-        titles = [p["title"] for p in monitoring.all_panels(board) if p["type"] != "row"]
+        titles = [p["title"] for p in dashboards.all_panels(board) if p["type"] != "row"]
         assert len(titles) == len(set(titles)), path.name
     assert len(uids) == len(DASHBOARDS)
 
@@ -382,7 +392,7 @@ def test_dashboard_lint_finds_problems():
     panels[3]["targets"][0]["expr"] = "rate(x{stage=~'$nope'}[5m])"
     panels[4]["gridPos"]["w"] = 30
     board["schemaVersion"] = 16
-    problems = "\n".join(monitoring.lint_dashboard(board))
+    problems = "\n".join(dashboards.lint_dashboard(board))
     assert "schemaVersion" in problems
     assert "panel ids not unique" in problems
     assert "datasource must be a prometheus ref" in problems
@@ -392,7 +402,7 @@ def test_dashboard_lint_finds_problems():
 
 def test_variable_substitution_is_grafanas():
     expr = 'rate(x{stage=~"$stage", acq="${acq}"}[$__rate_interval])'
-    out = monitoring.substitute(
+    out = dashboards.substitute(
         expr, {"stage": ["a", "b.c"], "acq": ["x1"], "__rate_interval": "1m"}
     )
     assert out == 'rate(x{stage=~"(a|b\\\\.c)", acq="x1"}[1m])'
@@ -418,9 +428,9 @@ def test_prometheus_config_from_up_output_and_from_a_config(tmp_path):
         "  watcher    metrics http://127.0.0.1:9400/metrics  log /w/logs/watcher.log\n"
         "  convert    metrics http://127.0.0.1:9401/metrics  log /w/logs/convert.log\n"
     )
-    targets = monitoring.targets_from_up_output(text)
+    targets = prometheus.targets_from_up_output(text)
     assert targets == {"watcher": ["127.0.0.1:9400"], "convert": ["127.0.0.1:9401"]}
-    path = monitoring.write_prometheus_config(
+    path = prometheus.write_prometheus_config(
         tmp_path / "p.yml", targets, interval_s=1, host="h", rule_files=RULES
     )
     loaded = yaml.safe_load(path.read_text())
@@ -435,10 +445,10 @@ def test_prometheus_config_from_up_output_and_from_a_config(tmp_path):
     )
     assert check.returncode == 0, check.stdout + check.stderr
 
-    from services.config import Config
+    from services.core.config import Config
 
     cfg = Config.model_validate({"metrics": {"base_port": 9500}})
-    assert monitoring.targets_for_config(cfg, ["watcher", "process"]) == {
+    assert prometheus.targets_for_config(cfg, ["watcher", "process"]) == {
         "watcher": ["127.0.0.1:9500"],
         "process": ["127.0.0.1:9502"],
     }
@@ -463,7 +473,7 @@ def _exposition(collector) -> str:
 
 def test_gpu_collector_without_gpu_exports_only_the_device_count(monkeypatch):
     monkeypatch.delitem(sys.modules, "cupy", raising=False)
-    collector = monitoring.GpuCollector(nvml=None)
+    collector = collectors.GpuCollector(nvml=None)
     collector.nvml = None
     text = _exposition(collector)
     assert "tilepipe_gpu_devices 0.0" in text
@@ -482,7 +492,7 @@ def test_gpu_collector_with_nvml():
         nvmlDeviceGetComputeRunningProcesses=lambda h: proc if h == 0 else [],
     )
     registry = CollectorRegistry()
-    registry.register(monitoring.GpuCollector(nvml=nvml, pid=4242))
+    registry.register(collectors.GpuCollector(nvml=nvml, pid=4242))
     text = generate_latest(registry).decode()
     assert "tilepipe_gpu_devices 2.0" in text
     assert 'tilepipe_gpu_info{gpu="0",name="NVIDIA H100"} 1.0' in text
@@ -499,7 +509,7 @@ def test_gpu_collector_with_nvml():
 
 
 def test_data_root_gauges(tmp_path):
-    monitoring.watch_data_roots({"work": tmp_path, "output": tmp_path / "missing"})
+    collectors.watch_data_roots({"work": tmp_path, "output": tmp_path / "missing"})
     usage = shutil.disk_usage(tmp_path)
     free = REGISTRY.get_sample_value(
         "tilepipe_data_root_free_bytes", {"root": "work", "path": str(tmp_path)}
@@ -573,7 +583,7 @@ async def test_stage_monitor_latency_and_progress(js):
 
     # one tile already converted before this worker started: seeded from the stream
     await publish_event(js, converted(tiles[3]))
-    monitor = monitoring.StageMonitor("mon-convert", "TILEPIPE", produces=[TileConverted])
+    monitor = runtime_monitor.StageMonitor("mon-convert", "TILEPIPE", produces=[TileConverted])
     assert _count("mon-convert", "tile_converted") == 0  # present from the start
     from prometheus_client import REGISTRY
 
@@ -612,7 +622,7 @@ async def test_stage_monitor_latency_and_progress(js):
     assert _tiles_done("mon-convert") == 3
 
     # a later stage looks the arrival up in the stream; a replay is not a latency
-    monitor2 = monitoring.StageMonitor("mon-process", "TILEPIPE")
+    monitor2 = runtime_monitor.StageMonitor("mon-process", "TILEPIPE")
     await monitor2.handled(js, converted(tiles[1]), [converted(tiles[1], seconds=61)])
     assert _count("mon-process", "tile_converted") == 1
     await monitor2.handled(js, converted(tiles[2]), [converted(tiles[2])], replay="op")
@@ -627,7 +637,7 @@ async def test_stage_monitor_latency_and_progress(js):
         positions=[TilePosition(row=t.row, col=t.col, y=0, x=0) for t in tiles],
         emitted_at=t0 + timedelta(seconds=13),
     )
-    monitor3 = monitoring.StageMonitor("mon-stitch", "TILEPIPE")
+    monitor3 = runtime_monitor.StageMonitor("mon-stitch", "TILEPIPE")
     await monitor3.handled(js, converted(tiles[3]), [stitched])
     assert _sample("mon-stitch", "slice_stitched", "sum") == pytest.approx(10)  # last: t0 + 3 s
     assert _tiles_done("mon-stitch") == 4
@@ -635,13 +645,13 @@ async def test_stage_monitor_latency_and_progress(js):
     registered = SliceRegistered(
         acq="mon1", slice=0, path="v.zarr", transform=[[1, 0, 0]] * 3, quality=1, accepted=True
     )
-    monitor4 = monitoring.StageMonitor("mon-register", "TILEPIPE")
+    monitor4 = runtime_monitor.StageMonitor("mon-register", "TILEPIPE")
     await monitor4.handled(js, converted(tiles[0]), [registered])  # mosaic read back
     assert _count("mon-register", "slice_registered") == 1
     assert _tiles_done("mon-register") == 4
 
     # never raises, even without a server answer
-    await monitoring.StageMonitor("mon-x", "TILEPIPE").handled(
+    await runtime_monitor.StageMonitor("mon-x", "TILEPIPE").handled(
         Unreachable(), converted(tiles[0]), [converted(tiles[0])]
     )
 
@@ -649,7 +659,7 @@ async def test_stage_monitor_latency_and_progress(js):
 async def test_tiles_done_gauge_keeps_its_value_when_an_acquisition_is_evicted(js):
     """Only `max_acqs` acquisitions are tracked; an evicted one's gauge keeps its last count
     (and no longer holds its tile set), a tracked one counts on."""
-    monitor = monitoring.StageMonitor("mon-evict", "TILEPIPE", max_acqs=1)
+    monitor = runtime_monitor.StageMonitor("mon-evict", "TILEPIPE", max_acqs=1)
 
     def converted(acq: str, col: int) -> TileConverted:
         return TileConverted(

@@ -14,9 +14,9 @@ from ome_zarr_models.v05.image import Image
 
 from kernels.focus_plane import FocusPlaneFit, focus_plane
 from kernels.stitch import feather_weights, mosaic_frame
-from services.focus_plane import fit_from_tiles, load, plane_of, store
-from services.mosaic_volume import DepthCrop, MosaicMask, fuse_volume
-from services.omezarr import write_omezarr
+from services.io.focus_plane import fit_from_tiles, load, plane_of, store
+from services.io.mosaic_volume import DepthCrop, MosaicMask, fuse_volume
+from services.io.omezarr import write_omezarr
 
 SHAPE = (40, 48)  # tile (B-lines, A-lines)
 DEPTH = 24
@@ -294,10 +294,10 @@ def test_stitch_crops_flat_and_stores_nothing_without_a_focus_plane(tmp_path):
     """No tissue in any overlap: the plane cannot be fitted; the volumes are still fused
     (crop without the plane, the reason in their attributes) and no record is stored, so a
     later slice can find it."""
-    from services.config import Config, Roots, StageSettings
-    from services.lattice import MosaicState
-    from services.simulate import small_manifest
+    from services.core.config import Config, Roots, StageSettings
+    from services.local.simulate import small_manifest
     from services.stages.stitch import Stitch
+    from services.state.lattice import MosaicState
 
     roots = Roots(raw=tmp_path / "raw", work=tmp_path / "work", output=tmp_path / "output")
     stage = Stitch(

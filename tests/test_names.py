@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from services.atomic import write_atomically
-from services.config import ConfigError
-from services.manifest import dump_manifest, load_manifest
-from services.opticstream_import import ImportRefused, build_manifest
-from services.preflight import run_checks
-from services.simulate import small_manifest, write_manifest
+from services.core.errors import ConfigError, ImportRefused
+from services.core.manifest import dump_manifest, load_manifest
+from services.core.tomlio import to_toml
+from services.io.atomic import write_atomically
+from services.local.simulate import small_manifest, write_manifest
+from services.ops.opticstream_import import build_manifest
+from services.ops.preflight import run_checks
 from services.stages.upload import parse_options
-from services.tomlio import to_toml
 from tests.conftest import tilepipe
 
 

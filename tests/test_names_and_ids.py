@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 from messages import ArtifactUploaded, decode_event
-from services.bus import publish_event
-from services.manifest import Lattice, Manifest, RawLayout
-from services.simulate import write_manifest, write_tile_file
+from services.core.manifest import Lattice, Manifest, RawLayout
+from services.local.simulate import write_manifest, write_tile_file
+from services.runtime.bus import publish_event
 from tests.conftest import stream_messages, wait_for
 from tests.test_watcher import TINY_CAL, watching
 

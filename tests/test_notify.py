@@ -23,11 +23,12 @@ from messages.events import (
     StageFailed,
     TileCoord,
 )
-from services.bus import publish_event
-from services.config import ConfigError, StageSettings
-from services.logs import configure_logging
-from services.metrics import NOTIFY_MESSAGES
-from services.runtime import StageRunner
+from services.core.config import StageSettings
+from services.core.errors import ConfigError
+from services.core.logs import configure_logging
+from services.core.metrics import NOTIFY_MESSAGES
+from services.runtime.bus import publish_event
+from services.runtime.runner import StageRunner
 from services.stages.notify import Notify
 from tests.conftest import stream_messages, wait_for
 

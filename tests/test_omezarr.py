@@ -11,8 +11,8 @@ import pytest
 import zarr
 from ome_zarr_models.v05.image import Image
 
-from services import atomic
-from services.omezarr import downsample2, open_level, pyramid, read_multiscale, write_omezarr
+from services.io import atomic
+from services.io.omezarr import downsample, open_level, pyramid, read_multiscale, write_omezarr
 
 PRODUCTS = ("aip", "mip", "retardance", "orientation")
 
@@ -94,13 +94,13 @@ def test_downsampling_is_nan_aware_and_circular_for_angles():
             [[89.0, -89.0, 10.0], [-89.0, 89.0, 20.0], [0.0, 0.0, np.nan]],
         ]
     )
-    out = downsample2(img, axial=[False, True])
+    out = downsample(img, axial=[False, True])
     assert out.shape == (2, 2, 2) and out.dtype == np.float32
     np.testing.assert_allclose(out[0], [[2.0, 5.0], [8.0, 4.0]])  # NaNs ignored, odd edge
     assert abs(abs(out[1, 0, 0]) - 90.0) < 1e-4  # circular mean of +-89: 90, not 0
     assert out[1, 0, 1] == pytest.approx(15.0)
     assert -90.0 <= out[1, 0, 0] < 90.0
-    assert np.isnan(downsample2(np.full((1, 2, 2), np.nan))).all()
+    assert np.isnan(downsample(np.full((1, 2, 2), np.nan))).all()
     levels = pyramid(np.zeros((1, 1030, 700)), min_size=256)
     assert [lv.shape[1:] for lv in levels] == [(1030, 700), (515, 350), (258, 175)]
 

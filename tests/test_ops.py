@@ -18,12 +18,13 @@ from messages import (
     decode_event,
     utcnow,
 )
-from services import ops
-from services.bus import publish_event
-from services.config import StageSettings
-from services.runtime import StageRunner
-from services.status import failures, snapshot
-from services.status_view import render
+from services.core.config import StageSettings
+from services.ops import control as ops
+from services.runtime.bus import publish_event
+from services.runtime.runner import StageRunner
+from services.stages import stage_settings
+from services.state.status import failures, snapshot
+from services.state.status_view import render
 from tests.conftest import stream_messages, tilepipe, wait_for
 from tests.stages_for_tests import ConvertLike
 
@@ -244,7 +245,7 @@ async def test_stage_added_while_running_back_fills(config, js):
 
 
 async def test_command_stage_runs_a_program_per_tile_with_history(config, js, tmp_path):
-    from services.config import Config
+    from services.core.config import Config
     from services.stages import stage_for
 
     options = {
@@ -267,7 +268,7 @@ async def test_command_stage_runs_a_program_per_tile_with_history(config, js, tm
         }
     )
     cls = stage_for(cfg, "qc")
-    stage = cls(cfg, cfg.stage("qc"), name="qc")
+    stage = cls(cfg, stage_settings(cfg, "qc"), name="qc")
     stop = asyncio.Event()
     runner = StageRunner(stage, cfg)
     task = asyncio.create_task(runner.run(stop))

@@ -9,7 +9,7 @@ from pathlib import Path
 from messages.subjects import PIPELINE_ORDER
 from services.stages import BUILTIN, stage_names
 from services.stages.stitch import UPSTREAM
-from services.timeline import TAIL_HOPS
+from services.state.timeline import TAIL_HOPS
 
 ROOT = Path(__file__).resolve().parents[1]
 

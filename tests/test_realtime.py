@@ -1,4 +1,4 @@
-"""Real-time figures (`services.timeline`) and the demo (`tilepipe up --demo`) end to end."""
+"""Real-time figures (`services.state.timeline`) and the demo (`tilepipe up --demo`) end to end."""
 
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ from messages.events import (
     TileConverted,
     TileProcessed,
 )
-from services.bus import publish_event
-from services.config import Config, StageSettings
-from services.demo import demo_config, expected_uploads
-from services.natsserver import free_port_block
-from services.provision import ensure_consumer
-from services.simulate import small_manifest
+from services.core.config import Config, StageSettings
+from services.local.demo import demo_config, expected_uploads
+from services.local.natsserver import free_port_block
+from services.local.simulate import small_manifest
+from services.runtime.bus import publish_event
+from services.runtime.provision import ensure_consumer
+from services.stages import stage_settings
 from services.stages.convert import Convert
-from services.timeline import (
+from services.state.timeline import (
     BacklogSampler,
     Timeline,
     figures,
@@ -254,7 +255,7 @@ async def test_timeline_and_backlog_from_a_real_stream(config, js):
 
 def test_demo_config_uploads_to_a_local_store(tmp_path):
     config = demo_config(Config(), tmp_path)
-    upload = config.stage("upload")
+    upload = stage_settings(config, "upload")
     assert upload.enabled and upload.options["url"] == (tmp_path / "object-store").as_uri()
     assert upload.concurrency == 4  # the stage's defaults still apply
     assert (tmp_path / "object-store").is_dir()
@@ -286,7 +287,7 @@ def test_demo_runs_end_to_end_with_upload(tmp_path):
     )
     args = ["up", "--demo", "--config", str(cfg), "--work", str(tmp_path / "w")]
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "services.ops.cli", *args],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,

@@ -23,14 +23,14 @@ from kernels.register import (
 )
 from messages import decode_event
 from messages.events import SliceStitched
-from services.bus import publish_event
-from services.config import StageSettings
-from services.layout import mosaic_path, volume_path
-from services.omezarr import write_omezarr
-from services.runtime import StageRunner
-from services.simulate import Phantom, PhantomParams
+from services.core.config import StageSettings
+from services.io.layout import mosaic_path, volume_path
+from services.io.omezarr import write_omezarr
+from services.io.volume import Canvas, Volume
+from services.local.simulate import Phantom, PhantomParams
+from services.runtime.bus import publish_event
+from services.runtime.runner import StageRunner
 from services.stages.register import Register
-from services.volume import Canvas, Volume
 from tests.conftest import stream_messages, wait_for
 
 PX_UM = 10.0
@@ -404,11 +404,11 @@ def test_volume_path_is_under_the_acquisition():
 async def test_real_pipeline_registers_simulated_slices(config, js):
     """watcher -> convert -> process -> stitch (with the fused dB volume) -> register on a
     simulated 3-slice acquisition; transforms against the simulator's ground truth."""
-    from services.simulate import simulate, small_manifest, write_manifest
+    from services.local.simulate import simulate, small_manifest, write_manifest
     from services.stages.convert import Convert
     from services.stages.process import Process
     from services.stages.stitch import Stitch
-    from services.watcher import Watcher
+    from services.watcher.service import Watcher
 
     manifest = small_manifest("rp", slices=3, rows=3, cols=3, alines=64, bscans=64, settle_s=0.2)
     path = write_manifest(manifest, config.roots.raw / "rp")

@@ -6,10 +6,10 @@ import asyncio
 import shutil
 from pathlib import Path
 
-from services import repair
-from services.atomic import is_complete
-from services.layout import converted_path, mosaic_path, products_path
-from services.simulate import PhantomParams, simulate, small_manifest, write_manifest
+from services.io.atomic import is_complete
+from services.io.layout import converted_path, mosaic_path, products_path
+from services.local.simulate import PhantomParams, simulate, small_manifest, write_manifest
+from services.ops import repair
 from tests.conftest import pipeline, stream_messages, tilepipe, wait_for
 from tests.test_stitch_service import OPTIONS, STAGES, events
 
@@ -70,8 +70,8 @@ async def test_status_failed_and_repair_agree_when_an_intermediate_is_gone(confi
     """Issue 19 (13): a converted store deleted under a tile makes process give up; status,
     `tilepipe failed` and repair then agree (one failed tile, still counted as arrived), repair
     rebuilds the store, process succeeds on it, and the failure is resolved everywhere."""
-    from services.finish import finish
-    from services.status import failures, snapshot
+    from services.ops.finish import finish
+    from services.state.status import failures, snapshot
 
     manifest = small_manifest("agree", slices=1, rows=1, cols=2, alines=32, bscans=16)
     path = write_manifest(manifest, config.roots.raw / "agree")

@@ -16,11 +16,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from messages import StageFailed, TileArrived, TileConverted, TileCoord, decode_event, utcnow
-from services.bus import publish_event
-from services.config import Config, StageSettings, dump_toml
-from services.natsserver import free_port
-from services.runtime import StageRunner
-from services.stage import Result, Stage
+from services.core.config import Config, StageSettings, dump_toml
+from services.local.natsserver import free_port
+from services.runtime.bus import publish_event
+from services.runtime.runner import StageRunner
+from services.runtime.stage import Result, Stage
 from tests.conftest import stream_messages, wait_for
 from tests.stages_for_tests import ConvertLike, ProcessLike
 
@@ -272,7 +272,7 @@ async def test_sigterm_drains_in_flight_work(config, js, tmp_path):
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "services.ops.cli",
             "run",
             "convert_like",
             "--config",
@@ -332,7 +332,7 @@ async def test_long_work_is_kept_alive_by_heartbeats(config, js, tmp_path):
 def test_delivery_count_reads_the_ack_subject_as_nats_py_does(reply):
     from nats.aio.msg import Msg
 
-    from services.bus import delivery_count
+    from services.runtime.bus import delivery_count
 
     msg = Msg(None, subject="tp.x", reply=reply, data=b"")
     assert delivery_count(msg) == msg.metadata.num_delivered == 3
@@ -342,7 +342,7 @@ def test_delivery_count_refuses_a_message_that_is_not_from_jetstream():
     from nats.aio.msg import Msg
     from nats.errors import NotJSMessageError
 
-    from services.bus import delivery_count
+    from services.runtime.bus import delivery_count
 
     with pytest.raises(NotJSMessageError):
         delivery_count(Msg(None, subject="tp.x", reply="_INBOX.abc", data=b""))

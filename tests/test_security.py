@@ -28,9 +28,9 @@ from prometheus_client import REGISTRY
 from messages import StageFailed, TileArrived, TileCoord, utcnow
 from messages.events import EVENT_TYPES
 from messages.subjects import STAGE_NAMED, parse_subject
-from services.bus import connect, inbox_prefix, publish_event
-from services.config import Config, ConfigError, NatsSettings, Roots, StageSettings, load_config
-from services.natsauth import (
+from services.core.config import Config, NatsSettings, Roots, StageSettings, load_config
+from services.core.errors import ConfigError
+from services.local.natsauth import (
     ADMIN,
     STAGE_OUTPUTS,
     WATCHER,
@@ -41,9 +41,10 @@ from services.natsauth import (
     render_tls,
     service_permissions,
 )
-from services.natsserver import EmbeddedServer, free_port, free_port_block, port_open
-from services.provision import ensure_kv, ensure_stream
-from services.runtime import StageRunner
+from services.local.natsserver import EmbeddedServer, free_port, free_port_block, port_open
+from services.runtime.bus import connect, inbox_prefix, publish_event
+from services.runtime.provision import ensure_kv, ensure_stream
+from services.runtime.runner import StageRunner
 from services.stages import BUILTIN, stage_class
 from tests.conftest import REPO, pipeline, stream_messages, wait_for
 from tests.procs import running_up
@@ -219,7 +220,7 @@ def processed_event(i: int = 0):
 
 
 async def test_stage_user_cannot_forge_consume_or_manage(auth, admin_js, tmp_path):
-    from services.provision import ensure_consumer
+    from services.runtime.provision import ensure_consumer
     from services.stages.convert import Convert
     from services.stages.process import Process
 
@@ -309,7 +310,7 @@ async def test_stage_runs_under_its_own_user_without_violations(auth, admin_js, 
     task = asyncio.create_task(runner.run(stop))
     try:
         await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
-        from services.ops import hold
+        from services.ops.control import hold
 
         await hold(admin_js, "TILEPIPE", "held")
         await wait_for(lambda: "held" in runner.held)
@@ -339,10 +340,10 @@ async def test_a_stage_user_cannot_pass_a_forged_event_off_as_another_stages(
     server drops the other subjects; on its own failure subject the payload disagrees with
     the subject, and stitch's runtime refuses it (terminated, counted as
     `subject_mismatch`), so the victim acquisition's lattice is untouched."""
-    from services.acquisitions import record_acquisition
-    from services.lattice import tile_state
-    from services.simulate import small_manifest, write_manifest
+    from services.local.simulate import small_manifest, write_manifest
     from services.stages.stitch import Stitch
+    from services.state.acquisitions import record_acquisition
+    from services.state.lattice import tile_state
 
     roots = Roots(raw=tmp_path / "raw", work=tmp_path / "work", output=tmp_path / "output")
     manifest = small_manifest("victim", slices=1, rows=2, cols=2)
@@ -408,7 +409,7 @@ async def test_kv_permissions_are_what_each_service_needs(auth, admin_js):
     its own keys; no stage writes the holds (operators do, `tilepipe pause --acq`)."""
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
-    from services.ops import hold
+    from services.ops.control import hold
 
     lattice = await admin_js.key_value("tp-lattice")
     await lattice.put("victim.0.m0.tile.r0-c0", b'{"state": "processed"}')
@@ -464,7 +465,7 @@ def init_with(tmp_path: Path, url: str, **limits: int) -> subprocess.CompletedPr
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TILEPIPE_")}
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", "init", "--config", str(cfg)],
+        [sys.executable, "-m", "services.ops.cli", "init", "--config", str(cfg)],
         cwd=REPO,
         env={**env, "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -559,7 +560,7 @@ async def test_init_applies_stream_and_kv_limits_and_they_hold(nats_server, tmp_
 
 # ---------------------------------------------------------------- tilepipe up --auth
 async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
-    from services.simulate import simulate, small_manifest, write_manifest
+    from services.local.simulate import simulate, small_manifest, write_manifest
 
     work = tmp_path / "work"
     roots = {name: tmp_path / "data" / name for name in ("raw", "work", "output")}
@@ -598,7 +599,7 @@ async def test_up_with_auth_runs_a_simulated_acquisition(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "services.cli",
+                "services.ops.cli",
                 "status",
                 "secure",
                 "--json",
@@ -640,7 +641,7 @@ def test_auth_refuses_an_external_server(tmp_path):
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "services.ops.cli",
             "up",
             "--auth",
             "--nats-url",
@@ -792,7 +793,7 @@ async def test_metrics_bind_to_the_configured_address(nats_server, tmp_path):
         "TILEPIPE_ROOTS__WORK": str(tmp_path),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "run", "convert", "--metrics-port", str(port)],
+        [sys.executable, "-m", "services.ops.cli", "run", "convert", "--metrics-port", str(port)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -931,7 +932,7 @@ def tree_state(root: Path) -> dict[str, tuple]:
 
 
 async def test_raw_tree_read_only_end_to_end(config, js):
-    from services.simulate import simulate, small_manifest, write_manifest
+    from services.local.simulate import simulate, small_manifest, write_manifest
     from services.stages.convert import Convert
     from services.stages.process import Process
 

@@ -12,16 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.manifest import Manifest, RawLayout, load_manifest
-from services.rawio import (
-    RawFormatError,
-    encode_tile,
-    header_notes,
-    pack12,
-    read_tile,
-    unpack12,
-)
-from services.simulate import (
+from services.core.errors import RawFormatError
+from services.core.manifest import Manifest, RawLayout, load_manifest
+from services.io.rawio import encode_tile, header_notes, pack12, read_tile, unpack12
+from services.local.simulate import (
     PhantomParams,
     Simulator,
     Truth,
@@ -130,7 +124,7 @@ def test_simulate_cli_new_manifest(tmp_path):
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "services.ops.cli",
             "simulate",
             str(target),
             "--new",

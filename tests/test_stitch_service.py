@@ -11,10 +11,10 @@ import zarr
 from ome_zarr_models.v05.image import Image
 
 from messages import decode_event
-from services.finish import finish
-from services.focus_plane import plane_of
-from services.omezarr import open_level, read_multiscale
-from services.simulate import PhantomParams, simulate, small_manifest, write_manifest
+from services.io.focus_plane import plane_of
+from services.io.omezarr import open_level, read_multiscale
+from services.local.simulate import PhantomParams, simulate, small_manifest, write_manifest
+from services.ops.finish import finish
 from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.stitch import Stitch

@@ -28,16 +28,16 @@ from kernels.register import RegisterParams, register_slices, translation_matrix
 from kernels.thruplane import CHANNELS, ThruPlaneParams, gaussian_nan, thruplane, tissue_mask
 from messages import decode_event
 from messages.events import SliceStitched
-from services.bus import publish_event
-from services.config import StageSettings
-from services.layout import axis_path, axis_volume_path, mosaic_path
-from services.manifest import load_manifest
-from services.omezarr import open_level, read_multiscale, write_omezarr
-from services.runtime import StageRunner
-from services.simulate import TILTED_VIEW, Phantom, PhantomParams
+from services.core.config import StageSettings
+from services.core.manifest import load_manifest
+from services.io.layout import axis_path, axis_volume_path, mosaic_path
+from services.io.omezarr import open_level, read_multiscale, write_omezarr
+from services.io.volume import Volume
+from services.local.simulate import TILTED_VIEW, Phantom, PhantomParams
+from services.runtime.bus import publish_event
+from services.runtime.runner import StageRunner
 from services.stages.register import Register
 from services.stages.thruplane import toolbox_orientation
-from services.volume import Volume
 from tests.conftest import stream_messages, wait_for
 
 PX_UM = 10.0
@@ -313,8 +313,8 @@ async def test_stage_fits_the_axis_when_both_mosaics_are_stitched(config, js):
     # `tilepipe status`: the slice-level step, as a row and per slice
     from rich.console import Console
 
-    from services.status import snapshot
-    from services.status_view import lattice_text
+    from services.state.status import snapshot
+    from services.state.status_view import lattice_text
 
     status = await snapshot(js, "TILEPIPE", acq, ["register"])
     assert status.stages["axis"].done == 2 and status.stages["register"].done == 2
@@ -337,7 +337,7 @@ async def test_simulated_two_illumination_acquisition_recovers_the_axis(
     the raw tiles' archives, is on the S3 test server under the DANDI layout and the lab's
     names, checksums matching; a webhook receiver gets exactly the acquisition started and the
     slice done."""
-    from services.simulate import Simulator, simulate, small_manifest, write_manifest
+    from services.local.simulate import Simulator, simulate, small_manifest, write_manifest
     from services.stages.convert import Convert
     from services.stages.notify import Notify
     from services.stages.process import Process

@@ -12,8 +12,8 @@ import nats.js.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from services.bus import MSG_ID, PubAcks, delivery_count, pubacks
-from services.pullfeed import PullFeed
+from services.runtime.bus import MSG_ID, PubAcks, delivery_count, pubacks
+from services.runtime.pullfeed import PullFeed
 from tests.conftest import wait_for
 
 STREAM = "TILEPIPE"

@@ -19,13 +19,14 @@ import zarr
 
 from messages import SliceStitched, TileCoord, TileProcessed
 from messages.events import TilePosition
-from services.bus import publish_event
-from services.config import ConfigError, StageSettings
-from services.metrics import EVENTS_HANDLED, UPLOAD_FAILURES
-from services.runtime import StageRunner
+from services.core.config import StageSettings
+from services.core.errors import ConfigError
+from services.core.metrics import EVENTS_HANDLED, UPLOAD_FAILURES
+from services.io.storage import MARKER, digest_file, upload_phases
+from services.runtime.bus import publish_event
+from services.runtime.runner import StageRunner
 from services.stages.upload import Upload, parse_options
-from services.status import snapshot
-from services.storage import MARKER, digest_file, upload_phases
+from services.state.status import snapshot
 from tests.conftest import events, wait_for
 from tests.s3server import BUCKET, PART, MotoServer, s3_options, s3_tree
 
@@ -356,10 +357,10 @@ async def test_volume_mosaics_listed_by_slice_stitched_go_up(config, js, tmp_pat
 async def test_nifti_and_previews_listed_by_a_mosaic_are_uploaded_with_checksums(
     config, js, tmp_path
 ):
-    """A stitched mosaic's exports (services/exports.py) go to their own keys; S3-style
+    """A stitched mosaic's exports (services/io/exports.py) go to their own keys; S3-style
     checksums are verified like every artifact's; `include_exports = false` leaves them."""
-    from services.exports import export_mosaic
-    from services.omezarr import write_omezarr
+    from services.io.exports import export_mosaic
+    from services.io.omezarr import write_omezarr
 
     rel = "acq1/mosaics/slice0002-m1.ome.zarr"
     maps = {c: np.full((20, 30), 50.0, np.float32) for c in ("aip", "retardance", "orientation")}
@@ -431,8 +432,8 @@ def test_zarr_metadata_goes_last_root_very_last():
 def test_volume_mosaic_keys_in_the_dandi_layout(tmp_path):
     """In the DANDI layout a volume mosaic is named by `[names] mosaic_volume` with its
     modality (the product the file name ends with), under derivatives/."""
-    from services.config import Config, Roots
-    from services.simulate import small_manifest
+    from services.core.config import Config, Roots
+    from services.local.simulate import small_manifest
 
     manifest = small_manifest("acqd", slices=2, rows=1, cols=1, mosaics=2)
     roots = Roots(raw=tmp_path / "raw", work=tmp_path / "work", output=tmp_path / "out")

@@ -13,9 +13,9 @@ from prometheus_client import REGISTRY
 
 from kernels.calibration import SpectrometerCalibration
 from messages import decode_event
-from services.manifest import Calibration, Lattice, Manifest, RawLayout
-from services.simulate import write_manifest, write_tile_file
-from services.watcher import Watcher
+from services.core.manifest import Calibration, Lattice, Manifest, RawLayout
+from services.local.simulate import write_manifest, write_tile_file
+from services.watcher.service import Watcher
 from tests.conftest import stream_messages, tilepipe, wait_for
 
 REPO = Path(__file__).resolve().parents[1]

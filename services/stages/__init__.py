@@ -10,11 +10,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 from messages.subjects import PIPELINE_ORDER
-from services.config import StageSettings
+from services.core.config import StageSettings
+from services.stages.command import Command
 
 if TYPE_CHECKING:
-    from services.config import Config
-    from services.stage import Stage
+    from services.core.config import Config
+    from services.runtime.stage import Stage
 
 # name -> "module:Class", in pipeline order (messages.subjects.PIPELINE_ORDER).
 BUILTIN: dict[str, str] = {
@@ -47,7 +48,12 @@ def metrics_port_for(config: Config, name: str) -> int:
 def configured_stages(config: Config) -> list[str]:
     """Enabled stages of a config: built-ins in pipeline order, then plugin stages."""
     names = stage_names() + [n for n, s in config.stages.items() if s.impl and n not in BUILTIN]
-    return [n for n in names if config.stage(n).enabled]
+    return [n for n in names if stage_settings(config, n).enabled]
+
+
+def configured_services(config: Config) -> list[str]:
+    """The services of a config: the watcher, then its enabled stages."""
+    return ["watcher", *configured_stages(config)]
 
 
 def _import(target: str) -> type[Stage]:
@@ -60,8 +66,6 @@ def _import(target: str) -> type[Stage]:
 def stage_class(name: str, impl: str | None = None, options: dict | None = None) -> type[Stage]:
     """The class implementing a stage; a clear error for an unknown name."""
     if impl == "command":
-        from services.stages.command import Command
-
         return Command.configured(name, options or {})
     if impl:
         return _import(impl)
@@ -80,9 +84,17 @@ def stage_for(config: Config, name: str) -> type[Stage]:
 def stage_defaults(name: str, impl: str | None = None) -> StageSettings:
     """Default settings of a stage: its class's `defaults` over the global defaults."""
     if impl == "command":
-        from services.stages.command import Command
-
         return StageSettings.model_validate({**Command.defaults, "impl": impl})
     known = impl or name in BUILTIN
     defaults = stage_class(name, impl).defaults if known else {}
     return StageSettings.model_validate({**defaults, "impl": impl})
+
+
+def stage_settings(config: Config, name: str) -> StageSettings:
+    """Settings of a stage: configured values over the stage's defaults."""
+    given = config.stages.get(name)
+    base = stage_defaults(name, given.impl if given else None)
+    if given is None:
+        return base
+    merged = {**base.model_dump(), **given.model_dump(exclude_unset=True)}
+    return StageSettings.model_validate(merged)

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from messages.events import EVENT_TYPES, Event, TileEvent
-from services.atomic import atomic_file, basis_digest
-from services.stage import Context, PermanentError, Result, Stage
+from services.core.errors import PermanentError
+from services.io.atomic import atomic_file, basis_digest
+from services.runtime.stage import Context, Result, Stage
 
 STDERR_TAIL = 2000
 

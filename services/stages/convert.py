@@ -18,12 +18,19 @@ from typing import Any, ClassVar
 import zarr
 
 from messages.events import TileArrived, TileConverted, utcnow
-from services.acquisitions import manifest_at
-from services.atomic import BASIS_ATTR, COMPLETE_ATTR, atomic_directory, basis_digest, is_complete
-from services.layout import converted_path
-from services.manifest import NIFTI_HEADER_BYTES
-from services.rawio import open_tile
-from services.stage import Context, PermanentError, Result, Stage
+from services.core.errors import PermanentError
+from services.core.manifest import NIFTI_HEADER_BYTES
+from services.io.atomic import (
+    BASIS_ATTR,
+    COMPLETE_ATTR,
+    atomic_directory,
+    basis_digest,
+    is_complete,
+)
+from services.io.layout import converted_path
+from services.io.rawio import open_tile
+from services.runtime.stage import Context, Result, Stage
+from services.state.acquisitions import manifest_at
 
 
 class Convert(Stage):

@@ -22,7 +22,7 @@ It sends:
 
 Events older than ``max_age_s`` when they arrive (a consumer created after the fact back-fills
 the whole log) are skipped and counted. Delivery problems never fail an event: each message is
-retried (``backoff_s``) and then dropped with a log line (services/webhook.py).
+retried (``backoff_s``) and then dropped with a log line (services/io/webhook.py).
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from messages.events import AcquisitionStarted, Event, SliceAxis, SliceRegistered, StageFailed
-from services.config import ConfigError, format_validation_error
-from services.layout import index_path
-from services.logs import get_logger
-from services.metrics import NOTIFY_SKIPPED
-from services.stage import Context, Result, Stage
-from services.webhook import Webhook, read_webhook_url, slack_message
+from services.core.config import format_validation_error
+from services.core.errors import ConfigError
+from services.core.logs import get_logger
+from services.core.metrics import NOTIFY_SKIPPED
+from services.io.layout import index_path
+from services.io.webhook import Webhook, read_webhook_url, slack_message
+from services.runtime.stage import Context, Result, Stage
 
 EXAMPLES_PER_GROUP = 3
 

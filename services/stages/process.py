@@ -20,7 +20,10 @@ from kernels.pipeline import ProcessingParams
 from kernels.spectral import output_depth, validate_input
 from kernels.streaming import CPU_BLOCK_BSCANS, stream_tile
 from messages.events import TileConverted, TileProcessed, utcnow
-from services.atomic import (
+from services.core.errors import PermanentError
+from services.core.manifest import RawLayout
+from services.core.metrics import TILES_BY_DEVICE
+from services.io.atomic import (
     BASIS_ATTR,
     COMPLETE_ATTR,
     atomic_directory,
@@ -28,11 +31,9 @@ from services.atomic import (
     is_complete,
     zarr_attrs,
 )
-from services.layout import products_path
-from services.manifest import RawLayout
-from services.metrics import TILES_BY_DEVICE
-from services.rawio import open_tile
-from services.stage import Context, PermanentError, Result, Stage
+from services.io.layout import products_path
+from services.io.rawio import open_tile
+from services.runtime.stage import Context, Result, Stage
 
 # The products' codec (`[stages.process] options.compression`): lz4 by default, the cheapest
 # Blosc codec (about 2 s less CPU than zstd per 1 GB tile, ~4% larger stores on cheap content),

@@ -12,7 +12,7 @@ aligned to slice k - 1's (:func:`kernels.register.register_slices`: Fourier-Mell
 correlation, then Gauss-Newton), starting from the stage prior given by the mosaics' origins.
 The pair transform is composed with slice k - 1's transform to slice 0, every en-face product
 is resampled into slice 0's frame and written as plane z = k of the volume
-(:mod:`services.volume`, path :func:`services.layout.volume_path`), and `slice_registered`
+(:mod:`services.io.volume`, path :func:`services.io.layout.volume_path`), and `slice_registered`
 is published. Slices that arrive before their predecessor wait (state in KV bucket
 `tp-lattice`, keys `<acq>.register.m<mosaic>.<slice>.stitched|registered`); when the
 predecessor is registered the waiting successors are registered in the same delivery.
@@ -70,13 +70,13 @@ from kernels.register import (
 )
 from kernels.thruplane import UNITS as AXIS_UNITS
 from messages.events import Event, SliceAxis, SliceRegistered, SliceStitched
-from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
-from services.atomic import COMPLETE_ATTR, zarr_attrs
-from services.exports import export_axis
-from services.lattice import LATTICE_BUCKET, read_keys
-from services.layout import axis_path, axis_volume_path, volume_of, volume_path
-from services.omezarr import open_level, read_multiscale
-from services.stage import Context, PermanentError, Result, Stage
+from services.core.errors import PermanentError
+from services.io.atomic import COMPLETE_ATTR, zarr_attrs
+from services.io.exports import export_axis
+from services.io.layout import axis_path, axis_volume_path, volume_of, volume_path
+from services.io.omezarr import open_level, read_multiscale
+from services.io.volume import Canvas, Volume
+from services.runtime.stage import Context, Result, Stage
 from services.stages.thruplane import (
     AXIS_VOLUME_CHANNELS,
     AxisBook,
@@ -89,7 +89,8 @@ from services.stages.thruplane import (
     pick_tilted,
     warp_axis,
 )
-from services.volume import Canvas, Volume
+from services.state.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
+from services.state.lattice import LATTICE_BUCKET, read_keys
 
 REGISTER_SLICES = Counter(
     "tilepipe_register_slices_total",

@@ -43,18 +43,19 @@ from messages.events import (
     TileProcessed,
 )
 from messages.subjects import PIPELINE_ORDER
-from services.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
-from services.atomic import basis_digest, is_complete
-from services.exports import export_mosaic
-from services.focus_plane import fit_from_tiles, plane_of
-from services.focus_plane import load as load_focus
-from services.focus_plane import store as store_focus
-from services.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
-from services.layout import VOLUME_PRODUCTS, focus_plane_path, mosaic_path, volume_product_of
-from services.manifest import Manifest, MosaicGeometry
-from services.mosaic_volume import BLOCK_YX, DepthCrop, MosaicMask, fuse_volume
-from services.omezarr import write_omezarr
-from services.stage import Context, PermanentError, Result, Stage
+from services.core.errors import PermanentError
+from services.core.manifest import Manifest, MosaicGeometry
+from services.io.atomic import basis_digest, is_complete
+from services.io.exports import export_mosaic
+from services.io.focus_plane import fit_from_tiles, plane_of
+from services.io.focus_plane import load as load_focus
+from services.io.focus_plane import store as store_focus
+from services.io.layout import VOLUME_PRODUCTS, focus_plane_path, mosaic_path, volume_product_of
+from services.io.mosaic_volume import BLOCK_YX, DepthCrop, MosaicMask, fuse_volume
+from services.io.omezarr import write_omezarr
+from services.runtime.stage import Context, Result, Stage
+from services.state.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
+from services.state.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
 
 # fused products: name in the mosaic -> array in a tile's products group
 PRODUCTS = {
@@ -261,10 +262,16 @@ class Stitch(Stage):
             or ctx.force
             or not self.config.roots.resolve("output", rel).exists()
         )
-        positions, residual, missing, rejected, stage_placed, volumes, exports = (
-            await asyncio.to_thread(
-                self._fuse, manifest, state, rel, acq, slice_index, mosaic, write, ctx.log
-            )
+        (
+            positions,
+            residual,
+            missing,
+            rejected,
+            stage_placed,
+            volumes,
+            exports,
+        ) = await asyncio.to_thread(
+            self._fuse, manifest, state, rel, acq, slice_index, mosaic, write, ctx.log
         )
         await book.mark_stitched(digest)
         ctx.log.info(
@@ -408,7 +415,7 @@ class Stitch(Stage):
                 out = volume_product_of(rel, product)
                 if is_complete(self.config.roots.resolve("output", out)):
                     volumes[product] = out
-        exports = export_mosaic(  # NIfTI and previews beside the store (services/exports.py)
+        exports = export_mosaic(  # NIfTI and previews beside the store (services/io/exports.py)
             self.config.roots.output,
             rel,
             slice_index,

@@ -6,7 +6,7 @@ normal one (the stage's `mosaic`, 0) and a tilted one (`tilt_deg` != 0 in its at
 `axis_mosaic`), :func:`kernels.thruplane.thruplane` registers the tilted birefringence map onto
 the normal one (affine, initialised from the two mosaics' stage geometry), resamples the tilted
 maps into the normal mosaic's frame and fits the axis on the pixels inside both masks. The
-products are written to :func:`services.layout.axis_path` (an OME-Zarr in the normal mosaic's
+products are written to :func:`services.io.layout.axis_path` (an OME-Zarr in the normal mosaic's
 frame, channels :data:`kernels.thruplane.CHANNELS`, units and conventions in its attributes)
 and `slice_axis` is published with the transform and quality figures.
 
@@ -17,7 +17,7 @@ triggers the step; a redelivery finds the same basis done and its store present 
 republishes the event without recomputing; a replay (`tilepipe replay register`) recomputes.
 
 Stacking: once a slice is both registered (slice to slice) and has its axis products, they are
-resampled with the slice's transform into :func:`services.layout.axis_volume_path`, a volume
+resampled with the slice's transform into :func:`services.io.layout.axis_volume_path`, a volume
 parallel to the registered one (same canvas, z = slice; channels
 :data:`AXIS_VOLUME_CHANNELS`). Azimuth is interpolated as doubled angles, inclination as the
 vector (alpha cos theta, alpha sin theta), which is continuous where the azimuth wraps and the
@@ -43,10 +43,10 @@ from kernels.backend import get_xp
 from kernels.register import RegisterParams, warp_stack
 from kernels.thruplane import AXIAL_CHANNELS, UNITS, ThruPlaneParams, thruplane, tissue_mask
 from messages.events import SliceAxis
-from services.lattice import LATTICE_BUCKET, read_keys
-from services.layout import axis_path
-from services.manifest import default_mask_threshold
-from services.omezarr import write_omezarr
+from services.core.manifest import default_mask_threshold
+from services.io.layout import axis_path
+from services.io.omezarr import write_omezarr
+from services.state.lattice import LATTICE_BUCKET, read_keys
 
 AXIS_SLICES = Counter(
     "tilepipe_register_axis_slices_total",

@@ -9,7 +9,7 @@ and previews a `slice_stitched` or `slice_axis` lists in `exports` are products
 `mosaic_nifti`, `mosaic_preview`, `axis_nifti`, `axis_preview`, unless
 `include_exports = false`; the 3-D volume mosaics (dBI, R3D, O3D) a `slice_stitched` lists in
 `volumes` are product `mosaicvolume`, named by `[names] mosaic_volume` in the DANDI layout). Each
-artifact is uploaded by `services.storage.Storage` (checksums, verification, completeness
+artifact is uploaded by `services.io.storage.Storage` (checksums, verification, completeness
 marker, retries: see that module) and announced by one `artifact_uploaded` event whose `key`
 is the artifact's full URL.
 
@@ -24,7 +24,7 @@ Off until configured (`enabled = true` and a `url`):
                 delete_raw_after_verified_upload = false }
 
 Keys: `layout = "tilepipe"` renders `key_template` (defaults `DEFAULT_KEYS`); `layout =
-"dandi"` names each artifact with the acquisition's manifest `[names]` (services/names.py,
+"dandi"` names each artifact with the acquisition's manifest `[names]` (services/core/names.py,
 read through `tp-acquisitions`) under `rawdata/sub-<id>/micr/` (raw archives) or
 `derivatives/tilepipe/sub-<id>/micr/` (products), plus the dataset_description.json files.
 `archive_raw` adds product `rawarchive` per tile: a .nii.gz archival copy of its raw file with
@@ -46,6 +46,7 @@ import asyncio
 import shutil
 import string
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -61,24 +62,18 @@ from messages.events import (
     TileProcessed,
 )
 from messages.paths import PathEscapeError
-from services.acquisitions import lookup_acquisition, manifest_at
-from services.atomic import atomic_file
-from services.config import ConfigError, format_validation_error
-from services.layout import archive_path, axis_volume_path, products_path
-from services.manifest import Manifest
-from services.metrics import UPLOAD_ARTIFACTS, UPLOAD_SECONDS
-from services.names import KINDS, dandi_key, dataset_descriptions
-from services.raw_archive import COMPRESS_LEVEL
-from services.stage import Context, PermanentError, Result, Stage
+from services.core.config import format_validation_error
+from services.core.errors import ConfigError, PermanentError, StorageAccessError, StorageConfigError
+from services.core.manifest import Manifest
+from services.core.metrics import UPLOAD_ARTIFACTS, UPLOAD_SECONDS
+from services.core.names import KINDS, dandi_key, dataset_descriptions
+from services.io.atomic import atomic_file
+from services.io.layout import archive_path, axis_volume_path, products_path
+from services.io.raw_archive import COMPRESS_LEVEL
+from services.io.storage import Storage, StorageSettings, UploadReport, check_key
+from services.runtime.stage import Context, Result, Stage
 from services.stages.upload_raw import RawArchiver, RawSource, raw_source
-from services.storage import (
-    Storage,
-    StorageAccessError,
-    StorageConfigError,
-    StorageSettings,
-    UploadReport,
-    check_key,
-)
+from services.state.acquisitions import lookup_acquisition, manifest_at
 
 PRODUCTS = (
     "psoct",
@@ -110,7 +105,7 @@ AXIS_PRIMARY = "vector"  # the lab's 3-D axis file (oct_vec_3d); the other axis 
 
 
 def export_key(manifest: Manifest, product: str, source: str, sl: int, mos: int) -> str:
-    """DANDI key of a NIfTI copy or preview (services/exports.py) from the manifest's [names]:
+    """DANDI key of a NIfTI copy or preview (services/io/exports.py) from the manifest's [names]:
     a mosaic's maps by `mosaic_enface` (modality = the toolbox key) and its mask by
     `mosaic_mask`; a slice's axis field by `slice_axis`, its other maps by the same name with
     `_<key>` before the extension; previews are named like their NIfTI with `.png`, under
@@ -118,12 +113,14 @@ def export_key(manifest: Manifest, product: str, source: str, sl: int, mos: int)
     key = split_name(PurePosixPath(source).name)[0]
     if product.startswith("mosaic_"):
         if key == "mask":
-            kind, name = "mosaic_mask", manifest.published_name(
-                "mosaic_mask", slice_index=sl, mosaic=mos
+            kind, name = (
+                "mosaic_mask",
+                manifest.published_name("mosaic_mask", slice_index=sl, mosaic=mos),
             )
         else:
-            kind, name = "mosaic_enface", manifest.published_name(
-                "mosaic_enface", slice_index=sl, mosaic=mos, modality=key
+            kind, name = (
+                "mosaic_enface",
+                manifest.published_name("mosaic_enface", slice_index=sl, mosaic=mos, modality=key),
             )
     else:
         kind, name = "slice_axis", manifest.published_name("slice_axis", slice_index=sl)
@@ -144,7 +141,7 @@ DEFAULT_KEYS: dict[str, str] = {
     "axis": "sub-{acq}/micr/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}_{product}{ext}",
     "axisvolume": "sub-{acq}/micr/sub-{acq}_acq-m{mosaic}_{product}{ext}",
     "mosaicvolume": "sub-{acq}/micr/volumes/sub-{acq}_{name}",
-    # NIfTI copies and previews (services/exports.py): stem = the product key (aip, ori, ...)
+    # NIfTI copies and previews (services/io/exports.py): stem = the product key (aip, ori, ...)
     "mosaic_nifti": "sub-{acq}/micr/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}_proc-{stem}"
     "{ext}",
     "mosaic_preview": "sub-{acq}/micr/previews/sub-{acq}_sample-slice{slice:04d}_acq-m{mosaic}"
@@ -373,7 +370,6 @@ class Upload(Stage):
         """The DANDI/BIDS dataset-level files, once per acquisition and process."""
         if manifest.id in self._described:
             return
-        from importlib.metadata import PackageNotFoundError, version
 
         try:
             ours = version("tilepipe")

@@ -1,5 +1,5 @@
 """upload's raw archival (`archive_raw = true`): per processed tile, a .nii.gz archival copy
-of its raw file (services/raw_archive.py: one streaming read for the SHA-256 and the
+of its raw file (services/io/raw_archive.py: one streaming read for the SHA-256 and the
 compression), uploaded, verified, announced by `artifact_uploaded` of product `rawarchive`
 with the raw file's path, size and SHA-256 in its `raw` field (the archive's size and
 SHA-256 in `bytes` and `checksum`); optionally the local raw file deleted.
@@ -26,16 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from messages.events import RawArchival
-from services.atomic import atomic_file, zarr_attrs
-from services.config import Roots
-from services.manifest import RawLayout
-from services.metrics import RAW_ARCHIVE_BYTES, RAW_DELETED
-from services.raw_archive import ArchiveReport, archive_tile
-from services.storage import Storage, UploadReport, VerificationError
-
-
-class RawDeletionRefused(RuntimeError):
-    """Deleting a raw file was asked for without a read-back verification."""
+from services.core.config import Roots
+from services.core.errors import RawDeletionRefused, VerificationError
+from services.core.manifest import RawLayout
+from services.core.metrics import RAW_ARCHIVE_BYTES, RAW_DELETED
+from services.io.atomic import atomic_file, zarr_attrs
+from services.io.raw_archive import ArchiveReport, archive_tile
+from services.io.storage import Storage, UploadReport
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,625 @@
+"""The one runtime every stage runs in.
+
+A durable pull consumer per stage (explicit ack, `max_ack_pending` = concurrency x workers)
+read through standing pull requests for this worker's free slots (`services.runtime.pullfeed`),
+validation on receipt, of the payload and against its subject (`term` with a logged, counted
+reason), handler in a worker thread with in-progress heartbeats, retries by negative ack with
+backoff up to `max_deliver`, then a stage-failed event (never for an input that is itself a
+failure); outputs published with `Nats-Msg-Id` de-duplication before the input is
+acknowledged; graceful drain on stop; reconnection after a server restart; backlog gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import errno
+import inspect
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from messages.codec import InvalidEvent, decode_event
+from messages.events import (
+    CURRENT_ORIGIN,
+    MAX_REPLAY_TAG,
+    Attempt,
+    Event,
+    Origin,
+    StageFailed,
+    TileArrived,
+    utcnow,
+)
+from messages.paths import PathEscapeError
+from messages.subjects import hold_subject
+from services.core.config import Config, StageSettings
+from services.core.errors import PermanentError
+from services.core.logs import get_logger
+from services.core.metrics import (
+    BYTES_READ,
+    BYTES_WRITTEN,
+    CONSUMER_ACK_PENDING,
+    CONSUMER_PAUSED,
+    CONSUMER_PENDING,
+    CONSUMER_REDELIVERED,
+    EVENTS_DUPLICATE,
+    EVENTS_HANDLED,
+    EVENTS_INVALID,
+    EVENTS_PUBLISHED,
+    HANDLE_SECONDS,
+    IN_FLIGHT,
+    NO_SPACE_WAITS,
+    REDELIVERIES,
+    STREAM_MAX,
+    STREAM_USED,
+)
+from services.runtime.bus import MSG_ID, REPLAY_HEADER, connect, delivery_count, publish_event
+from services.runtime.monitor import StageMonitor
+from services.runtime.provision import ensure_consumer
+from services.runtime.pullfeed import PullFeed
+from services.runtime.stage import HOSTNAME, Context, Result, Stage
+from services.state.lattice import HOLD_BUCKET
+
+TRANSIENT_NATS_ERRORS = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.Error,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+def arrival_time(event: Event):
+    """When the tile file behind an input was complete (carried forward in `origin`)."""
+    if isinstance(event, TileArrived):
+        return event.completed_at
+    return event.origin.arrived_at if event.origin is not None else None
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is a full disk or quota."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def retry_delay(settings: StageSettings, attempt: int) -> float:
+    """Backoff before delivery `attempt + 1` (attempts count from 1)."""
+    steps = settings.backoff_s or [1.0]
+    return steps[min(attempt - 1, len(steps) - 1)]
+
+
+def where(event: Event) -> dict:
+    """`tile` and `slice` of an input, for the records that point back at it."""
+    tile = getattr(event, "tile", None)
+    slice_index = getattr(event, "slice", None) if tile is None else None
+    return {"tile": tile, "slice": slice_index if isinstance(slice_index, int) else None}
+
+
+def failure_event(stage: str, event: Event, subject: str, error: str, attempts: int) -> StageFailed:
+    """The stage-failed event for an input a stage gave up on."""
+    return StageFailed(
+        acq=event.acq,
+        stage=stage,
+        input_type=event.kind,
+        input_subject=subject,
+        error=error[:8000],
+        attempts=attempts,
+        producer=stage,
+        **where(event),
+    )
+
+
+class StageRunner:
+    """Runs one stage against NATS until `stop` is set."""
+
+    def __init__(self, stage: Stage, config: Config, worker: str = ""):
+        self.stage = stage
+        self.config = config
+        self.settings = stage.settings
+        self.name = stage.name
+        self.worker = worker or stage.name
+        self.log = get_logger(stage=self.name, worker=self.worker)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.settings.concurrency, thread_name_prefix=f"tp-{self.name}"
+        )
+        self._accepts = {kind.kind for kind in stage.consumes}
+        if inspect.iscoroutinefunction(stage.handle):
+            self._mode = "async"
+        else:
+            self._mode = "thread" if stage.blocking else "inline"
+        # id(message) -> (message, monotonic time of its last beat)
+        self._in_flight: dict[int, tuple[Msg, float]] = {}
+        self.m = _StageMetrics(self.name)
+        self.m.in_flight.set_function(lambda: len(self._in_flight))
+        self.monitor = StageMonitor(self.name, config.nats.stream, stage.produces)
+        self.held: set[str] = set()  # acquisitions on hold (`tilepipe pause --acq`)
+        self.ready = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.nc: Client | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then drain in-flight work and close."""
+        self.stopping = stop
+        nc = await connect(self.config.nats, name=f"tilepipe-{self.worker}")
+        self.nc = nc
+        js = nc.jetstream()
+        tasks: set[asyncio.Task] = set()
+        background: list[asyncio.Task] = []
+        feed: PullFeed | None = None
+        try:
+            await self._bind_consumer(js, stop)
+            if stop.is_set():
+                return
+            await self.stage.setup(js)
+            feed = PullFeed(
+                nc,
+                self.config.nats.stream,
+                self.name,
+                self.settings.concurrency,
+                on_message=lambda msg: self._spawn(js, msg, feed, tasks),
+                log=self.log,
+            )
+            await feed.start()
+            background = [
+                asyncio.create_task(job)
+                for job in (
+                    self._poll_backlog(js, stop),
+                    self._heartbeats(stop),
+                    self._watch_holds(js, stop),
+                )
+            ]
+            self.ready.set()
+            self.log.info("stage_started", concurrency=self.settings.concurrency)
+            await feed.watch(stop)
+        finally:
+            if feed is not None:
+                await feed.stop()  # no new deliveries; one still arriving is handed back
+            await self._drain(tasks)
+            for job in background:
+                job.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            # In-flight work is finished (acks and publishes sent): flush and close. A full
+            # `drain()` would wait on the idle pull request until its own timeout.
+            with contextlib.suppress(Exception):
+                await nc.flush(timeout=5)
+            with contextlib.suppress(Exception):
+                await nc.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self.log.info("stage_stopped")
+
+    async def _bind_consumer(self, js: JetStreamContext, stop: asyncio.Event) -> None:
+        """Create or update this stage's durable consumer, waiting for the stream to exist."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await ensure_consumer(
+                    js, self.config.nats.stream, self.name, type(self.stage), self.settings
+                )
+                return
+            except NotFoundError:
+                self.log.warning(
+                    "stream_missing", stream=self.config.nats.stream, hint="run `tilepipe init`"
+                )
+            except TRANSIENT_NATS_ERRORS as exc:
+                self.log.warning("consumer_setup_retry", error=str(exc) or type(exc).__name__)
+            await _sleep_or_stop(stop, delay)
+            delay = min(delay * 2, 5.0)
+
+    def _spawn(self, js: JetStreamContext, msg: Msg, feed: PullFeed, tasks: set) -> None:
+        task = asyncio.create_task(self._deliver_and_release(js, msg, feed))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _deliver_and_release(self, js: JetStreamContext, msg: Msg, feed: PullFeed) -> None:
+        try:
+            await self._deliver(js, msg)
+        finally:
+            await feed.release()
+
+    async def _drain(self, tasks: set[asyncio.Task]) -> None:
+        """Let in-flight work finish (bounded); what is cut off is redelivered later."""
+        if not tasks:
+            return
+        self.log.info("draining", in_flight=len(tasks))
+        _done, pending = await asyncio.wait(set(tasks), timeout=self.settings.drain_timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.log.warning("drain_timeout", abandoned=len(pending))
+
+    async def _deliver(self, js: JetStreamContext, msg: Msg) -> None:
+        """Handle one delivery end to end; never raises."""
+        m = self.m
+        attempt = delivery_count(msg)
+        if attempt > 1:
+            m.redeliveries.inc()
+        try:
+            # a payload must be what its subject says (kind, acquisition, slice, tile, stage):
+            # permissions are granted on subjects, so the subject vouches for the payload
+            event = decode_event(msg.data, accept=self._accepts, subject=msg.subject)
+        except InvalidEvent as exc:
+            EVENTS_INVALID.labels(self.name, exc.reason).inc()
+            m.invalid.inc()
+            self.log.warning(
+                "event_rejected",
+                reason=exc.reason,
+                detail=exc.detail,
+                subject=msg.subject,
+                stream_seq=msg.metadata.sequence.stream,
+            )
+            await _quietly(msg.term())
+            return
+        log = self.log.bind(**event.log_context(), attempt=attempt)
+        replay = msg.headers.get(REPLAY_HEADER) if msg.headers else None
+        if replay is not None:
+            replay = replay[:MAX_REPLAY_TAG]  # a hand-made header must not fail the delivery
+        if event.acq in self.held:
+            await self._park(js, msg, event, replay, log)
+            return
+        if attempt > self.settings.max_deliver:
+            error = f"no acknowledgement after {self.settings.max_deliver} deliveries (worker lost)"
+            await self._fail(js, msg, event, error, attempt - 1, replay, log)
+            return
+        started = time.perf_counter()
+        started_at = utcnow()
+        self._in_flight[id(msg)] = (msg, time.monotonic())
+        try:
+            origin = Origin(  # inside the try: a value it refuses fails the delivery, not the task
+                arrived_at=arrival_time(event),
+                stage=self.name,
+                input_type=event.kind,
+                attempt=attempt,
+                host=HOSTNAME,
+                worker=self.worker,
+                started_at=started_at,
+                replay=replay or "",
+            )
+            try:
+                result = await self._call_handler(event, attempt, js, log, replay, origin)
+            except Exception as exc:
+                if not out_of_space(exc) or self.stopping.is_set():
+                    raise
+                result = await self._wait_for_space(event, attempt, js, log, replay, origin, exc)
+            # events built in the handler already carry `origin`; others get a stamped copy
+            outputs = [
+                out if out.origin is origin else out.model_copy(update={"origin": origin})
+                for out in result.events
+            ]
+            if result.unchanged:  # a forced replay recomputes: never unchanged
+                outputs = [out for out in outputs if not await self._in_log(js, out)]
+                if not outputs:
+                    result.detail = result.detail or "unchanged: outputs and events exist"
+            for out in outputs:
+                await self._publish(js, out, replay=replay)
+            await msg.ack()
+        except (PermanentError, PathEscapeError) as exc:  # retrying cannot help
+            await self._fail(
+                js, msg, event, f"{type(exc).__name__}: {exc}", attempt, replay, log, started_at
+            )
+        except Exception as exc:  # every handler error is retried or recorded
+            error = f"{type(exc).__name__}: {exc}"
+            if attempt >= self.settings.max_deliver:
+                log.exception("handler_failed_final", error=error)
+                await self._fail(js, msg, event, error, attempt, replay, log, started_at)
+            else:
+                delay = retry_delay(self.settings, attempt)
+                m.retry.inc()
+                log.warning("handler_failed_retry", error=error, retry_in_s=delay)
+                await _quietly(msg.nak(delay=delay))
+                await self._record(msg, event, attempt, "retry", started_at, replay, error)
+        else:
+            seconds = time.perf_counter() - started
+            m.ok.inc()
+            if result.bytes_read:
+                m.bytes_read.inc(result.bytes_read)
+            if result.bytes_written:
+                m.bytes_written.inc(result.bytes_written)
+            slow = self.monitor.observed(outputs, replay)
+            if slow:  # outputs whose progress or latency needs a look at the stream
+                await self.monitor.handled_slow(js, event, slow, replay=replay)
+            log.info(
+                "event_handled",
+                seconds=round(seconds, 4),
+                published=[e.kind for e in outputs],
+            )
+            if not outputs or result.detail:  # else the outputs carry the record
+                await self._record(
+                    msg, event, attempt, "ok", started_at, replay, detail=result.detail
+                )
+        finally:
+            self._in_flight.pop(id(msg), None)
+            m.seconds.observe(time.perf_counter() - started)
+
+    async def _wait_for_space(
+        self,
+        event: Event,
+        attempt: int,
+        js: JetStreamContext,
+        log,
+        replay: str | None,
+        origin: Origin,
+        exc: BaseException,
+    ) -> Result:
+        """The handler failed for want of disk space (`exc`): call it again after a pause
+        until it succeeds. A full disk is no fault of the input, so it must not use up the
+        input's deliveries (the heartbeats keep the delivery alive). When stopping, or on
+        another error, the error takes the normal path."""
+        waits = 0
+        while True:
+            waits += 1
+            delay = retry_delay(self.settings, waits)
+            NO_SPACE_WAITS.labels(self.name).inc()
+            log.warning("no_space_waiting", error=str(exc), waits=waits, retry_in_s=delay)
+            await _sleep_or_stop(self.stopping, delay)
+            try:
+                return await self._call_handler(event, attempt, js, log, replay, origin)
+            except Exception as again:
+                if not out_of_space(again) or self.stopping.is_set():
+                    raise
+                exc = again
+
+    async def _call_handler(
+        self,
+        event: Event,
+        attempt: int,
+        js: JetStreamContext,
+        log,
+        replay: str | None = None,
+        origin: Origin | None = None,
+    ) -> Result:
+        """The stage's handler, with `origin` current so the events it builds carry it."""
+        ctx = Context(
+            config=self.config,
+            settings=self.settings,
+            attempt=attempt,
+            worker=self.worker,
+            js=js,
+            log=log,
+            replay=replay,
+        )
+        token = CURRENT_ORIGIN.set(origin)
+        try:
+            if self._mode == "inline":
+                result = self.stage.handle(event, ctx)
+            elif self._mode == "async":
+                result = await self.stage.handle(event, ctx)
+            else:
+                loop = asyncio.get_running_loop()
+                run = contextvars.copy_context().run
+                result = await loop.run_in_executor(
+                    self._executor, run, self.stage.handle, event, ctx
+                )
+        finally:
+            CURRENT_ORIGIN.reset(token)
+        if not isinstance(result, Result):
+            raise TypeError(f"{self.name}.handle returned {type(result).__name__}, not Result")
+        return result
+
+    async def _in_log(self, js: JetStreamContext, event: Event) -> bool:
+        """Whether the newest event on `event`'s subject is `event` (its de-duplication id):
+        unlike the server's duplicate window, this holds however long ago it was published.
+        Unsure (no permission, a lost connection): False, the publish is de-duplicated as
+        usual."""
+        try:
+            last = await js.get_last_msg(self.config.nats.stream, event.subject())
+        except Exception:
+            return False
+        return (last.headers or {}).get(MSG_ID) == event.msg_id()
+
+    async def _publish(
+        self,
+        js: JetStreamContext,
+        event: Event,
+        replay: str | None = None,
+        msg_id: str | None = None,
+    ) -> None:
+        ack = await publish_event(js, event, msg_id=msg_id, replay=replay)
+        self.m.published(event.kind).inc()
+        if ack.duplicate:
+            self.m.duplicate.inc()
+
+    async def _fail(
+        self,
+        js: JetStreamContext,
+        msg: Msg,
+        event: Event,
+        error: str,
+        attempts: int,
+        replay: str | None,
+        log,
+        started_at=None,
+    ) -> None:
+        """Record the failure as an event, then stop redelivery of the input.
+
+        Failures never trigger failures: an input that is itself a `stage_failed` is logged,
+        counted and terminated, never failed again (a stage consuming failures would
+        receive its own failure in turn, without end)."""
+        if isinstance(event, StageFailed):
+            self.m.failed.inc()
+            log.error("failure_dropped", error=error, attempts=attempts, failed_stage=event.stage)
+            await _quietly(msg.term())
+            started_at = started_at or utcnow()
+            await self._record(msg, event, attempts, "failed", started_at, replay, error)
+            return
+        failed = failure_event(self.name, event, msg.subject, error, attempts)
+        try:
+            await self._publish(
+                js,
+                failed,
+                replay=replay,
+                msg_id=f"{failed.msg_id()}:{msg.metadata.sequence.stream}",
+            )
+        except TRANSIENT_NATS_ERRORS as exc:
+            log.warning("stage_failed_publish_failed", error=str(exc))
+            return  # not acknowledged: redelivered, recorded on the next try
+        self.m.failed.inc()
+        log.error("stage_failed", error=error, attempts=attempts)
+        await _quietly(msg.term())
+        await self._record(msg, event, attempts, "failed", started_at or utcnow(), replay, error)
+
+    async def _record(
+        self,
+        msg: Msg,
+        event: Event,
+        attempt: int,
+        outcome: str,
+        started_at,
+        replay: str | None,
+        error: str = "",
+        detail: str = "",
+    ) -> None:
+        """Publish the attempt record (fire and forget: history, not a work item)."""
+        if not self.settings.record_attempts or self.nc is None:
+            return
+        record = Attempt(
+            acq=event.acq,
+            stage=self.name,
+            input_type=event.kind,
+            input_subject=msg.subject,
+            attempt=attempt,
+            outcome=outcome,
+            host=HOSTNAME,
+            worker=self.worker,
+            started_at=started_at,
+            ended_at=utcnow(),
+            error=error[:8000],
+            detail=detail[:8000],
+            replay=replay or "",
+            producer=self.name,
+            **where(event),
+        )
+        with contextlib.suppress(Exception):
+            await self.nc.publish(
+                record.subject(), record.to_json(), headers={"Nats-Msg-Id": record.msg_id()}
+            )
+
+    async def _park(
+        self, js: JetStreamContext, msg: Msg, event: Event, replay: str | None, log
+    ) -> None:
+        """Set aside an input of a held acquisition until `tilepipe resume --acq`."""
+        headers = {"Nats-Msg-Id": f"hold:{self.name}:{msg.metadata.sequence.stream}"}
+        if replay:
+            headers[REPLAY_HEADER] = replay
+        try:
+            await js.publish(
+                hold_subject(self.name, event.acq, event.slice_token(), event.tile_token()),
+                msg.data,
+                headers=headers,
+            )
+        except TRANSIENT_NATS_ERRORS as exc:
+            log.warning("hold_failed", error=str(exc) or type(exc).__name__)
+            await _quietly(msg.nak(delay=1.0))
+            return
+        await _quietly(msg.ack())
+        log.info("input_held")
+        await self._record(msg, event, delivery_count(msg), "held", utcnow(), replay)
+
+    async def _watch_holds(self, js: JetStreamContext, stop: asyncio.Event) -> None:
+        """Keep `held` in step with the keys of the holds bucket (pushed by the server)."""
+        while not stop.is_set():
+            try:
+                kv = await js.key_value(HOLD_BUCKET)
+                watcher = await kv.watch(">")
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    acq = entry.key
+                    if entry.operation in ("DEL", "PURGE"):
+                        self.held.discard(acq)
+                    else:
+                        self.held.add(acq)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnecting: watch again
+                self.log.debug("hold_watch_retry", error=str(exc) or type(exc).__name__)
+                await _sleep_or_stop(stop, 1.0)
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        """Tell the server which messages are still being worked on (resets `ack_wait`).
+
+        One loop for the runner: a message is beaten once it has been in flight for a third
+        of `ack_wait`, and again every third after that.
+        """
+        interval = max(self.settings.ack_wait_s / 3.0, 0.05)
+        while not stop.is_set():
+            await _sleep_or_stop(stop, interval / 2)
+            now = time.monotonic()
+            for key, (msg, last) in list(self._in_flight.items()):
+                if now - last >= interval and key in self._in_flight:
+                    self._in_flight[key] = (msg, now)
+                    await _quietly(msg.in_progress())
+
+    async def _poll_backlog(
+        self, js: JetStreamContext, stop: asyncio.Event, interval: float = 5.0
+    ) -> None:
+        """Export the consumer's backlog gauges, and how full the streams it uses are (the
+        event stream, the holds bucket, its bookkeeping buckets)."""
+        buckets = (HOLD_BUCKET, *self.stage.buckets)
+        streams = [self.config.nats.stream, *(f"KV_{bucket}" for bucket in buckets)]
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                info = await js.consumer_info(self.config.nats.stream, self.name, timeout=2.0)
+                CONSUMER_PENDING.labels(self.name).set(info.num_pending or 0)
+                CONSUMER_ACK_PENDING.labels(self.name).set(info.num_ack_pending or 0)
+                CONSUMER_REDELIVERED.labels(self.name).set(info.num_redelivered or 0)
+                CONSUMER_PAUSED.labels(self.name).set(1 if getattr(info, "paused", False) else 0)
+            for stream in streams:
+                with contextlib.suppress(Exception):
+                    info = await asyncio.wait_for(js.stream_info(stream), 2.0)
+                    STREAM_USED.labels(stream).set(info.state.bytes or 0)
+                    if (info.config.max_bytes or 0) > 0:  # unlimited: nothing to compare to
+                        STREAM_MAX.labels(stream).set(info.config.max_bytes)
+            await _sleep_or_stop(stop, interval)
+
+
+class _StageMetrics:
+    """A stage's labelled metric children, looked up once."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.ok = EVENTS_HANDLED.labels(stage, "ok")
+        self.retry = EVENTS_HANDLED.labels(stage, "retry")
+        self.failed = EVENTS_HANDLED.labels(stage, "failed")
+        self.invalid = EVENTS_HANDLED.labels(stage, "invalid")
+        self.redeliveries = REDELIVERIES.labels(stage)
+        self.duplicate = EVENTS_DUPLICATE.labels(stage)
+        self.seconds = HANDLE_SECONDS.labels(stage)
+        self.in_flight = IN_FLIGHT.labels(stage)
+        self.bytes_read = BYTES_READ.labels(stage)
+        self.bytes_written = BYTES_WRITTEN.labels(stage)
+        self._published: dict[str, object] = {}
+
+    def published(self, kind: str):
+        if kind not in self._published:
+            self._published[kind] = EVENTS_PUBLISHED.labels(self.stage, kind)
+        return self._published[kind]
+
+
+async def _quietly(awaitable) -> None:
+    """Acks and naks are best effort: a lost one means a redelivery, which stages tolerate."""
+    try:
+        await awaitable
+    except Exception as exc:
+        get_logger().debug("ack_failed", error=str(exc) or type(exc).__name__)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
