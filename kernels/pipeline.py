@@ -12,11 +12,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .backend import ArrayModule, array_module, is_numpy, resolve_xp, to_host
+from .backend import ArrayModule, is_numpy, resolve_xp, to_host
 from .calibration import SpectrometerCalibration
-from .spectral import as_background, estimate_background, output_depth, validate_input
+from .spectral import output_depth, tile_background, validate_input
 from .streaming import (
     VOLUMES,
+    TileMaps,
     batch_volumes,
     bytes_per_bscan,
     choose_batch_bscans,
@@ -66,34 +67,15 @@ class ProcessingParams:
     cpu_threads: int | None = None
 
 
-@dataclass(frozen=True)
-class TileProducts:
-    """Host results of one tile: volumes float32 ``[B, A, Z]``, maps ``[B, A]`` (birefringence
-    as delta-n, surface as a 0-based depth index)."""
+@dataclass(frozen=True, kw_only=True)
+class TileProducts(TileMaps):
+    """Host results of one tile: the maps of :class:`~kernels.streaming.TileMaps` ``[B, A]``
+    (birefringence as delta-n, surface as a 0-based depth index) and the volumes float32
+    ``[B, A, Z]``."""
 
     db: np.ndarray
     retardance: np.ndarray
     orientation: np.ndarray
-    aip: np.ndarray
-    mip: np.ndarray
-    enface_retardance: np.ndarray
-    enface_orientation: np.ndarray
-    birefringence: np.ndarray
-    surface: np.ndarray
-    device: str
-
-
-def _background_for(
-    raw: Any, cal: SpectrometerCalibration, background: Any | None, xp: ArrayModule
-) -> Any | None:
-    """Explicit background as ``float32[2, 1, S]`` on ``xp``, the tile estimate, or None."""
-    if raw.dtype.kind == "c":
-        return None  # complex tiles: the spectral step (and its background) already ran
-    if background is not None:
-        return as_background(background, cal, xp)
-    if cal.background_scope == "tile":
-        return xp.asarray(estimate_background(raw, cal, array_module(raw)))
-    return None
 
 
 def process_tile(
@@ -123,17 +105,7 @@ def process_tile(
         for name, values in block.items():
             vols[name][b0:b1] = values
 
-    bg = _background_for(source, cal, background, xp)
+    # complex tiles: the spectral step (and its background) already ran
+    bg = None if raw.dtype.kind == "c" else tile_background(source, cal, background, xp)
     maps = stream_tile(source, cal, params, keep, xp=xp, background=bg)
-    return TileProducts(
-        db=vols["db"],
-        retardance=vols["retardance"],
-        orientation=vols["orientation"],
-        aip=maps.aip,
-        mip=maps.mip,
-        enface_retardance=maps.enface_retardance,
-        enface_orientation=maps.enface_orientation,
-        birefringence=maps.birefringence,
-        surface=maps.surface,
-        device=maps.device,
-    )
+    return TileProducts(**vars(maps), **vols)

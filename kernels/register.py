@@ -531,22 +531,10 @@ def _refine_level(
         rot = np.array([[cs, sn], [-sn, cs]])
         drot = np.array([[-sn, cs], [-cs, -sn]])
         rx = s * (rot @ x)
-        yy = rx[0] + c[0] + t[0]
-        xx = rx[1] + c[1] + t[1]
-        mv = _sample(lv.moving.bp, yy, xx)
-        mw = _sample(lv.moving.win, yy, xx)
-        gy = _sample(lv.grad[0], yy, xx)
-        gx = _sample(lv.grad[1], yy, xx)
-        w = fw * mw
-        sw = float(w.sum())
-        if sw < 16.0:
+        lin = _linearise(lv, rx, c, t, fv, fw)
+        if lin is None:
             break
-        # photometric gain/bias: f ~ gain m + bias
-        mm, mf = float((w * mv).sum()) / sw, float((w * fv).sum()) / sw
-        var = float((w * (mv - mm) ** 2).sum())
-        gain = float((w * (mv - mm) * (fv - mf)).sum()) / var if var > 1e-12 else 1.0
-        gain = gain if abs(gain) > 1e-3 else 1e-3
-        r = gain * (mv - mm) - (fv - mf)
+        gain, r, w, gy, gx = lin
         drx = s * (drot @ x)
         cols = [gain * gy, gain * gx, gain * (gy * drx[0] + gx * drx[1])]
         if similarity:
@@ -587,6 +575,22 @@ def _photometric(mv: np.ndarray, fv: np.ndarray, w: np.ndarray) -> tuple[float, 
     return gain, gain * (mv - mm) - (fv - mf)
 
 
+def _linearise(
+    lv: _Level, moved: np.ndarray, c: np.ndarray, t: np.ndarray, fv: np.ndarray, fw: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The moving level at the warped points ``moved + c + t`` (``moved`` the centred points
+    after the linear part): (gain, residual, weights, d/dy, d/dx) of the photometric fit,
+    None where too little overlaps."""
+    yy = moved[0] + c[0] + t[0]
+    xx = moved[1] + c[1] + t[1]
+    mv = _sample(lv.moving.bp, yy, xx)
+    w = fw * _sample(lv.moving.win, yy, xx)
+    fit = _photometric(mv, fv, w)
+    if fit is None:
+        return None
+    return *fit, w, _sample(lv.grad[0], yy, xx), _sample(lv.grad[1], yy, xx)
+
+
 def _gauss_newton_affine(
     lv: _Level,
     g: np.ndarray,
@@ -606,17 +610,10 @@ def _gauss_newton_affine(
     it = 0
     for it in range(1, p.max_iter + 1):  # noqa: B007 - the count is returned
         bx = b @ u
-        yy = bx[0] + c[0] + t[0]
-        xx = bx[1] + c[1] + t[1]
-        mv = _sample(lv.moving.bp, yy, xx)
-        mw = _sample(lv.moving.win, yy, xx)
-        gy = _sample(lv.grad[0], yy, xx)
-        gx = _sample(lv.grad[1], yy, xx)
-        w = fw * mw
-        fit = _photometric(mv, fv, w)
-        if fit is None:
+        lin = _linearise(lv, bx, c, t, fv, fw)
+        if lin is None:
             break
-        gain, r = fit
+        gain, r, w, gy, gx = lin
         cols = [gy, gx, gy * u[0], gy * u[1], gx * u[0], gx * u[1]]
         jac = gain * np.stack(cols, axis=1)
         jw = jac * w[:, None]

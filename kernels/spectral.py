@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import ArrayModule, is_numpy, resolve_xp
+from .backend import ArrayModule, array_module, is_numpy, resolve_xp
 from .calibration import SpectrometerCalibration
 from .resampling import resample, resampling_table
 
@@ -28,6 +28,7 @@ __all__ = [
     "jones_to_output_depth",
     "output_depth",
     "spectra_to_complex",
+    "tile_background",
     "validate_input",
     "validate_raw",
 ]
@@ -133,6 +134,19 @@ def as_background(background: Any, cal: SpectrometerCalibration, xp: ArrayModule
     return bg.reshape(2, 1, cal.n_samples)
 
 
+def tile_background(
+    raw: Any, cal: SpectrometerCalibration, background: Any | None, xp: ArrayModule
+) -> Any | None:
+    """The background a tile's spectra lose, float32 ``[2, 1, S]`` on ``xp``: ``background``
+    when given, the tile-wide estimate (computed where ``raw`` lives) when
+    ``cal.background_scope == "tile"``, else None (each batch estimates its own)."""
+    if background is not None:
+        return as_background(background, cal, xp)
+    if cal.background_scope == "tile":
+        return xp.asarray(estimate_background(raw, cal, array_module(raw)))
+    return None
+
+
 def _fft(y: Any, real_input: bool, xp: ArrayModule) -> Any:
     """FFT along the last axis (rfft for real input); SciPy's pocketfft on the host."""
     if is_numpy(xp):
@@ -192,10 +206,7 @@ def spectra_to_complex(
     xp = resolve_xp(xp, raw)
     n_b = raw.shape[0]
     step = max(1, int(batch_bscans or 4))
-    if background is not None:
-        background = as_background(background, cal, xp)
-    elif cal.background_scope == "tile":
-        background = estimate_background(raw, cal, xp)
+    background = tile_background(raw, cal, background, xp)
     out = xp.empty((n_b, 2, raw.shape[2], cal.n_depth), dtype=xp.complex64)
     for b0 in range(0, n_b, step):
         x = xp.asarray(raw[b0 : b0 + step])
