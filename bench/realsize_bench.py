@@ -37,17 +37,15 @@ sys.path.insert(0, str(REPO))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from bench.harness import supervised, work_roots  # noqa: E402
 from bench.process_tile_bench import write_tile  # noqa: E402
 from kernels.backend import get_xp  # noqa: E402
 from kernels.pipeline import process_tile  # noqa: E402
 from messages import decode_event  # noqa: E402
-from services.core.config import Config, Roots, StageSettings, WatcherSettings  # noqa: E402
+from services.core.config import Config, StageSettings, WatcherSettings  # noqa: E402
 from services.core.manifest import load_manifest  # noqa: E402
 from services.io.rawio import read_tile  # noqa: E402
-from services.local.init import provision  # noqa: E402
 from services.local.simulate import small_manifest, write_manifest  # noqa: E402
-from services.local.supervisor import Supervisor, prepare, write_config  # noqa: E402
-from services.runtime.bus import connect  # noqa: E402
 from services.state.status import read_events  # noqa: E402
 
 STAGES = ("convert", "process")
@@ -91,9 +89,7 @@ def cat_seconds(path: Path) -> float:
 
 
 async def run(args: argparse.Namespace, work: Path) -> list[str]:
-    roots = Roots(raw=work / "raw", work=work / "work", output=work / "output")
-    for root in (roots.raw, roots.work, roots.output):
-        root.mkdir(parents=True, exist_ok=True)
+    roots = work_roots(work)
     options = {"device": args.device}
     config = Config(
         roots=roots,
@@ -104,7 +100,6 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
         },
     )
     services = ["watcher", *STAGES]
-    server, config, ports = prepare(config, work, services, None)
     manifest = small_manifest(
         "real",
         slices=1,
@@ -124,16 +119,9 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
         ready = staging / f"tile{coord.col:03d}.nii"
         write_tile(ready, manifest, coord.col + 1)
         staged.append((coord, ready))
-    supervisor = None
     lines = []
-    try:
-        await provision(config)
-        supervisor = Supervisor(
-            write_config(config, work / "tilepipe.toml"), services, work / "logs", ports
-        )
-        supervisor.start()
-        nc = await connect(config.nats, name="realsize-bench")
-        js = nc.jetstream()
+    async with supervised(config, work, services, "realsize-bench") as pipeline:
+        js = pipeline.js
         await asyncio.sleep(2.0)  # every service subscribed
         # Tiles land the way the instrument writes them: complete, one at a time, each after
         # the previous one is processed (the per-tile latency, no queueing, no generator
@@ -150,7 +138,7 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
                 done = await read_events(js, config.nats.stream, "tp.tile_processed.real.>")
                 if len(done) > k or time.monotonic() > deadline:
                     break
-                supervisor.check(print)
+                pipeline.supervisor.check(print)
                 await asyncio.sleep(0.5)
         arrived = {
             e.tile.col: e.completed_at
@@ -164,20 +152,14 @@ async def run(args: argparse.Namespace, work: Path) -> list[str]:
         }
         processed = {e.tile.col: e for e in map(decode_event, (m.data for m in done))}
         paths = [(processed[c].completed_at - arrived[c]).total_seconds() for c in processed]
-        rss = {c.name: peak_rss_gb(c.proc.pid) for c in supervisor.children if c.proc}
+        rss = {c.name: peak_rss_gb(c.proc.pid) for c in pipeline.supervisor.children if c.proc}
         io = {
             s: (
-                metric(ports[s], "tilepipe_read_bytes_total", s) / args.tiles / 1e9,
-                metric(ports[s], "tilepipe_written_bytes_total", s) / args.tiles / 1e9,
+                metric(pipeline.ports[s], "tilepipe_read_bytes_total", s) / args.tiles / 1e9,
+                metric(pipeline.ports[s], "tilepipe_written_bytes_total", s) / args.tiles / 1e9,
             )
             for s in STAGES
         }
-        await nc.close()
-    finally:
-        if supervisor is not None:
-            supervisor.stop()
-        if server is not None:
-            server.stop()
     per_stage = {s: handled_seconds(work / "logs" / f"{s}.log") for s in STAGES}
     # side by side: the kernels alone on one tile in memory, and cat of the same bytes
     layout = manifest.geometry(0).raw

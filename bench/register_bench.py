@@ -24,12 +24,8 @@ known transform. Data generation and slice 0 (the reference plane) are not timed
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import math
-import os
-import platform
 import sys
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -39,6 +35,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import machine_header, run_sizes
 from kernels.register import decompose, similarity_matrix
 from services.core.config import Config, Roots, StageSettings
 from services.io.layout import mosaic_path
@@ -176,26 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    print(
-        f"# {_dt.date.today()} {platform.node()}: {os.cpu_count()} CPUs ({cpu}), "
-        f"Python {platform.python_version()}, numpy {np.__version__}, threads {args.threads}, "
-        f"load average {os.getloadavg()[0]:.1f}",
-        flush=True,
-    )
-    rows = []
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        for tiles in args.tiles:
-            rows.append(bench_size(tiles, args, Path(tmp) / str(tiles)))
-            r = rows[-1]
-            print(f"# {r['tiles']}: {r['total']:.1f} s", flush=True)
+    print(machine_header(threads=args.threads), flush=True)
+    rows = run_sizes(args, bench_size)
     print()
     print(format_table(rows))
     rot = math.radians(args.rotation)

@@ -61,6 +61,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import cpu_model
 from messages.codec import decode_event
 from messages.events import (
     CURRENT_ORIGIN,
@@ -233,35 +234,31 @@ def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
     }
     if hop == 0:
         t = d["tile"]
-        kind = "tile_converted"
-        out = {
-            **head,
-            "tile": t,
-            "type": kind,
-            "path": f"conv/s{t['slice']}/{_tok(t)}.zarr",
-            "raw_path": d["path"],
-            "shape": [2, 512, 512],
-            "dtype": "uint16",
-            "completed_at": None,
-            "basis": _digest(d["path"]),
-        }
-        subject = f"tp.{kind}.{acq}.{t['slice']}.{_tok(t)}"
+        subject, out = _tile_payload(
+            "tile_converted",
+            head,
+            t,
+            path=f"conv/s{t['slice']}/{_tok(t)}.zarr",
+            raw_path=d["path"],
+            shape=[2, 512, 512],
+            dtype="uint16",
+            completed_at=None,
+            basis=_digest(d["path"]),
+        )
         return subject, f"{subject}:{out['basis']}", out
     if hop == 1:
         t = d["tile"]
-        kind = "tile_processed"
         base = f"proc/s{t['slice']}/{_tok(t)}"
-        out = {
-            **head,
-            "tile": t,
-            "type": kind,
-            "products": {"aip": f"{base}/aip.zarr", "ret": f"{base}/ret.zarr"},
-            "device": "cpu",
-            "seconds": 0.0,
-            "completed_at": None,
-            "basis": _digest(d["basis"]),
-        }
-        subject = f"tp.{kind}.{acq}.{t['slice']}.{_tok(t)}"
+        subject, out = _tile_payload(
+            "tile_processed",
+            head,
+            t,
+            products={"aip": f"{base}/aip.zarr", "ret": f"{base}/ret.zarr"},
+            device="cpu",
+            seconds=0.0,
+            completed_at=None,
+            basis=_digest(d["basis"]),
+        )
         return subject, f"{subject}:{out['basis']}", out
     if hop == 2:
         t = d["tile"]
@@ -283,34 +280,28 @@ def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
         subject = f"tp.{kind}.{acq}.{t['slice']}.{_tok(t)}-{_tok(right)}"
         return subject, f"{subject}:{out['basis']}", out
     if hop == 3:
-        kind = "slice_stitched"
-        out = {
-            **head,
-            "slice": d["slice"],
-            "mosaic": d["mosaic"],
-            "type": kind,
-            "path": f"out/s{d['slice']}/m{d['mosaic']}.ome.zarr",
-            "positions": [],
-            "residual_rms_px": 0.0,
-            "missing": [],
-            "inputs": "",
-        }
-        subject = f"tp.{kind}.{acq}.{d['slice']}.m{d['mosaic']}"
+        subject, out = _slice_payload(
+            "slice_stitched",
+            head,
+            d,
+            path=f"out/s{d['slice']}/m{d['mosaic']}.ome.zarr",
+            positions=[],
+            residual_rms_px=0.0,
+            missing=[],
+            inputs="",
+        )
         return subject, f"{subject}:", out
     if hop == 4:
-        kind = "slice_registered"
-        out = {
-            **head,
-            "slice": d["slice"],
-            "mosaic": d["mosaic"],
-            "type": kind,
-            "path": d["path"],
-            "transform": IDENTITY,
-            "quality": 1.0,
-            "accepted": True,
-            "basis": d["inputs"],
-        }
-        subject = f"tp.{kind}.{acq}.{d['slice']}.m{d['mosaic']}"
+        subject, out = _slice_payload(
+            "slice_registered",
+            head,
+            d,
+            path=d["path"],
+            transform=IDENTITY,
+            quality=1.0,
+            accepted=True,
+            basis=d["inputs"],
+        )
         body = json.dumps(
             [out["path"], out["transform"], out["quality"], out["accepted"], out["basis"]]
         )
@@ -333,6 +324,18 @@ def bare_next(hop: int, d: dict, producer: str) -> tuple[str, str, dict]:
         subject = f"tp.{kind}.{acq}.{d['slice']}.{_tok(t)}"
         return subject, f"{subject}:volume", out
     raise ValueError(f"no hop {hop}")
+
+
+def _tile_payload(kind: str, head: dict, t: dict, **fields) -> tuple[str, dict]:
+    """(subject, payload) of a tile-level event on tile ``t``."""
+    out = {**head, "tile": t, "type": kind, **fields}
+    return f"tp.{kind}.{head['acq']}.{t['slice']}.{_tok(t)}", out
+
+
+def _slice_payload(kind: str, head: dict, d: dict, **fields) -> tuple[str, dict]:
+    """(subject, payload) of a slice-level event on the slice and mosaic of ``d``."""
+    out = {**head, "slice": d["slice"], "mosaic": d["mosaic"], "type": kind, **fields}
+    return f"tp.{kind}.{head['acq']}.{d['slice']}.m{d['mosaic']}", out
 
 
 HOST = socket.gethostname()
@@ -741,13 +744,7 @@ def bare_latencies(raw: list) -> list[float]:
 
 # ------------------------------------------------------------------------------- reporting
 def machine() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model}"
+    return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}"
 
 
 def _ms(m: Measure, q: float) -> str:

@@ -30,9 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.core.config import Config, Roots, StageSettings, WatcherSettings  # noqa: E402
+from bench.harness import supervised, work_roots  # noqa: E402
+from services.core.config import Config, StageSettings, WatcherSettings  # noqa: E402
 from services.io.rawio import encode_tile  # noqa: E402
-from services.local.init import provision  # noqa: E402
 from services.local.simulate import (  # noqa: E402
     PhantomParams,
     Simulator,
@@ -40,8 +40,6 @@ from services.local.simulate import (  # noqa: E402
     write_manifest,
     write_tile_file,
 )
-from services.local.supervisor import Supervisor, prepare, write_config  # noqa: E402
-from services.runtime.bus import connect  # noqa: E402
 
 STAGES = ("convert", "process", "stitch", "register")
 WARM_UP = 0.2  # fraction of the run left out of the memory slope
@@ -141,11 +139,8 @@ def _slope(series: list[tuple[float, float]]) -> float:
 
 
 def soak_config(work: Path, settle_s: float = 0.3) -> Config:
-    roots = Roots(raw=work / "raw", work=work / "work", output=work / "output")
-    for root in (roots.raw, roots.work, roots.output):
-        root.mkdir(parents=True, exist_ok=True)
     return Config(
-        roots=roots,
+        roots=work_roots(work),
         watcher=WatcherSettings(settle_s=settle_s),
         stages={name: StageSettings(concurrency=1) for name in STAGES},
     )
@@ -202,32 +197,24 @@ async def soak(
         samples=samples,
         settle_s=0.3,
     )
-    config = soak_config(work)
-    services = ["watcher", *STAGES]
-    server, config, ports = prepare(config, work, services, None)
-    supervisor = None
     report = SoakReport(minutes, rate, manifest.tiles, slices)
-    stream = config.nats.stream
-    try:
-        await provision(config)
-        config_path = write_config(config, work / "tilepipe.toml")
-        supervisor = Supervisor(config_path, services, work / "logs", ports)
-        supervisor.start()
+    services = ["watcher", *STAGES]
+    async with supervised(soak_config(work), work, services, "tilepipe-soak") as pipeline:
+        js, stream = pipeline.js, pipeline.config.nats.stream
         progress(f"generating the raw data of {min(2, slices)} slices ...")
         data = await asyncio.to_thread(payloads, manifest, PhantomParams(scatterers=8))
-        path = write_manifest(manifest, config.roots.raw / "soak")
-        nc = await connect(config.nats, name="tilepipe-soak")
-        js = nc.jetstream()
+        path = write_manifest(manifest, pipeline.config.roots.raw / "soak")
         t0 = next_sample = time.monotonic()
         thread = threading.Thread(target=writer, args=(path, manifest, data, rate, t0), daemon=True)
         thread.start()
         while True:
-            supervisor.check(report.restarts.append)
+            pipeline.supervisor.check(report.restarts.append)
             now = time.monotonic()
             if now >= next_sample:
                 next_sample += sample_s
-                rss = {c.name: rss_mb(c.proc.pid) for c in supervisor.children if c.proc}
-                rss["nats-server"] = rss_mb(server.proc.pid) if server and server.proc else 0.0
+                rss = {c.name: rss_mb(c.proc.pid) for c in pipeline.supervisor.children if c.proc}
+                server = pipeline.server.proc if pipeline.server else None
+                rss["nats-server"] = rss_mb(server.pid) if server else 0.0
                 backlog = {}
                 for stage in STAGES:
                     info = await js.consumer_info(stream, stage)
@@ -253,12 +240,6 @@ async def soak(
             await asyncio.sleep(0.5)
         report.stitched = await _count(js, stream, "tp.slice_stitched.soak.>")
         report.failed = await _count(js, stream, "tp.stage_failed.soak.>")
-        await nc.close()
-    finally:
-        if supervisor is not None:
-            supervisor.stop()
-        if server is not None:
-            server.stop()
     return report
 
 

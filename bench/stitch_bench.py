@@ -61,6 +61,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import cpu_model
 from bench.stitch_data import LatticeMosaic, make_mosaic, position_errors
 from kernels.stitch import align_lattice, solve_positions
 
@@ -354,15 +355,7 @@ def goal_summary(rows: list[Row]) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, nproc={os.cpu_count()}, Python {platform.python_version()}"
+    return f"{cpu_model()}, nproc={os.cpu_count()}, Python {platform.python_version()}"
 
 
 def _overlap(s: str) -> float:

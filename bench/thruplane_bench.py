@@ -31,12 +31,9 @@ pixels against the truth. Data generation and the input mosaics' writing are not
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
-import platform
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +42,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import machine_header, run_sizes
 from kernels.optic_axis import project
 from kernels.register import warp_image
 from services.io.omezarr import open_level, write_omezarr
@@ -220,27 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    print(
-        f"# {_dt.date.today()} {platform.node()}: {os.cpu_count()} CPUs ({cpu}), "
-        f"Python {platform.python_version()}, numpy {np.__version__}, device {args.device}, "
-        f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}",
-        flush=True,
-    )
-    rows = []
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        for tiles in args.tiles:
-            root = Path(tmp) / str(tiles)
-            root.mkdir()
-            rows.append(bench_size(tiles, args, root))
-            print(f"# {rows[-1]['tiles']}: {rows[-1]['total']:.1f} s", flush=True)
+    print(machine_header(device=args.device, threads=args.threads), flush=True)
+    rows = run_sizes(args, bench_size)
     print()
     print(format_table(rows))
     a = TILTED_VIEW
