@@ -12,8 +12,10 @@ import nats
 import pytest
 
 from messages import decode_event
-from services.core.config import Config, NatsSettings, Roots
+from services.core.config import Config, NatsSettings, Roots, StageSettings
 from services.local.natsserver import EmbeddedServer
+from services.runtime.runner import StageRunner
+from services.runtime.stage import Stage
 from tests.s3server import MotoServer
 
 
@@ -71,9 +73,10 @@ async def stream_messages(js, subject: str) -> list:
 REPO = Path(__file__).resolve().parents[1]
 
 
-async def events(js, kind: str) -> list:
-    """The decoded events of one kind in the stream, oldest first."""
-    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.>")]
+async def events(js, kind: str, acq: str | None = None) -> list:
+    """The decoded events of one kind (of one acquisition) in the stream, oldest first."""
+    subject = f"tp.{kind}.>" if acq is None else f"tp.{kind}.{acq}.>"
+    return [decode_event(m.data) for m in await stream_messages(js, subject)]
 
 
 @pytest.fixture
@@ -121,24 +124,40 @@ def tilepipe(*args: str, config: Config | None = None, timeout: float = 60):
     )
 
 
+def make_stage(cls: type[Stage], config: Config, options: dict | None = None, **settings) -> Stage:
+    """A stage of class `cls` with its defaults, `settings` over them, and `options`."""
+    return cls(config, StageSettings(**{**cls.defaults, **settings, "options": options or {}}))
+
+
+@contextlib.asynccontextmanager
+async def running_stage(
+    stage: Stage, config: Config, timeout: float = 30
+) -> AsyncIterator[StageRunner]:
+    """`stage` under the real runner, consuming from `config`'s server, until the block ends
+    (then stopped, waiting at most `timeout` seconds for its deliveries to finish)."""
+    runner = StageRunner(stage, config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    await wait_for(lambda: runner.ready.is_set() or task.done())
+    if task.done():
+        task.result()  # the runner's start-up error
+    assert runner.ready.is_set(), "the runner ended before it was ready"
+    try:
+        yield runner
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout)
+
+
 @contextlib.asynccontextmanager
 async def pipeline(config: Config, js, stages, options: dict | None = None, **settings):
     """The watcher and `stages` (classes) running in-process until the block ends."""
-    from services.core.config import StageSettings
-    from services.runtime.runner import StageRunner
     from services.watcher.service import Watcher
 
     options = options or {}
     stop = asyncio.Event()
     runners = [
-        StageRunner(
-            cls(
-                config,
-                StageSettings(**{**cls.defaults, **settings, "options": options.get(cls, {})}),
-            ),
-            config,
-        )
-        for cls in stages
+        StageRunner(make_stage(cls, config, options.get(cls), **settings), config) for cls in stages
     ]
     watcher = Watcher(config, js)
     tasks = [asyncio.create_task(r.run(stop)) for r in runners]

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.core.config import Config, StageSettings
-from services.local.natsserver import free_port
+from services.local.natsserver import free_port, free_port_block
 from services.local.simulate import small_manifest
 from services.local.supervisor import Child, Supervisor, write_config
 
@@ -46,6 +47,40 @@ def running_up(*args: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+class OutputReader:
+    """A process's output (text), read line by line in a thread; `text` is what came so far."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.reader.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def interrupt(proc: subprocess.Popen, timeout: float = 60) -> int | None:
+    """Ctrl-C for `proc`; its exit status, or None when it is still running after `timeout`
+    seconds (`running_up` kills it when the block ends)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+    return proc.returncode
+
+
+def free_ports() -> str:
+    """Config lines pinning `up`'s server and metrics to free loopback ports (`up --config`
+    listens exactly where its config says)."""
+    nats, metrics = free_port_block(1), free_port_block(16)
+    return f'[nats]\nurl = "nats://127.0.0.1:{nats}"\n[metrics]\nbase_port = {metrics}\n'
 
 
 def fault_config(

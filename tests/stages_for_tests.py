@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from messages import TileArrived, TileConverted, TileProcessed
+from messages import TileArrived, TileConverted, TileCoord, TileProcessed, utcnow
 from services.runtime.stage import Context, Result, Stage
 
 
@@ -19,6 +19,18 @@ def _mark(ctx: Context, name: str) -> None:
         Path(marks).mkdir(parents=True, exist_ok=True)
         with open(Path(marks) / name, "a") as fh:
             fh.write(f"{ctx.attempt} {time.time()}\n")
+
+
+def arrived(slice_index: int, col: int, acq: str = "ops") -> TileArrived:
+    """An input for ConvertLike: tile (slice, 0, col) of `acq`."""
+    return TileArrived(
+        acq=acq,
+        tile=TileCoord(slice=slice_index, row=0, col=col),
+        path=f"s{slice_index}/t{col}.nii",
+        manifest="ops/manifest.toml",
+        size_bytes=1,
+        completed_at=utcnow(),
+    )
 
 
 class ConvertLike(Stage):

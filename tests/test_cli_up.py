@@ -16,7 +16,7 @@ from messages import TileArrived, TileCoord, utcnow
 from services.local.natsserver import free_port_block, port_open
 from services.runtime.bus import publish_event
 from tests.conftest import stream_messages, tilepipe, wait_for
-from tests.procs import running_up
+from tests.procs import free_ports, running_up
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -27,13 +27,6 @@ concurrency = 3
 [stages.process_like]
 impl = "tests.stages_for_tests:ProcessLike"
 """
-
-
-def free_ports() -> str:
-    """Config lines pinning `up`'s server and metrics to free loopback ports (`up --config`
-    listens exactly where its config says)."""
-    nats, metrics = free_port_block(1), free_port_block(16)
-    return f'[nats]\nurl = "nats://127.0.0.1:{nats}"\n[metrics]\nbase_port = {metrics}\n'
 
 
 async def test_init_is_idempotent_and_names_are_stable(nats_server, tmp_path):

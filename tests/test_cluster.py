@@ -17,16 +17,15 @@ from services.core.config import Config, NatsSettings, Roots
 from services.local.init import provision
 from services.local.natsserver import EmbeddedServer, free_port
 from services.local.simulate import PhantomParams, simulate, write_manifest
-from tests.conftest import wait_for
-from tests.procs import TILE_STAGES, Services, fault_config, tiny_acquisition
-from tests.test_faults import (
+from tests.conftest import events, wait_for
+from tests.outcomes import (
     assert_each_tile_once,
     assert_mosaic_valid,
     assert_tile_outputs_complete,
     count_kind,
-    events,
     per_subject,
 )
+from tests.procs import TILE_STAGES, Services, fault_config, tiny_acquisition
 
 STREAM = "TILEPIPE"
 PARAMS = PhantomParams(scatterers=6, scatterer_spacing_um=30.0)

@@ -33,8 +33,7 @@ from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.stitch import Stitch
 from tests.conftest import pipeline, stream_messages, tilepipe, wait_for
-from tests.stages_for_tests import ConvertLike
-from tests.test_ops import arrived
+from tests.stages_for_tests import ConvertLike, arrived
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 STREAM = "TILEPIPE"

@@ -10,7 +10,7 @@ import zarr
 from prometheus_client import REGISTRY
 
 from kernels.forward import depth_bin_of
-from messages import TileArrived, decode_event, utcnow
+from messages import TileArrived, utcnow
 from services.core.config import StageSettings
 from services.core.manifest import load_manifest
 from services.local.simulate import (
@@ -24,7 +24,7 @@ from services.runtime.bus import publish_event
 from services.runtime.runner import StageRunner
 from services.stages.convert import Convert
 from services.stages.process import Process
-from tests.conftest import pipeline, stream_messages, wait_for
+from tests.conftest import events, pipeline, wait_for
 
 STAGES = (Convert, Process)
 PARAMS = PhantomParams(scatterers=8, scatterer_spacing_um=30.0)
@@ -32,10 +32,6 @@ PARAMS = PhantomParams(scatterers=8, scatterer_spacing_um=30.0)
 
 def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-async def events(js, kind: str) -> list:
-    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.>")]
 
 
 async def test_simulated_tiles_converted_and_processed(config, js):

@@ -5,11 +5,8 @@ the index is rendered by a real headless Chromium, which must load every image."
 
 from __future__ import annotations
 
-import html
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -22,6 +19,7 @@ from services.io.exports import export_axis, export_mosaic
 from services.io.layout import axis_path, index_path, mosaic_path
 from services.io.omezarr import write_omezarr
 from services.io.previews import block_mean
+from tests.browser import chromium, images_loaded
 from tests.conftest import tilepipe
 
 PX_UM = 10.0
@@ -123,32 +121,6 @@ def test_axis_nifti_and_previews(tmp_path):
     assert np.allclose(img.header.get_zooms()[:3], (0.01, 0.01, 0.2))
     for key in ("inplane", "throughplane", "axis3d", "delta_n", "mask"):
         assert Image.open(tmp_path / files[f"preview.{key}"]).size == (50, 40)
-
-
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def images_loaded(page: Path) -> str:
-    """Load `page` in headless Chromium; `images=N broken=K alt,...` as a script in a copy of
-    the page beside it (same relative links) finds them once the page has loaded."""
-    check = page.with_name("check.html")
-    script = (
-        "<script>window.addEventListener('load', () => {"
-        "const imgs = [...document.images];"
-        "const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);"
-        "const out = document.createElement('pre'); out.id = 'result';"
-        "out.textContent = `images=${imgs.length} broken=${bad.length} ${bad.join(',')}`;"
-        "document.body.appendChild(out);});</script>"
-    )
-    check.write_text(page.read_text().replace("</body>", script + "</body>"))
-    command = [chromium(), "--headless", "--disable-gpu", "--no-sandbox"]
-    command += ["--virtual-time-budget=5000", "--dump-dom", check.as_uri()]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
-    check.unlink()
-    result = re.search(r'<pre id="result">([^<]*)</pre>', dom)
-    assert result, dom[-2000:]
-    return html.unescape(result.group(1)).strip()
 
 
 @pytest.mark.skipif(chromium() is None, reason="Debian chromium is not installed")

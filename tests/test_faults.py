@@ -22,33 +22,27 @@ import numpy as np
 import pytest
 import zarr
 
-from messages import TileArrived, TileCoord, decode_event, utcnow
-from services.core.config import Config
+from messages import TileArrived, TileCoord, utcnow
 from services.core.manifest import Manifest
-from services.io.atomic import is_complete
-from services.io.layout import converted_path, mosaic_path, products_path, volume_path
-from services.io.omezarr import open_level, read_multiscale
+from services.io.layout import converted_path, mosaic_path, volume_path
 from services.io.volume import Volume
 from services.local.init import provision
 from services.local.simulate import PhantomParams, simulate, write_manifest, write_tile_file
 from services.ops.control import pause, resume
 from services.runtime.bus import publish_event
-from tests.conftest import stream_messages, tilepipe, wait_for
+from tests.conftest import events, tilepipe, wait_for
+from tests.outcomes import (
+    STREAM,
+    assert_each_tile_once,
+    assert_mosaic_valid,
+    assert_tile_outputs_complete,
+    count_kind,
+    per_subject,
+)
 from tests.procs import ALL_STAGES, TILE_STAGES, Services, fault_config, tiny_acquisition
+from tests.watching import payload, tiny_manifest
 
-TILE_KINDS = ("tile_arrived", "tile_converted", "tile_processed")
 PARAMS = PhantomParams(scatterers=6, scatterer_spacing_um=30.0)
-STREAM = "TILEPIPE"
-
-
-async def events(js, kind: str, acq: str = "*") -> list:
-    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.{acq}.>")]
-
-
-async def per_subject(js, subjects: str) -> dict[str, int]:
-    """Messages in the stream per subject (the exact count, duplicates would show as 2)."""
-    info = await js.stream_info(STREAM, subjects_filter=subjects)
-    return dict(info.state.subjects or {})
 
 
 async def holds_delivery(js, stage: str) -> bool:
@@ -75,29 +69,6 @@ async def kill_mid_delivery(js, services: Services, stage: str, tries: int = 8) 
 
 def handled_attempts(services: Services, stage: str) -> list[int]:
     return [r["attempt"] for r in services.log(stage) if r.get("event") == "event_handled"]
-
-
-def assert_tile_outputs_complete(config: Config, manifest: Manifest) -> None:
-    """Every tile's converted recipe and products group is complete and readable."""
-    raw = manifest.raw
-    for tile in manifest.coords():
-        converted = config.roots.work / converted_path(manifest.id, tile)
-        products = config.roots.work / products_path(manifest.id, tile)
-        assert is_complete(converted) and is_complete(products), tile
-        recipe = zarr.open_group(str(converted), mode="r").attrs
-        assert recipe["layout"]["alines"] == raw.alines and recipe["calibration"], tile
-        group = zarr.open_group(str(products), mode="r")
-        assert group.attrs["raw_sha256"].startswith("sha256:")
-        aip = np.asarray(group["aip"][:])
-        assert aip.shape == (raw.bscans, raw.alines) and np.isfinite(aip).all()
-
-
-def assert_mosaic_valid(config: Config, acq: str, slice_index: int) -> np.ndarray:
-    store = config.roots.output / mosaic_path(acq, slice_index, 0)
-    assert read_multiscale(store)["channel_names"][0] == "aip"
-    level0 = np.asarray(open_level(store, 0)[:])
-    assert np.isfinite(level0[0]).mean() > 0.5
-    return level0
 
 
 def hidden_leftovers(root: Path) -> list[Path]:
@@ -199,17 +170,6 @@ def write_tiles(manifest_path: Path, manifest: Manifest, coords, rate: float = 0
             time.sleep(1.0 / rate)
         payload = encode_tile(sim.tile_raw(sim.truth.tile(coord)), manifest.raw)
         write_tile_file(manifest_path.parent / manifest.path_of(coord), payload)
-
-
-async def count_kind(js, kind: str, acq: str = "*") -> int:
-    counts = await per_subject(js, f"tp.{kind}.{acq}.>")
-    return sum(counts.values())
-
-
-async def assert_each_tile_once(js, acq: str, tiles: int, kinds=TILE_KINDS) -> None:
-    for kind in kinds:
-        counts = await per_subject(js, f"tp.{kind}.{acq}.>")
-        assert len(counts) == tiles and set(counts.values()) == {1}, (kind, counts)
 
 
 # ------------------------------------------------------------------- server restarted
@@ -410,8 +370,6 @@ async def test_corrupt_and_truncated_raw_tiles_fail_visibly_and_the_slice_goes_o
 async def test_watcher_killed_during_a_burst_announces_every_tile_once(config, js, tmp_path):
     """kill -9 of the watcher process while 400 files land; the restarted watcher catches up
     and every tile is announced exactly once, the acquisition finished once."""
-    from tests.test_watcher import payload, tiny_manifest
-
     manifest = tiny_manifest("burst", 20, 20, settle_s=0.2)
     acq_dir = config.roots.raw / "burst"
     write_manifest(manifest, acq_dir)
@@ -445,8 +403,6 @@ async def test_same_file_written_twice_is_announced_once(config, js, tmp_path):
     """A tile rewritten before it settled is announced once, with its final write time; a
     tile rewritten after its event (same or different bytes) is not announced again: the
     rewrite is logged and counted as `duplicate` (reprocessing is `tilepipe replay`)."""
-    from tests.test_watcher import payload, tiny_manifest
-
     manifest = tiny_manifest("twice", 1, 2, settle_s=1.0)
     acq_dir = config.roots.raw / "twice"
     write_manifest(manifest, acq_dir)
@@ -454,7 +410,7 @@ async def test_same_file_written_twice_is_announced_once(config, js, tmp_path):
     data = payload(manifest)
     await provision(config)
     with Services(config, tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
         write_tile_file(first, data)
         await wait_for(lambda: count_kind(js, "tile_arrived"), timeout=30)
         write_tile_file(second, data)

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 from nats.js.api import DiscardPolicy
 
-from messages import TileArrived, TileCoord, TileProcessed, decode_event, utcnow
+from messages import TileArrived, TileCoord, TileProcessed, utcnow
 from services.core.config import Config, StageSettings
 from services.core.manifest import Manifest
 from services.io.rawio import encode_tile
 from services.local.init import provision
 from services.local.simulate import PhantomParams, simulate, write_manifest, write_tile_file
 from services.runtime.bus import publish_event
-from tests.conftest import stream_messages, tilepipe, wait_for
+from tests.conftest import events, stream_messages, tilepipe, wait_for
 from tests.procs import Services, fault_config, tiny_acquisition
-from tests.test_watcher import payload, tiny_manifest
+from tests.watching import payload, tiny_manifest
 
 STREAM = "TILEPIPE"
 PARAMS = PhantomParams(scatterers=6, scatterer_spacing_um=30.0)
@@ -38,10 +38,6 @@ def watcher_config(config: Config, **watcher) -> Config:
     """Short settle and rescan intervals: several rescans happen within a test."""
     settings = {"settle_s": 0.2, "rescan_s": 0.5, **watcher}
     return config.model_copy(update={"watcher": config.watcher.model_copy(update=settings)})
-
-
-async def events(js, kind: str, acq: str = "*") -> list:
-    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.{acq}.>")]
 
 
 async def count(js, kind: str, acq: str = "*") -> int:
@@ -285,7 +281,7 @@ async def test_acq_started_waits_for_a_full_stream_and_failures_are_logged_rate_
     manifest = tiny_manifest("full", 2, 2)
     cfg = watcher_config(config, settle_s=0.1)
     with Services(cfg, tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
         write_manifest(manifest, config.roots.raw / "full")
         for coord in manifest.coords():
             write_tile_file(config.roots.raw / "full" / manifest.path_of(coord), payload(manifest))
@@ -341,7 +337,7 @@ async def test_a_tile_dated_in_the_future_settles_by_the_local_clock(config, js,
     acq_dir = config.roots.raw / "skew"
     write_manifest(manifest, acq_dir)
     with Services(watcher_config(config), tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
         tile = acq_dir / manifest.path_of(next(manifest.coords()))
         outside = tmp_path / "outside.nii"  # dated first, then moved in (same filesystem)
         write_tile_file(outside, payload(manifest))
@@ -368,7 +364,7 @@ async def test_a_partial_file_that_stops_growing_is_logged_once(config, js, tmp_
     write_manifest(manifest, acq_dir)
     cfg = watcher_config(config, stalled_s=1.0)
     with Services(cfg, tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
         first, second = (acq_dir / manifest.path_of(c) for c in manifest.coords())
         data = payload(manifest)
         write_tile_file(first, data[: len(data) // 2])

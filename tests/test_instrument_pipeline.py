@@ -17,14 +17,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from messages import decode_event
 from services.core.manifest import load_manifest
 from services.io.layout import mosaic_path, volume_path
 from services.io.omezarr import open_level, read_multiscale
 from services.local.init import provision
 from services.local.simulate import Instrument, PhantomParams, simulate
 from services.ops.opticstream_import import import_command
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import events, wait_for
 from tests.procs import ALL_STAGES, Services, fault_config
 
 PARAMS = PhantomParams(scatterers=6)
@@ -49,10 +48,6 @@ def scan_config(saving: str) -> dict:
         "processing": {"phase_offset_deg": 100.0, "flip_z": True},
         "zarr_config": {},
     }
-
-
-async def events(js, kind: str) -> list:
-    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.>")]
 
 
 @pytest.mark.parametrize("saving", ["spectral", "spectral_12bit", "complex"])

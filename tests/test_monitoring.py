@@ -15,10 +15,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 import types
 import urllib.parse
@@ -38,11 +36,12 @@ from messages.events import (
     TileConverted,
     TilePosition,
 )
-from services.local.natsserver import free_port, free_port_block
+from services.local.natsserver import free_port
 from services.monitoring import collectors, dashboards, prometheus
 from services.runtime import monitor as runtime_monitor
 from services.runtime.bus import publish_event
 from tests.conftest import wait_for
+from tests.procs import OutputReader, free_ports, interrupt, running_up
 
 REPO = Path(__file__).resolve().parents[1]
 GRAFANA = REPO / "grafana"
@@ -129,52 +128,6 @@ class Prometheus:
                 self.proc.wait()
 
 
-class Up:
-    """`tilepipe up` in the background; its output collected line by line."""
-
-    def __init__(self, config: Path, work: Path) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.ops.cli",
-                "up",
-                "--config",
-                str(config),
-                "--work",
-                work,
-            ],
-            cwd=REPO,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # a kill below takes `up`'s children too
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.reader.join(5)
-        return self.proc.returncode
-
-
 def variable_values(prom: Prometheus, board: dict) -> list[dict[str, list[str]]]:
     """Every combination of the dashboard's variables Grafana would query with: multi-value
     variables take all their values at once (`(a|b)`), single-value ones each value in turn."""
@@ -202,136 +155,155 @@ async def test_dashboards_and_metrics_against_a_live_pipeline(tmp_path):
     config.write_text(
         "[roots]\n"
         + "".join(f'{name} = "{path}"\n' for name, path in roots.items())
-        + f"[metrics]\nbase_port = {free_port_block(16)}\n"
-        + f'[nats]\nurl = "nats://127.0.0.1:{free_port_block(1)}"\n'
+        + free_ports()
         + "[watcher]\nsettle_s = 0.2\n"
         + "[stages.upload]\nenabled = true\n"
         + f'options = {{ url = "file://{tmp_path / "bucket"}" }}\n'
     )
-    up = Up(config, tmp_path / "up")
-    prom = None
-    try:
-        await wait_for(
-            lambda: "Ctrl-C stops everything." in up.text or up.proc.poll() is not None,
-            timeout=90,
-            interval=0.2,
-        )
-        targets = prometheus.targets_from_up_output(up.text)
-        assert {"watcher", *TILE_STAGES} <= set(targets), up.text
-        assert all(t.startswith("127.0.0.1:") for ts in targets.values() for t in ts)
-
-        prom_config = prometheus.write_prometheus_config(
-            tmp_path / "prometheus.yml", targets, interval_s=1, host="testhost", rule_files=RULES
-        )
-        check = subprocess.run(
-            [promtool, "check", "config", str(prom_config)], capture_output=True, text=True
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
-        prom = Prometheus(prom_config, tmp_path / "prom")
-        await prom.ready()
-        # every target scraped before any tile is written: a rate() needs a sample from
-        # before the counters grow (a target first scraped after the run shows no increase)
-        jobs = {f"tilepipe-{name}" for name in targets}
-        await wait_for(
-            lambda: {r["metric"]["job"] for r in prom.query("up == 1")["data"]["result"]} >= jobs,
-            timeout=30,
-            interval=0.5,
-        )
-
-        # a short acquisition: 1 slice of 2x2 tiles, written at 1 tile/s (so every stage's
-        # histograms grow across several 1 s scrapes: a rate() needs an increase it has seen)
-        from services.local.simulate import small_manifest, write_manifest
-
-        manifest = write_manifest(
-            small_manifest("mon", slices=1, rows=2, cols=2, settle_s=0.2), roots["raw"] / "mon"
-        )
-        sim = subprocess.run(
-            [sys.executable, "-m", "services.ops.cli", "simulate", str(manifest), "--rate", "1"],
-            cwd=REPO,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert sim.returncode == 0, sim.stdout + sim.stderr
-
-        stages = [name for name in targets if name != "watcher"]
-
-        def pipeline_done() -> bool:
-            """Every stage published for all 4 tiles and observed its end-to-end latency."""
-            assert up.proc.poll() is None, up.text
-            done = prom.values('max by (stage) (tilepipe_acquisition_tiles_done{acq="mon"}) >= 4')
-            seen = prom.values("sum by (stage) (tilepipe_end_to_end_latency_seconds_count) > 0")
-            return len(done) >= len(stages) and len(seen) >= len(stages)
-
+    with running_up("--config", str(config), "--work", str(tmp_path / "up"), env=ENV) as proc:
+        up = OutputReader(proc)
+        prom = None
         try:
-            await wait_for(pipeline_done, timeout=120, interval=1)
-        except AssertionError:
-            done = prom.query("tilepipe_acquisition_tiles_done")["data"]["result"]
-            seen = prom.query("tilepipe_end_to_end_latency_seconds_count")["data"]["result"]
-            raise AssertionError(
-                f"stages {stages} did not all report 4 tiles done and a latency: {done} {seen} "
-                "(is StageMonitor wired into services/runtime/runner.py?)"
-            ) from None
-        # every stage polled its backlog and a few scrapes happened since
-        await wait_for(
-            lambda: len(prom.values("tilepipe_consumer_pending_messages")) >= len(stages),
-            timeout=30,
-            interval=1,
-        )
-        await asyncio.sleep(3)
+            await wait_for(
+                lambda: "Ctrl-C stops everything." in up.text or proc.poll() is not None,
+                timeout=90,
+                interval=0.2,
+            )
+            targets = prometheus.targets_from_up_output(up.text)
+            assert {"watcher", *TILE_STAGES} <= set(targets), up.text
+            assert all(t.startswith("127.0.0.1:") for ts in targets.values() for t in ts)
 
-        # every endpoint: lint-clean exposition, process and resource metrics present
-        for name, found in targets.items():
-            for target in found:
-                with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as r:
-                    text = r.read()
-                lint = subprocess.run(
-                    [promtool, "check", "metrics"], input=text, capture_output=True
+            prom_config = prometheus.write_prometheus_config(
+                tmp_path / "prometheus.yml",
+                targets,
+                interval_s=1,
+                host="testhost",
+                rule_files=RULES,
+            )
+            check = subprocess.run(
+                [promtool, "check", "config", str(prom_config)], capture_output=True, text=True
+            )
+            assert check.returncode == 0, check.stdout + check.stderr
+            prom = Prometheus(prom_config, tmp_path / "prom")
+            await prom.ready()
+            # every target scraped before any tile is written: a rate() needs a sample from
+            # before the counters grow (a target first scraped after the run shows no increase)
+            jobs = {f"tilepipe-{name}" for name in targets}
+            await wait_for(
+                lambda: (
+                    {r["metric"]["job"] for r in prom.query("up == 1")["data"]["result"]} >= jobs
+                ),
+                timeout=30,
+                interval=0.5,
+            )
+
+            # a short acquisition: 1 slice of 2x2 tiles, written at 1 tile/s (so every stage's
+            # histograms grow across several 1 s scrapes: a rate() needs an increase it has seen)
+            from services.local.simulate import small_manifest, write_manifest
+
+            manifest = write_manifest(
+                small_manifest("mon", slices=1, rows=2, cols=2, settle_s=0.2), roots["raw"] / "mon"
+            )
+            sim = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "services.ops.cli",
+                    "simulate",
+                    str(manifest),
+                    "--rate",
+                    "1",
+                ],
+                cwd=REPO,
+                env=ENV,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert sim.returncode == 0, sim.stdout + sim.stderr
+
+            stages = [name for name in targets if name != "watcher"]
+
+            def pipeline_done() -> bool:
+                """Every stage published for all 4 tiles and observed its end-to-end latency."""
+                assert proc.poll() is None, up.text
+                done = prom.values(
+                    'max by (stage) (tilepipe_acquisition_tiles_done{acq="mon"}) >= 4'
                 )
-                assert lint.returncode == 0 and not lint.stdout.strip(), (name, lint.stdout)
-                for metric in (
-                    "process_cpu_seconds_total",
-                    "process_resident_memory_bytes",
-                    "tilepipe_data_root_free_bytes",
-                    "tilepipe_gpu_devices",
-                ):
-                    assert metric.encode() in text, (name, metric)
-        targets_up = get_json(f"{prom.url}/api/v1/targets")["data"]["activeTargets"]
-        assert {t["labels"]["job"] for t in targets_up} == {f"tilepipe-{n}" for n in targets}
-        assert all(t["health"] == "up" for t in targets_up), targets_up
+                seen = prom.values("sum by (stage) (tilepipe_end_to_end_latency_seconds_count) > 0")
+                return len(done) >= len(stages) and len(seen) >= len(stages)
 
-        # the alert rules load and evaluate without errors against real series
-        groups = get_json(f"{prom.url}/api/v1/rules")["data"]["groups"]
-        rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) >= 5
-        assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+            try:
+                await wait_for(pipeline_done, timeout=120, interval=1)
+            except AssertionError:
+                done = prom.query("tilepipe_acquisition_tiles_done")["data"]["result"]
+                seen = prom.query("tilepipe_end_to_end_latency_seconds_count")["data"]["result"]
+                raise AssertionError(
+                    f"stages {stages} did not all report 4 tiles done and a latency: {done} {seen} "
+                    "(is StageMonitor wired into services/runtime/runner.py?)"
+                ) from None
+            # every stage polled its backlog and a few scrapes happened since
+            await wait_for(
+                lambda: len(prom.values("tilepipe_consumer_pending_messages")) >= len(stages),
+                timeout=30,
+                interval=1,
+            )
+            await asyncio.sleep(3)
 
-        # every query of every panel of every dashboard, variables substituted
-        gpus = max(prom.values("tilepipe_gpu_devices"), default=0)
-        empty, failed, evaluated = [], [], 0
-        for path in DASHBOARDS:
-            board = json.loads(path.read_text())
-            for values in variable_values(prom, board):
-                for panel, target in dashboards.dashboard_queries(board):
-                    expr = dashboards.substitute(target["expr"], {**values, **BUILTINS})
-                    assert "$" not in expr, expr
-                    answer = prom.query(expr)
-                    evaluated += 1
-                    where = f"{path.name} #{panel['id']} {panel['title']!r} {target['refId']}"
-                    if answer.get("status") != "success":
-                        failed.append(f"{where}: {answer.get('error')}: {expr}")
-                    elif gpus or not GPU_ONLY.search(expr):
-                        numbers = [float(r["value"][1]) for r in answer["data"]["result"]]
-                        if not [n for n in numbers if n == n]:  # nothing, or only NaN
-                            empty.append(f"{where} ({values}): {numbers} {expr}")
-        assert not failed, "\n".join(failed)
-        assert not empty, "empty (or only NaN) results:\n" + "\n".join(empty)
-        assert evaluated >= 60
-    finally:
-        code = up.stop()
-        if prom is not None:
-            prom.stop()
+            # every endpoint: lint-clean exposition, process and resource metrics present
+            for name, found in targets.items():
+                for target in found:
+                    with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as r:
+                        text = r.read()
+                    lint = subprocess.run(
+                        [promtool, "check", "metrics"], input=text, capture_output=True
+                    )
+                    assert lint.returncode == 0 and not lint.stdout.strip(), (name, lint.stdout)
+                    for metric in (
+                        "process_cpu_seconds_total",
+                        "process_resident_memory_bytes",
+                        "tilepipe_data_root_free_bytes",
+                        "tilepipe_gpu_devices",
+                    ):
+                        assert metric.encode() in text, (name, metric)
+            targets_up = get_json(f"{prom.url}/api/v1/targets")["data"]["activeTargets"]
+            assert {t["labels"]["job"] for t in targets_up} == {f"tilepipe-{n}" for n in targets}
+            assert all(t["health"] == "up" for t in targets_up), targets_up
+
+            # the alert rules load and evaluate without errors against real series
+            groups = get_json(f"{prom.url}/api/v1/rules")["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            assert len(rules) >= 5
+            assert all(r["health"] == "ok" for r in rules), [
+                r for r in rules if r["health"] != "ok"
+            ]
+
+            # every query of every panel of every dashboard, variables substituted
+            gpus = max(prom.values("tilepipe_gpu_devices"), default=0)
+            empty, failed, evaluated = [], [], 0
+            for path in DASHBOARDS:
+                board = json.loads(path.read_text())
+                for values in variable_values(prom, board):
+                    for panel, target in dashboards.dashboard_queries(board):
+                        expr = dashboards.substitute(target["expr"], {**values, **BUILTINS})
+                        assert "$" not in expr, expr
+                        answer = prom.query(expr)
+                        evaluated += 1
+                        where = f"{path.name} #{panel['id']} {panel['title']!r} {target['refId']}"
+                        if answer.get("status") != "success":
+                            failed.append(f"{where}: {answer.get('error')}: {expr}")
+                        elif gpus or not GPU_ONLY.search(expr):
+                            numbers = [float(r["value"][1]) for r in answer["data"]["result"]]
+                            if not [n for n in numbers if n == n]:  # nothing, or only NaN
+                                empty.append(f"{where} ({values}): {numbers} {expr}")
+            assert not failed, "\n".join(failed)
+            assert not empty, "empty (or only NaN) results:\n" + "\n".join(empty)
+            assert evaluated >= 60
+        finally:
+            code = interrupt(proc)
+            up.reader.join(5)
+            if prom is not None:
+                prom.stop()
     assert code == 0, up.text
     assert time.monotonic() - started < 170
 

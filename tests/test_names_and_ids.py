@@ -10,7 +10,7 @@ from services.core.manifest import Lattice, Manifest, RawLayout
 from services.local.simulate import write_manifest, write_tile_file
 from services.runtime.bus import publish_event
 from tests.conftest import stream_messages, wait_for
-from tests.test_watcher import TINY_CAL, watching
+from tests.watching import TINY_CAL, watching
 
 
 async def test_unicode_digits_and_trailing_newlines_are_not_tile_names(config, js):

@@ -6,12 +6,8 @@ stages publish them; the receiver records every POST and answers what the test s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -28,63 +24,13 @@ from services.core.errors import ConfigError
 from services.core.logs import configure_logging
 from services.core.metrics import NOTIFY_MESSAGES
 from services.runtime.bus import publish_event
-from services.runtime.runner import StageRunner
 from services.stages.notify import Notify
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import make_stage, running_stage, stream_messages, wait_for
+from tests.webhooks import Receiver, url_file
 
 
-class Receiver:
-    """An HTTP server recording POSTed JSON; `statuses` are answered first, then 200."""
-
-    def __init__(self, statuses: list[int] | None = None) -> None:
-        self.posts: list[dict] = []
-        self.statuses = list(statuses or [])
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = outer.statuses.pop(0) if outer.statuses else 200
-                if status == 200:
-                    outer.posts.append(json.loads(body))
-                self.send_response(status)
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T000/secret-token"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def texts(self) -> list[str]:
-        return [p["text"] for p in self.posts]
-
-
-def url_file(tmp_path: Path, url: str, mode: int = 0o600) -> Path:
-    path = tmp_path / "webhook.url"
-    path.write_text(url + "\n")
-    path.chmod(mode)
-    return path
-
-
-@contextlib.asynccontextmanager
-async def notifier(config, **options):
-    settings = StageSettings(**{**Notify.defaults, "options": options})
-    runner = StageRunner(Notify(config, settings), config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(runner.ready.is_set)
-    try:
-        yield runner
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+def notifier(config, **options):
+    return running_stage(make_stage(Notify, config, options), config)
 
 
 def started(acq: str = "a1", **kw) -> AcquisitionStarted:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from pathlib import Path
 
@@ -18,42 +17,20 @@ from messages import (
     decode_event,
     utcnow,
 )
-from services.core.config import StageSettings
 from services.ops import control as ops
 from services.runtime.bus import publish_event
 from services.runtime.runner import StageRunner
 from services.stages import stage_settings
 from services.state.status import failures, snapshot
 from services.state.status_view import render
-from tests.conftest import stream_messages, tilepipe, wait_for
-from tests.stages_for_tests import ConvertLike
+from tests.conftest import make_stage, running_stage, stream_messages, tilepipe, wait_for
+from tests.stages_for_tests import ConvertLike, arrived
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def arrived(slice_index: int, col: int, acq: str = "ops") -> TileArrived:
-    return TileArrived(
-        acq=acq,
-        tile=TileCoord(slice=slice_index, row=0, col=col),
-        path=f"s{slice_index}/t{col}.nii",
-        manifest="ops/manifest.toml",
-        size_bytes=1,
-        completed_at=utcnow(),
-    )
-
-
-@contextlib.asynccontextmanager
-async def running(config, **settings):
-    stage = ConvertLike(config, StageSettings(**settings))
-    stop = asyncio.Event()
-    runner = StageRunner(stage, config)
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(lambda: runner.ready.is_set() or task.done())
-    try:
-        yield runner
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+def running(config, **settings):
+    return running_stage(make_stage(ConvertLike, config, **settings), config)
 
 
 async def count(js, kind: str) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from pathlib import Path
 
@@ -29,9 +28,8 @@ from services.io.omezarr import write_omezarr
 from services.io.volume import Canvas, Volume
 from services.local.simulate import Phantom, PhantomParams
 from services.runtime.bus import publish_event
-from services.runtime.runner import StageRunner
 from services.stages.register import Register
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import make_stage, pipeline, running_stage, stream_messages, wait_for
 
 PX_UM = 10.0
 PHANTOM = Phantom(PhantomParams(), 4000.0)
@@ -256,18 +254,8 @@ def test_volume_grows_without_rewriting_earlier_planes(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the stage
-@contextlib.asynccontextmanager
-async def running(config, **options):
-    stop = asyncio.Event()
-    settings = StageSettings(**{**Register.defaults, "options": options})
-    runner = StageRunner(Register(config, settings), config)
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(runner.ready.is_set)
-    try:
-        yield runner
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+def running(config, **options):
+    return running_stage(make_stage(Register, config, options), config, timeout=60)
 
 
 async def registered(js) -> list:
@@ -408,30 +396,14 @@ async def test_real_pipeline_registers_simulated_slices(config, js):
     from services.stages.convert import Convert
     from services.stages.process import Process
     from services.stages.stitch import Stitch
-    from services.watcher.service import Watcher
 
     manifest = small_manifest("rp", slices=3, rows=3, cols=3, alines=64, bscans=64, settle_s=0.2)
     path = write_manifest(manifest, config.roots.raw / "rp")
     options = {Stitch: {"fuse_volume": True}, Register: {"db_volume": True, "db_depth": 8}}
-    stop = asyncio.Event()
-    runners = [
-        StageRunner(
-            cls(config, StageSettings(**{**cls.defaults, "options": options.get(cls, {})})),
-            config,
-        )
-        for cls in (Convert, Process, Stitch, Register)
-    ]
-    watcher = Watcher(config, js)
-    tasks = [asyncio.create_task(r.run(stop)) for r in runners]
-    tasks.append(asyncio.create_task(watcher.run(stop)))
-    try:
-        await wait_for(lambda: all(r.ready.is_set() for r in runners) and watcher.ready.is_set())
+    async with pipeline(config, js, (Convert, Process, Stitch, Register), options):
         params = PhantomParams(scatterers=8, scatterer_spacing_um=30.0)
         truth = await asyncio.to_thread(simulate, path, manifest, 0.0, params=params)
         await wait_for(lambda: _count(js, 3), timeout=240)
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
     events = {e.slice: e for e in await registered(js)}
     stitched = {

@@ -10,10 +10,14 @@ from services.io.atomic import is_complete
 from services.io.layout import converted_path, mosaic_path, products_path
 from services.local.simulate import PhantomParams, simulate, small_manifest, write_manifest
 from services.ops import repair
-from tests.conftest import pipeline, stream_messages, tilepipe, wait_for
-from tests.test_stitch_service import OPTIONS, STAGES, events
+from services.stages.convert import Convert
+from services.stages.process import Process
+from services.stages.stitch import Stitch
+from tests.conftest import events, pipeline, stream_messages, tilepipe, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = (Convert, Process, Stitch)
+OPTIONS = {Stitch: {"fuse_volume": True}}
 
 
 async def test_repair_republishes_exactly_what_was_deleted(config, js):

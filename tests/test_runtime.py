@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -19,9 +18,8 @@ from messages import StageFailed, TileArrived, TileConverted, TileCoord, decode_
 from services.core.config import Config, StageSettings, dump_toml
 from services.local.natsserver import free_port
 from services.runtime.bus import publish_event
-from services.runtime.runner import StageRunner
 from services.runtime.stage import Result, Stage
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import make_stage, running_stage, stream_messages, wait_for
 from tests.stages_for_tests import ConvertLike, ProcessLike
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,20 +40,8 @@ def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-@contextlib.asynccontextmanager
-async def running(stage_cls, config: Config, **settings):
-    stage = stage_cls(config, StageSettings(**settings))
-    stop = asyncio.Event()
-    runner = StageRunner(stage, config)
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(lambda: runner.ready.is_set() or task.done())
-    if task.done():
-        task.result()
-    try:
-        yield runner
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+def running(stage_cls, config: Config, **settings):
+    return running_stage(make_stage(stage_cls, config, **settings), config)
 
 
 async def kinds_on(js, subject: str) -> list:

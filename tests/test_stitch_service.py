@@ -10,7 +10,6 @@ import numpy as np
 import zarr
 from ome_zarr_models.v05.image import Image
 
-from messages import decode_event
 from services.io.focus_plane import plane_of
 from services.io.omezarr import open_level, read_multiscale
 from services.local.simulate import PhantomParams, simulate, small_manifest, write_manifest
@@ -18,7 +17,7 @@ from services.ops.finish import finish
 from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.stitch import Stitch
-from tests.conftest import pipeline, stream_messages, wait_for
+from tests.conftest import events, pipeline, wait_for
 
 PARAMS = PhantomParams(scatterers=8, scatterer_spacing_um=30.0)
 LOW_TEXTURE = (0, 0, 1, 1)
@@ -27,10 +26,6 @@ MISSING = (2, 3)
 
 STAGES = (Convert, Process, Stitch)
 OPTIONS = {Stitch: {"fuse_volume": True}}
-
-
-async def events(js, kind: str) -> list:
-    return [decode_event(m.data) for m in await stream_messages(js, f"tp.{kind}.>")]
 
 
 async def test_stitch_while_acquiring_with_low_texture_and_missing_tile(config, js):

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import math
@@ -28,17 +27,17 @@ from kernels.register import RegisterParams, register_slices, translation_matrix
 from kernels.thruplane import CHANNELS, ThruPlaneParams, gaussian_nan, thruplane, tissue_mask
 from messages import decode_event
 from messages.events import SliceStitched
-from services.core.config import StageSettings
 from services.core.manifest import load_manifest
 from services.io.layout import axis_path, axis_volume_path, mosaic_path
 from services.io.omezarr import open_level, read_multiscale, write_omezarr
 from services.io.volume import Volume
 from services.local.simulate import TILTED_VIEW, Phantom, PhantomParams
 from services.runtime.bus import publish_event
-from services.runtime.runner import StageRunner
 from services.stages.register import Register
 from services.stages.thruplane import toolbox_orientation
-from tests.conftest import stream_messages, wait_for
+from tests.browser import chromium, images_loaded
+from tests.conftest import make_stage, running_stage, stream_messages, wait_for
+from tests.webhooks import Receiver, url_file
 
 PX_UM = 10.0
 GAMMA = -15.0
@@ -191,18 +190,8 @@ def test_orientation_conventions_are_converted_to_the_toolboxs():
 
 
 # ----------------------------------------------------------------------------- the stage
-@contextlib.asynccontextmanager
-async def running(config, **options):
-    stop = asyncio.Event()
-    settings = StageSettings(**{**Register.defaults, "options": options})
-    runner = StageRunner(Register(config, settings), config)
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(runner.ready.is_set)
-    try:
-        yield runner
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
+def running(config, **options):
+    return running_stage(make_stage(Register, config, options), config, timeout=60)
 
 
 def write_mosaic(config, acq, k, m, maps, origin_px) -> SliceStitched:
@@ -345,8 +334,6 @@ async def test_simulated_two_illumination_acquisition_recovers_the_axis(
     from services.stages.upload import Upload
     from tests.conftest import pipeline
     from tests.s3server import BUCKET, s3_options, s3_tree
-    from tests.test_exports import chromium, images_loaded
-    from tests.test_notify import Receiver, url_file
 
     manifest = small_manifest(
         "e2e", slices=1, rows=3, cols=3, settle_s=0.2, mosaics=2, tilted_cols=5

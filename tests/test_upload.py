@@ -19,15 +19,13 @@ import zarr
 
 from messages import SliceStitched, TileCoord, TileProcessed
 from messages.events import TilePosition
-from services.core.config import StageSettings
 from services.core.errors import ConfigError
 from services.core.metrics import EVENTS_HANDLED, UPLOAD_FAILURES
 from services.io.storage import MARKER, digest_file, upload_phases
 from services.runtime.bus import publish_event
-from services.runtime.runner import StageRunner
 from services.stages.upload import Upload, parse_options
 from services.state.status import snapshot
-from tests.conftest import events, wait_for
+from tests.conftest import events, make_stage, running_stage, wait_for
 from tests.s3server import BUCKET, PART, MotoServer, s3_options, s3_tree
 
 TILE = TileCoord(slice=0, mosaic=0, row=1, col=2)
@@ -102,24 +100,12 @@ class PausingProxy:
 @contextlib.asynccontextmanager
 async def upload_stage(config, options: dict, **settings):
     """The real stage under the real runner, until the block ends."""
-    merged = {
-        **Upload.defaults,
-        "enabled": True,
-        "max_deliver": 3,
-        "backoff_s": [0.2, 0.5],
-        **settings,
-        "options": options,
-    }
-    stage = Upload(config, StageSettings(**merged))
-    runner = StageRunner(stage, config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(lambda: runner.ready.is_set())
+    settings = {"enabled": True, "max_deliver": 3, "backoff_s": [0.2, 0.5], **settings}
+    stage = make_stage(Upload, config, options, **settings)
     try:
-        yield stage
+        async with running_stage(stage, config):
+            yield stage
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
         stage.storage.close()
 
 
@@ -391,7 +377,7 @@ async def test_nifti_and_previews_listed_by_a_mosaic_are_uploaded_with_checksums
             assert e.checksum == "sha256:" + hashlib.sha256(local.read_bytes()).hexdigest()
             assert (dest / e.key.removeprefix(f"file://{dest}/")).read_bytes() == local.read_bytes()
     opts = {"url": f"file://{dest}", "include_exports": False}
-    without = Upload(config, StageSettings(**{**Upload.defaults, "options": opts}))
+    without = make_stage(Upload, config, opts)
     assert [a.product for a in without._artifacts(event)] == ["mosaic"]
 
 
@@ -438,7 +424,7 @@ def test_volume_mosaic_keys_in_the_dandi_layout(tmp_path):
     manifest = small_manifest("acqd", slices=2, rows=1, cols=1, mosaics=2)
     roots = Roots(raw=tmp_path / "raw", work=tmp_path / "work", output=tmp_path / "out")
     opts = {"url": f"file://{tmp_path}/dest", "layout": "dandi"}
-    stage = Upload(Config(roots=roots), StageSettings(**{**Upload.defaults, "options": opts}))
+    stage = make_stage(Upload, Config(roots=roots), opts)
     keys = {
         (sl, mos, p): stage._key(
             manifest,

@@ -3,64 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
-from kernels.calibration import SpectrometerCalibration
 from messages import decode_event
-from services.core.manifest import Calibration, Lattice, Manifest, RawLayout
 from services.local.simulate import write_manifest, write_tile_file
-from services.watcher.service import Watcher
-from tests.conftest import stream_messages, tilepipe, wait_for
+from tests.conftest import events, stream_messages, tilepipe, wait_for
+from tests.watching import payload, tiny_manifest, watching
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = RawLayout(samples=64, alines=2, bscans=2)
-TINY_CAL = Calibration(
-    wavelength_poly_nm=SpectrometerCalibration.from_band(64).wavelength_poly_nm, autocorr_bins=4
-)
-
-
-def tiny_manifest(acq: str, rows: int, cols: int, settle_s: float = 0.3, slices: int = 1):
-    return Manifest(
-        id=acq,
-        lattice=Lattice(slices=slices, rows=rows, cols=cols),
-        pattern="slice{slice:03d}/tile_{index:04d}.nii",
-        raw=TINY,
-        settle_s=settle_s,
-        calibration=TINY_CAL,
-    )
-
-
-def payload(manifest: Manifest) -> bytes:
-    return os.urandom(manifest.raw.expected_bytes)
 
 
 def files_metric(outcome: str) -> float:
     return REGISTRY.get_sample_value("tilepipe_watcher_files_total", {"outcome": outcome}) or 0.0
 
 
-@contextlib.asynccontextmanager
-async def watching(config, js):
-    watcher = Watcher(config, js)
-    stop = asyncio.Event()
-    task = asyncio.create_task(watcher.run(stop))
-    await wait_for(lambda: watcher.ready.is_set() or task.done())
-    if task.done():
-        task.result()
-    try:
-        yield watcher
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-
-async def arrived(js, acq: str = "*") -> list:
-    return [decode_event(m.data) for m in await stream_messages(js, f"tp.tile_arrived.{acq}.>")]
+async def arrived(js) -> list:
+    return await events(js, "tile_arrived")
 
 
 async def test_chunked_slow_write_emitted_once_after_completion(config, js):
