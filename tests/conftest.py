@@ -138,7 +138,7 @@ async def running_stage(
     runner = StageRunner(stage, config)
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
-    await wait_for(lambda: runner.ready.is_set() or task.done())
+    await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
     if task.done():
         task.result()  # the runner's start-up error
     assert runner.ready.is_set(), "the runner ended before it was ready"

@@ -27,12 +27,11 @@ from services.io.layout import products_path
 from services.local.simulate import simulate, small_manifest, write_manifest
 from services.ops import control as ops
 from services.runtime.bus import MSG_ID, publish_event
-from services.runtime.runner import StageRunner
 from services.stages import stage_for, stage_settings
 from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.stitch import Stitch
-from tests.conftest import pipeline, stream_messages, tilepipe, wait_for
+from tests.conftest import pipeline, running_stage, stream_messages, tilepipe, wait_for
 from tests.stages_for_tests import ConvertLike, arrived
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -89,15 +88,11 @@ async def test_reset_rewinds_a_running_stage_for_the_cli_and_the_js_client(
     survive, and `tilepipe replay --from-seq / --since` rewinds as `nats consumer reset`."""
     marks = tmp_path / "marks"
     stage = ConvertLike(config, StageSettings(options={"marker_dir": str(marks)}))
-    stop = asyncio.Event()
-    runner = StageRunner(stage, config)
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(lambda: runner.ready.is_set() or task.done())
 
     def handled() -> int:
         return sum(len(p.read_text().splitlines()) for p in marks.glob("done-*"))
 
-    try:
+    async with running_stage(stage, config):
         seqs = [
             (await js.publish(arrived(0, c).subject(), arrived(0, c).to_json())).seq
             for c in range(5)
@@ -161,9 +156,6 @@ async def test_reset_rewinds_a_running_stage_for_the_cli_and_the_js_client(
         assert proc.returncode == 2 and "--from-seq" in proc.stdout
         await asyncio.sleep(0.5)
         assert handled() == 20
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_a_delivery_in_flight_during_a_reset_finishes_and_comes_again(config, js, tmp_path):
@@ -173,15 +165,11 @@ async def test_a_delivery_in_flight_during_a_reset_finishes_and_comes_again(conf
     marks = tmp_path / "marks"
     options = {"marker_dir": str(marks), "sleep_s": 1.0}
     stage = ConvertLike(config, StageSettings(ack_wait_s=3, options=options))
-    stop = asyncio.Event()
-    runner = StageRunner(stage, config)
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(lambda: runner.ready.is_set() or task.done())
 
     def done() -> dict[str, int]:
         return {p.name[5:]: len(p.read_text().splitlines()) for p in marks.glob("done-*")}
 
-    try:
+    async with running_stage(stage, config):
         seqs = [
             (await js.publish(arrived(0, c).subject(), arrived(0, c).to_json())).seq
             for c in range(3)
@@ -195,9 +183,6 @@ async def test_a_delivery_in_flight_during_a_reset_finishes_and_comes_again(conf
         assert done() == {"m0-r0-c0": 2, "m0-r0-c1": 1, "m0-r0-c2": 1}
         info = await js.consumer_info(STREAM, "convert_like")
         assert info.ack_floor.stream_seq == seqs[-1] and info.num_redelivered == 0
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_command_stage_runs_its_program_again_only_for_changed_inputs(config, js, tmp_path):
@@ -213,10 +198,6 @@ async def test_command_stage_runs_its_program_again_only_for_changed_inputs(conf
         {**config.model_dump(), "stages": {"qc": {"impl": "command", "options": options}}}
     )
     stage = stage_for(cfg, "qc")(cfg, stage_settings(cfg, "qc"), name="qc")
-    stop = asyncio.Event()
-    runner = StageRunner(stage, cfg)
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(lambda: runner.ready.is_set() or task.done())
 
     def ran() -> list[str]:
         return runs.read_text().split() if runs.exists() else []
@@ -232,7 +213,7 @@ async def test_command_stage_runs_its_program_again_only_for_changed_inputs(conf
             basis=basis,
         )
 
-    try:
+    async with running_stage(stage, cfg):
         for col in (0, 1):
             await publish_event(js, converted(col, "b1"))
         await wait_for(lambda: len(ran()) == 2)
@@ -247,9 +228,6 @@ async def test_command_stage_runs_its_program_again_only_for_changed_inputs(conf
         await wait_for(lambda: len(ran()) == 6)  # the targeted replay: all three events
         await wait_for(lambda: _acked_all(js, "qc"))
         assert sorted(ran()) == ["m0-r0-c0"] * 4 + ["m0-r0-c1"] * 2
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def _acked_all(js, name: str) -> bool:

@@ -21,10 +21,9 @@ from services.local.simulate import (
     write_manifest,
 )
 from services.runtime.bus import publish_event
-from services.runtime.runner import StageRunner
 from services.stages.convert import Convert
 from services.stages.process import Process
-from tests.conftest import events, pipeline, wait_for
+from tests.conftest import events, pipeline, running_stage, wait_for
 
 STAGES = (Convert, Process)
 PARAMS = PhantomParams(scatterers=8, scatterer_spacing_um=30.0)
@@ -122,30 +121,25 @@ async def test_corrupt_and_truncated_tiles_fail_cleanly(config, js):
     corrupt.write_bytes(b"\x00" * manifest.raw.expected_bytes)  # right size, no NIfTI header
     truncated.write_bytes(b"\x00" * (manifest.raw.expected_bytes // 2))
     before = {p: sha(p) for p in (corrupt, truncated)}
-    stop = asyncio.Event()
     stage = Convert(config, StageSettings(max_deliver=2, backoff_s=[0.1]))
-    runner = StageRunner(stage, config)
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(lambda: runner.ready.is_set())
-    for coord, path in zip(coords, (corrupt, truncated), strict=True):
-        await publish_event(
-            js,
-            TileArrived(
-                acq="bad",
-                tile=coord,
-                path=str(path.relative_to(config.roots.raw)),
-                manifest="bad/manifest.toml",
-                size_bytes=path.stat().st_size,
-                completed_at=utcnow(),
-            ),
-        )
+    async with running_stage(stage, config):
+        for coord, path in zip(coords, (corrupt, truncated), strict=True):
+            await publish_event(
+                js,
+                TileArrived(
+                    acq="bad",
+                    tile=coord,
+                    path=str(path.relative_to(config.roots.raw)),
+                    manifest="bad/manifest.toml",
+                    size_bytes=path.stat().st_size,
+                    completed_at=utcnow(),
+                ),
+            )
 
-    async def two_failed():
-        return len(await events(js, "stage_failed")) == 2
+        async def two_failed():
+            return len(await events(js, "stage_failed")) == 2
 
-    await wait_for(two_failed, timeout=30)
-    stop.set()
-    await task
+        await wait_for(two_failed, timeout=30)
     failed = {e.tile.col: e for e in await events(js, "stage_failed")}
     assert "not a NIfTI-1" in failed[coords[0].col].error
     assert "truncated" in failed[coords[1].col].error

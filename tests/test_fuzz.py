@@ -39,7 +39,7 @@ from services.local.simulate import small_manifest
 from services.runtime.bus import publish_event
 from services.runtime.provision import ensure_kv, ensure_stream
 from services.runtime.runner import StageRunner
-from tests.conftest import stream_messages, wait_for
+from tests.conftest import running_stage, stream_messages, wait_for
 from tests.stages_for_tests import ConvertLike
 
 REASONS = {
@@ -505,18 +505,11 @@ async def test_symlink_out_of_the_raw_root_fails_at_once(config, js, tmp_path):
         completed_at=utcnow(),
     )
     settings = StageSettings(max_deliver=3, backoff_s=[0.2, 0.2])
-    runner = StageRunner(Convert(config, settings), config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    try:
-        await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
+    async with running_stage(Convert(config, settings), config):
         await publish_event(js, event)
         failed = await wait_for(lambda: stream_messages(js, "tp.stage_failed.esc.>"), timeout=60)
         await asyncio.sleep(1.0)  # a retry (backoff 0.2 s) would show as a redelivery
         info = await js.consumer_info("TILEPIPE", "convert")
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
     record = decode_event(failed[0].data)
     assert record.attempts == 1 and "PathEscapeError" in record.error
     assert "resolves outside its root" in record.error

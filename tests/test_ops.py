@@ -19,7 +19,6 @@ from messages import (
 )
 from services.ops import control as ops
 from services.runtime.bus import publish_event
-from services.runtime.runner import StageRunner
 from services.stages import stage_settings
 from services.state.status import failures, snapshot
 from services.state.status_view import render
@@ -246,19 +245,14 @@ async def test_command_stage_runs_a_program_per_tile_with_history(config, js, tm
     )
     cls = stage_for(cfg, "qc")
     stage = cls(cfg, stage_settings(cfg, "qc"), name="qc")
-    stop = asyncio.Event()
-    runner = StageRunner(stage, cfg)
-    task = asyncio.create_task(runner.run(stop))
-    await wait_for(lambda: runner.ready.is_set())
-    await publish_event(js, arrived(0, 1))
-    await publish_event(js, arrived(0, 3))  # the program fails for col 3
+    async with running_stage(stage, cfg):
+        await publish_event(js, arrived(0, 1))
+        await publish_event(js, arrived(0, 3))  # the program fails for col 3
 
-    async def done():
-        return await count(js, "stage_failed") == 1 and await _has_ok(js)
+        async def done():
+            return await count(js, "stage_failed") == 1 and await _has_ok(js)
 
-    await wait_for(done, timeout=30)
-    stop.set()
-    await task
+        await wait_for(done, timeout=30)
     out = config.roots.work / "ops/cmd/slice0/m0-r0-c1.txt"
     assert out.read_text().split() == ["ops", "m0-r0-c1", "0"]
     ok_rows = ops.history_rows(await ops.history(js, "TILEPIPE", "ops", 0, "m0-r0-c1"))

@@ -44,9 +44,8 @@ from services.local.natsauth import (
 from services.local.natsserver import EmbeddedServer, free_port, free_port_block, port_open
 from services.runtime.bus import connect, inbox_prefix, publish_event
 from services.runtime.provision import ensure_kv, ensure_stream
-from services.runtime.runner import StageRunner
 from services.stages import BUILTIN, stage_class
-from tests.conftest import REPO, pipeline, stream_messages, wait_for
+from tests.conftest import REPO, pipeline, running_stage, stream_messages, wait_for
 from tests.procs import running_up
 from tests.stages_for_tests import ConvertLike
 
@@ -305,11 +304,7 @@ async def test_stage_runs_under_its_own_user_without_violations(auth, admin_js, 
         config,
         StageSettings(max_deliver=3, backoff_s=[0.1], options={"fail_until_attempt": 1}),
     )
-    runner = StageRunner(stage, config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    try:
-        await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
+    async with running_stage(stage, config) as runner:
         from services.ops.control import hold
 
         await hold(admin_js, "TILEPIPE", "held")
@@ -325,9 +320,6 @@ async def test_stage_runs_under_its_own_user_without_violations(auth, admin_js, 
 
         await wait_for(done, timeout=60)
         await wait_for(lambda: stream_messages(admin_js, "tp.attempt.sec.>"), timeout=30)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
     assert "Violation" not in auth.log()
 
 
@@ -350,9 +342,6 @@ async def test_a_stage_user_cannot_pass_a_forged_event_off_as_another_stages(
     write_manifest(manifest, roots.raw / "victim")
     await record_acquisition(admin_js, manifest, "victim/manifest.toml", "acquiring")
     config = Config(nats=auth.settings("stitch"), roots=roots)
-    runner = StageRunner(Stitch(config, StageSettings(backoff_s=[0.1])), config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
     labels = {"stage": "stitch", "reason": "subject_mismatch"}
     before = REGISTRY.get_sample_value("tilepipe_events_invalid_total", labels) or 0.0
     forged = processed_event().model_copy(
@@ -367,8 +356,8 @@ async def test_a_stage_user_cannot_pass_a_forged_event_off_as_another_stages(
         attempts=1,
         tile=TileCoord(slice=0, row=1, col=0),
     )
-    try:
-        await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
+    stage = Stitch(config, StageSettings(backoff_s=[0.1]))
+    async with running_stage(stage, config):
         errors: list[str] = []
         nc = await open_as(auth, "convert", errors)
         js = nc.jetstream(timeout=2)
@@ -394,9 +383,6 @@ async def test_a_stage_user_cannot_pass_a_forged_event_off_as_another_stages(
         await wait_for(refused, timeout=30)
         await asyncio.sleep(1.0)  # a delivery that was not terminated would come back
         info = await admin_js.consumer_info("TILEPIPE", "stitch")
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
     assert info.num_redelivered == 0 and info.num_ack_pending == 0
     assert await tile_state(admin_js, "victim", 0, 0, 1, 0) is None
     assert await stream_messages(admin_js, "tp.attempt.victim.>") == []  # never handled
@@ -517,14 +503,11 @@ async def test_init_applies_stream_and_kv_limits_and_they_hold(nats_server, tmp_
         assert (await js.get_msg("TILEPIPE", first.seq)).data == b"{}"  # kept
         # every stage exports how full the streams it uses are (alert TilepipeStreamNearlyFull)
         config = Config(nats=NatsSettings(url=nats_server.url), roots=Roots(work=tmp_path))
-        runner = StageRunner(ConvertLike(config, StageSettings()), config)
-        stop = asyncio.Event()
-        task = asyncio.create_task(runner.run(stop))
 
         def gauge(name: str, stream: str) -> float | None:
             return REGISTRY.get_sample_value(f"tilepipe_stream_{name}_bytes", {"stream": stream})
 
-        try:
+        async with running_stage(ConvertLike(config, StageSettings()), config):
             await wait_for(
                 lambda: (
                     gauge("max", "TILEPIPE") == 1 << 20 and gauge("max", "KV_tp-holds") == 1 << 19
@@ -532,9 +515,6 @@ async def test_init_applies_stream_and_kv_limits_and_they_hold(nats_server, tmp_
                 timeout=30,
             )
             assert gauge("used", "TILEPIPE") == (await js.stream_info("TILEPIPE")).state.bytes
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
         # an oversized event (payload and headers) and KV value are refused
         attempt_subject = "tp.attempt.flood.0.m0-r0-c0.convert"
         with pytest.raises(APIError, match="message size exceeds maximum allowed"):
@@ -760,16 +740,9 @@ async def test_tls_with_client_certificates(tmp_path):
         await ensure_stream(js, tls)
         await ensure_kv(js)
         config = Config(nats=tls, roots=Roots(work=tmp_path))
-        runner = StageRunner(ConvertLike(config, StageSettings()), config)
-        stop = asyncio.Event()
-        task = asyncio.create_task(runner.run(stop))
-        try:
-            await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)
+        async with running_stage(ConvertLike(config, StageSettings()), config):
             await publish_event(js, arrived(1, acq="tls"))
             await wait_for(lambda: stream_messages(js, "tp.tile_converted.tls.>"), timeout=30)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
         await nc.close()
         # refused: a plain client, a client that does not trust the CA, one without a cert
         for kwargs in ({}, {"tls": ssl.create_default_context()}):
