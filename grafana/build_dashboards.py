@@ -4,7 +4,7 @@
 
 The JSON files are what Grafana provisions and what the tests evaluate against Prometheus;
 `tests/test_monitoring.py` checks that they are what this script writes.
-Jobs are `tilepipe-<service>` with a `host` label (see `services/monitoring.py`).
+Jobs are `tilepipe-<service>` with a `host` label (see `services/monitoring/prometheus.py`).
 """
 
 from __future__ import annotations
