@@ -222,6 +222,21 @@ def test_failure_and_attempt_subjects_name_their_stage():
         subject("tile_arrived", "A1", "3", "m1-r2-c4", "convert")
 
 
+@pytest.mark.unit
+def test_a_parsed_subject_says_where_it_points_and_for_whom():
+    failed = parse_subject(failed_event().subject())
+    assert (failed.where(), failed.key(), failed.target) == (
+        "A1.3.m1-r2-c4.convert",
+        "3.m1-r2-c4",
+        None,
+    )
+    arrived = parse_subject(tile_event().subject())
+    assert (arrived.where(), arrived.target) == ("A1.3.m1-r2-c4", None)
+    held = parse_subject("tp.hold_stitch.A1.3.m1-r2-c4")
+    assert (held.kind, held.target, held.where()) == ("hold_stitch", "stitch", "A1.3.m1-r2-c4")
+    assert parse_subject("tp.redo_convert.A1._._").target == "convert"
+
+
 @pytest.mark.parametrize(
     "text",
     [
