@@ -82,29 +82,35 @@ AXIS_PREVIEWS: dict[str, Renderer] = {
 }
 
 
-class Channels(Mapping[str, np.ndarray]):
+class _Named(Mapping[str, np.ndarray]):
+    """Planes read or computed when asked for, under the names of `self.names`."""
+
+    names: Mapping[str, object]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class Channels(_Named):
     """The level-0 planes of a store by channel name, each read when asked for (one plane in
     memory at a time, not the whole stack: a real mosaic is ~6000 x 6000 px per channel)."""
 
     def __init__(self, store: Path, names: list[str]) -> None:
         self.level = open_level(store, 0)
-        self.index = {name: k for k, name in enumerate(names)}
+        self.names = {name: k for k, name in enumerate(names)}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return np.asarray(self.level[self.index[name]], dtype=np.float32)
+        return np.asarray(self.level[self.names[name]], dtype=np.float32)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.level.shape[1:])  # type: ignore[return-value]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.index
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.index)
-
-    def __len__(self) -> int:
-        return len(self.index)
 
 
 FRAME = "rows = y (B-lines, down), columns = x (A-lines, right)"
@@ -147,12 +153,13 @@ MOSAIC_EXPORT_FILES = MOSAIC.files
 AXIS_EXPORT_FILES = AXIS.files
 
 
-class Shrunk(Mapping[str, np.ndarray]):
+class Shrunk(_Named):
     """Channels block-averaged for previews (:func:`services.io.previews.block_mean`), each
     computed once."""
 
     def __init__(self, channels: Mapping[str, np.ndarray], factor: int) -> None:
-        self.channels, self.factor = channels, factor
+        self.names = self.channels = channels
+        self.factor = factor
         self.cache: dict[str, np.ndarray] = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -160,15 +167,6 @@ class Shrunk(Mapping[str, np.ndarray]):
             plane = self.channels[name]
             self.cache[name] = block_mean(plane, self.factor, axial=name in AXIAL)
         return self.cache[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.channels
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.channels)
-
-    def __len__(self) -> int:
-        return len(self.channels)
 
 
 def _read(store: Path) -> tuple[Channels, tuple[float, float], tuple[float, float]]:
