@@ -241,15 +241,5 @@ async def test_slice_done_on_registered_for_one_illumination(config, js, tmp_pat
 @pytest.mark.unit
 def test_a_failure_example_says_where_it_failed_and_its_first_line():
     digest = FailureDigest(60.0)
-    digest.add(
-        StageFailed(
-            acq="a1",
-            stage="convert",
-            input_type="tile_arrived",
-            input_subject="tp.tile_arrived.a1.3.m0-r2-c4",
-            error="boom\ntraceback",
-            attempts=1,
-            tile=TileCoord(slice=3, row=2, col=4),
-        )
-    )
-    assert digest.examples[("convert", "a1")] == ["a1.3.m0-r2-c4.convert: boom"]
+    digest.add(failed("convert", 2))
+    assert digest.examples[("convert", "a1")] == ["a1.0.m0-r2-c0.convert: boom 2"]
