@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from messages.events import AcquisitionStarted, Event, SliceAxis, SliceRegistered, StageFailed
+from messages.subjects import parse_subject
 from services.core.config import format_validation_error
 from services.core.errors import ConfigError
 from services.core.logs import get_logger
@@ -82,7 +83,7 @@ class FailureDigest:
         key = (event.stage, event.acq)
         self.counts[key] += 1
         if len(self.examples[key]) < EXAMPLES_PER_GROUP:
-            where = event.subject().split(".", 2)[2]  # <acq>.<slice>.<tile>.<stage>
+            where = parse_subject(event.subject()).where()  # <acq>.<slice>.<tile>.<stage>
             self.examples[key].append(f"{where}: {event.error.splitlines()[0][:200]}")
 
     def next_due(self) -> float:
