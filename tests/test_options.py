@@ -17,7 +17,6 @@ from services.ops.options_doc import options_markdown
 from services.runtime.options import option_rows, unknown_keys
 from services.stages import check_options, options_model, stage_options
 from services.stages.convert import Convert
-from services.stages.stitch import StitchOptions
 from tests.stages_for_tests import ConvertLike
 
 pytestmark = pytest.mark.unit
@@ -123,17 +122,32 @@ def test_every_option_is_described():
             assert description, f"{name}.{key} has no description"
 
 
-def test_readme_states_the_stitch_defaults_of_the_model():
-    """README lists stitch's options with their defaults in parentheses."""
+def _literal(text: str) -> object:
+    """A default as README states it or the reference shows it, comparable: 5 == 5.0."""
+    text = text.strip().strip('"')
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@pytest.mark.parametrize(
+    ("opening", "stage", "every"),
+    [("`[stages.stitch] options`:", "stitch", True), ("Options: `axis` (", "register", False)],
+)
+def test_readme_states_the_defaults_of_the_models(opening, stage, every):
+    """README lists some options with their defaults in parentheses: they are the models'."""
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("`[stages.stitch] options`:")
+    start = readme.index(opening)
     paragraph = readme[start : readme.index("\n\n", start)]
-    defaults = {key: default.strip('"') for key, _, default, _ in option_rows(StitchOptions)}
-    found = re.findall(r"`(\w+)` \((?:`([^`]+)`|([^,:)]+))", paragraph)
-    stated = {key: quoted or plain for key, quoted, plain in found}
-    assert set(stated) == set(defaults)
-    assert stated == defaults
-    assert StitchOptions().min_confidence == 0.2
+    defaults = {key: default for key, _, default, _ in option_rows(options_model(stage))}
+    found = re.findall(r"`(\w+)` \((?:`([^`]+)`|([^,:;)]+))", paragraph)
+    stated = {key: quoted or plain for key, quoted, plain in found if key in defaults}
+    assert stated and (set(stated) == set(defaults) or not every)
+    literal = re.compile(r"-?[\d.]+|true|false|\[.*\]|\w+")
+    for key, value in stated.items():
+        if literal.fullmatch(value):
+            assert _literal(value) == _literal(defaults[key]), (key, value, defaults[key])
 
 
 def _examples() -> list[tuple[str, dict]]:
