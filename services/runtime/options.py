@@ -81,8 +81,14 @@ def option_rows(model: type[BaseModel]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-BOUNDS |= {"min_length": "len >=", "max_length": "len <="}
+BOUNDS = {  # a constraint's attribute -> how the reference shows it
+    "gt": ">",
+    "ge": ">=",
+    "lt": "<",
+    "le": "<=",
+    "min_length": "len >=",
+    "max_length": "len <=",
+}
 
 
 def _bounds(metadata: list[Any]) -> list[str]:
