@@ -79,6 +79,10 @@ class Subject:
         """`<slice>.<tile>`: where in the acquisition the subject points."""
         return f"{self.slice}.{self.tile}"
 
+    def where(self) -> str:
+        """`<acq>.<slice>.<tile>[.<stage>]`: the subject without its prefix and kind."""
+        return ".".join(t for t in (self.acq, self.slice, self.tile, self.stage) if t is not None)
+
 
 def parse_subject(text: str) -> Subject:
     """The tokens of an event subject; ValueError for anything that is not one."""

@@ -55,7 +55,8 @@ class StageMonitor:
 
     The runtime creates one per stage (`StageMonitor(name, stream, stage.produces)`: the
     histograms of the kinds it produces start at zero, so a first observation is an increase)
-    and calls `handled(js, event, outputs, replay)` once the outputs of an input are published.
+    calls `observed(outputs, replay)` once the outputs of an input are published, then
+    `handled_slow(js, event, rest, replay)` for the outputs it returns (`handled` does both).
     For every output that stands for tiles — a tile event, an `artifact_uploaded` of a tile,
     a `slice_stitched` (its solved tiles) or a `slice_registered` (the tiles of its stitched
     mosaic) — it

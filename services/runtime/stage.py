@@ -10,6 +10,7 @@ from nats.js import JetStreamContext
 
 from messages.events import Event
 from services.core.config import Config, StageSettings
+from services.runtime.options import StageOptions, parse_options
 
 HOSTNAME = socket.gethostname()
 REPAIR_PREFIX = "repair-"  # repairs only fill in what is missing
@@ -61,12 +62,14 @@ class Stage:
     consumes: ClassVar[tuple[type[Event], ...]]
     produces: ClassVar[tuple[type[Event], ...]] = ()
     buckets: ClassVar[tuple[str, ...]] = ()  # KV buckets it keeps bookkeeping in (usage gauges)
-    defaults: ClassVar[dict[str, Any]] = {}
+    defaults: ClassVar[dict[str, Any]] = {}  # its StageSettings over the global defaults
+    options_model: ClassVar[type[StageOptions]] = StageOptions  # `options`: none unless declared
 
     def __init__(self, config: Config, settings: StageSettings, name: str | None = None) -> None:
         self.config = config
         self.settings = settings
         self.name = name or type(self).name
+        self.options = parse_options(self.options_model, settings.options, self.name)
 
     async def setup(self, js: JetStreamContext) -> None:
         """Called once after connecting (open KV buckets, warm caches)."""
