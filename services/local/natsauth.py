@@ -107,7 +107,7 @@ def stage_permissions(
     ]
     if bookkeeping:
         publish += [
-            *_watch_kv(LATTICE_BUCKET),  # a mosaic's keys (services.state.lattice.read_keys)
+            *_watch_kv(LATTICE_BUCKET),  # a mosaic's keys (transport.NatsKeyValue.entries)
             f"$JS.API.STREAM.MSG.GET.{_kv_stream(LATTICE_BUCKET)}",
             f"$JS.API.DIRECT.GET.{_kv_stream(LATTICE_BUCKET)}.>",
             *(f"$KV.{LATTICE_BUCKET}.{keys}" for keys in LATTICE_KEYS.get(name, ())),
