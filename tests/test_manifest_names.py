@@ -30,6 +30,8 @@ from services.core.manifest import (
 )
 from services.stages.process import runtime_options
 
+pytestmark = pytest.mark.unit
+
 SPECTRAL = "mosaic_{mosaic:03d}_image_{index:04d}_spectral_{counter:04d}.nii"
 
 
