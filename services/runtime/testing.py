@@ -94,24 +94,19 @@ class MemoryTransport:
         self._ids: dict[str, int] = {}  # message id -> sequence of the message stored with it
 
     async def publish(
-        self,
-        subject: str,
-        payload: bytes,
-        msg_id: str,
-        replay: str | None = None,
-        timeout: float = 10.0,
+        self, subject: str, data: bytes, msg_id: str, replay: str | None = None
     ) -> PubAck:
         if self.down:
             raise nats.errors.TimeoutError()
         if msg_id in self._ids:
             return PubAck(stream=self.stream, seq=self._ids[msg_id], duplicate=True)
         seq = len(self.log) + 1
-        self.log.append(Stored(subject, bytes(payload), headers_of(msg_id, replay), seq))
+        self.log.append(Stored(subject, bytes(data), headers_of(msg_id, replay), seq))
         self._ids[msg_id] = seq
         return PubAck(stream=self.stream, seq=seq)
 
-    async def send(self, subject: str, payload: bytes, msg_id: str) -> None:
-        await self.publish(subject, payload, msg_id)
+    async def send(self, subject: str, data: bytes, msg_id: str) -> None:
+        await self.publish(subject, data, msg_id)
 
     async def last(self, subject: str) -> Stored | None:
         return next((m for m in reversed(self.log) if m.subject == subject), None)

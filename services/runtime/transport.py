@@ -37,16 +37,12 @@ class Transport(Buckets, Protocol):
     stream: str
 
     async def publish(
-        self,
-        subject: str,
-        payload: bytes,
-        msg_id: str,
-        replay: str | None = None,
-        timeout: float = 10.0,
+        self, subject: str, data: bytes, msg_id: str, replay: str | None = None
     ) -> PubAck:
-        """Store `payload` on `subject` once per `msg_id` (a repeat: `duplicate=True`)."""
+        """Store `data` on `subject` once per `msg_id` (a repeat: `duplicate=True`), with the
+        replay tag as a header; raises what an unreachable server would."""
 
-    async def send(self, subject: str, payload: bytes, msg_id: str) -> None:
+    async def send(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish without waiting for the server's acknowledgement (history records)."""
 
     async def last(self, subject: str) -> Stored | None:
@@ -65,17 +61,12 @@ class NatsTransport:
         self._buckets: dict[str, NatsKeyValue] = {}
 
     async def publish(
-        self,
-        subject: str,
-        payload: bytes,
-        msg_id: str,
-        replay: str | None = None,
-        timeout: float = 10.0,
+        self, subject: str, data: bytes, msg_id: str, replay: str | None = None
     ) -> PubAck:
-        return await bus.publish(self.js, subject, payload, msg_id, replay, timeout)
+        return await bus.publish(self.js, subject, data, msg_id, replay)
 
-    async def send(self, subject: str, payload: bytes, msg_id: str) -> None:
-        await bus.send(self.js._nc, subject, payload, msg_id)
+    async def send(self, subject: str, data: bytes, msg_id: str) -> None:
+        await bus.send(self.js._nc, subject, data, msg_id)
 
     async def last(self, subject: str) -> Stored | None:
         try:
