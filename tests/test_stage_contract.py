@@ -4,6 +4,7 @@ simulated acquisition. No server."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from pathlib import Path
 
@@ -108,3 +109,25 @@ async def test_stitch_ignores_a_failure_of_an_unknown_acquisition(config: Config
     )
     result = await Stitch(config, StageSettings()).handle(failure, context(config))
     assert result.events == [] and result.detail == "ignored: unknown acquisition"
+
+
+def test_no_stage_and_no_book_imports_nats():
+    """The contract holds in the code: stages, the Context and the books see the server only
+    through the transport's protocols."""
+    root = Path(__file__).resolve().parents[1] / "services"
+    paths = [
+        *sorted((root / "stages").glob("*.py")),
+        root / "runtime" / "stage.py",
+        root / "state" / "buckets.py",
+        root / "state" / "lattice.py",
+    ]
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "nats"]
+    assert len(paths) > 10 and found == []

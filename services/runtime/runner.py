@@ -22,7 +22,7 @@ import errno
 import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -149,13 +149,10 @@ class Delivery:
     event: Event
     attempt: int  # 1 on the first delivery
     replay: str | None  # `replay_tag`
-    started_at: datetime  # wall clock, for the attempt record
-    log: Any = None  # the runner's logger bound to the event and attempt
+    log: Any  # the runner's logger bound to the event and attempt
     origin: Origin | None = None  # stamped on the outputs, once handling starts
-    started: float = 0.0  # perf counter, for the handle-time figures
-
-    def __post_init__(self) -> None:
-        self.started = time.perf_counter()
+    started_at: datetime = field(default_factory=utcnow)  # wall clock, for the record
+    started: float = field(default_factory=time.perf_counter)  # for the handle-time figures
 
 
 class StageRunner:
@@ -295,8 +292,8 @@ class StageRunner:
         event = await self._accept(msg)
         if event is None:
             return
-        d = Delivery(msg, event, attempt, replay_tag(msg), utcnow())
-        d.log = self.log.bind(**event.log_context(), attempt=attempt)
+        log = self.log.bind(**event.log_context(), attempt=attempt)
+        d = Delivery(msg, event, attempt, replay_tag(msg), log)
         if event.acq in self.held:
             await self._park(d)
             return
@@ -375,6 +372,7 @@ class StageRunner:
 
     async def _ok(self, d: Delivery, result: Result, outputs: list[Event]) -> None:
         """Outcome: handled, outputs published and the input acknowledged."""
+        seconds = time.perf_counter() - d.started
         m = self.m
         m.ok.inc()
         if result.bytes_read:
@@ -386,7 +384,7 @@ class StageRunner:
             await self.monitor.handled_slow(self.transport, d.event, slow, replay=d.replay)
         d.log.info(
             "event_handled",
-            seconds=round(time.perf_counter() - d.started, 4),
+            seconds=round(seconds, 4),
             published=[e.kind for e in outputs],
         )
         if not outputs or result.detail:  # else the outputs carry the record
@@ -510,7 +508,7 @@ class StageRunner:
             return
         await _quietly(msg.ack())
         d.log.info("input_held")
-        await self._record(d, "held", started_at=utcnow())
+        await self._record(d, "held")
 
     async def _record(
         self,
@@ -519,7 +517,6 @@ class StageRunner:
         error: str = "",
         detail: str = "",
         attempt: int | None = None,
-        started_at: datetime | None = None,
     ) -> None:
         """Publish the attempt record (fire and forget: history, not a work item)."""
         if not self.settings.record_attempts or self.transport is None:
@@ -534,7 +531,7 @@ class StageRunner:
             outcome=outcome,
             host=HOSTNAME,
             worker=self.worker,
-            started_at=started_at or d.started_at,
+            started_at=d.started_at,
             ended_at=utcnow(),
             error=error[:8000],
             detail=detail[:8000],
