@@ -1,8 +1,9 @@
 """An in-memory stand-in for the server, for tests without one.
 
 `MemoryTransport` is a `Transport` with the semantics the runtime relies on: one event log with
-sequence numbers and message-id de-duplication, the newest message per subject, subject counts
-with NATS wildcards, and key-value buckets with revisions (`create` refuses a live key).
+sequence numbers and message-id de-duplication (for ever: the server's window is
+`[nats] duplicate_window_s`), the newest message per subject, subject counts with NATS
+wildcards, and key-value buckets with revisions (`create` refuses a live key).
 `delivery` hands a `StageRunner.deliver` a real nats-py message whose acknowledgements land
 here (`outcome`), and `context` builds the `Context` a stage's `handle` can be called with:
 
