@@ -454,7 +454,7 @@ async def test_same_file_written_twice_is_announced_once(config, js, tmp_path):
     data = payload(manifest)
     await provision(config)
     with Services(config, tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
         write_tile_file(first, data)
         await wait_for(lambda: count_kind(js, "tile_arrived"), timeout=30)
         write_tile_file(second, data)

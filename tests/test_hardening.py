@@ -285,7 +285,7 @@ async def test_acq_started_waits_for_a_full_stream_and_failures_are_logged_rate_
     manifest = tiny_manifest("full", 2, 2)
     cfg = watcher_config(config, settle_s=0.1)
     with Services(cfg, tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
         write_manifest(manifest, config.roots.raw / "full")
         for coord in manifest.coords():
             write_tile_file(config.roots.raw / "full" / manifest.path_of(coord), payload(manifest))
@@ -341,7 +341,7 @@ async def test_a_tile_dated_in_the_future_settles_by_the_local_clock(config, js,
     acq_dir = config.roots.raw / "skew"
     write_manifest(manifest, acq_dir)
     with Services(watcher_config(config), tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
         tile = acq_dir / manifest.path_of(next(manifest.coords()))
         outside = tmp_path / "outside.nii"  # dated first, then moved in (same filesystem)
         write_tile_file(outside, payload(manifest))
@@ -368,7 +368,7 @@ async def test_a_partial_file_that_stops_growing_is_logged_once(config, js, tmp_
     write_manifest(manifest, acq_dir)
     cfg = watcher_config(config, stalled_s=1.0)
     with Services(cfg, tmp_path / "svc", ["watcher"]) as services:
-        await wait_for(lambda: services.core.metrics("watcher"), timeout=30)
+        await wait_for(lambda: services.metrics("watcher"), timeout=30)
         first, second = (acq_dir / manifest.path_of(c) for c in manifest.coords())
         data = payload(manifest)
         write_tile_file(first, data[: len(data) // 2])

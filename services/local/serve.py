@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import threading
 import time
@@ -13,6 +12,7 @@ import time
 from services.core.config import Config
 from services.core.logs import configure_logging, get_logger
 from services.core.metrics import serve_metrics
+from services.core.signals import stop_on_signals
 from services.io.atomic import sweep_temporaries
 from services.monitoring.collectors import register_resource_collectors
 from services.runtime.runner import StageRunner
@@ -22,11 +22,7 @@ from services.watcher.service import run_watcher
 
 async def run_until_signalled(main, *args) -> None:
     """Run `main(*args, stop)` until SIGTERM or SIGINT sets `stop`."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await main(*args, stop)
+    await main(*args, stop_on_signals())
 
 
 async def sweep_periodically(config: Config, stop: asyncio.Event, log) -> None:

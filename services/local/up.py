@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shlex
-import signal
 import sys
 
 from services.core.config import Config, Roots
+from services.core.signals import stop_on_signals
 from services.local.demo import demo_config, run_demo, summary
 from services.local.init import config_from_args, provision
 from services.local.natsauth import local_auth
@@ -73,21 +73,13 @@ def up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
 async def _wait(supervisor: Supervisor) -> None:
-    await wait_forever(_stop_on_signals(), supervisor)
+    await wait_forever(stop_on_signals(), supervisor)
 
 
 def _demo(config: Config, supervisor: Supervisor, services: list[str], rate: float, work) -> None:
     async def main() -> dict:
-        return await run_demo(config, supervisor, services, rate, _stop_on_signals())
+        return await run_demo(config, supervisor, services, rate, stop_on_signals())
 
     for line in summary(asyncio.run(main()), config, work):
         print(line)

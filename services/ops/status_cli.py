@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 
 from rich.console import Console
 from rich.live import Live
 
 from services.core.config import Config
+from services.core.signals import stop_on_signals
 from services.io.layout import index_path
 from services.runtime.bus import connect
 from services.runtime.transport import NatsTransport
@@ -64,10 +64,7 @@ async def status_command(config: Config, args) -> int:
             console.print(previews, soft_wrap=True)
             return 0
         console.print(previews, soft_wrap=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         with Live(console=console, refresh_per_second=2) as live:
             while not stop.is_set():
                 live.update(render(await current(), lattice))

@@ -53,10 +53,11 @@ class StageMonitor:
 
     The runtime creates one per stage (`StageMonitor(name, stream, stage.produces)`: the
     histograms of the kinds it produces start at zero, so a first observation is an increase)
-    and calls `handled(transport, event, outputs, replay)` once the outputs of an input are
-    published. For every output that stands for tiles — a tile event, an `artifact_uploaded` of
-    a tile, a `slice_stitched` (its solved tiles) or a `slice_registered` (the tiles of its
-    stitched mosaic) — it
+    calls `observed(outputs, replay)` once the outputs of an input are published, then
+    `handled_slow(transport, event, rest, replay)` for the outputs it returns (`handled` does
+    both; `transport` is the runner's, `services.runtime.transport`). For every output that
+    stands for tiles — a tile event, an `artifact_uploaded` of a tile, a `slice_stitched` (its
+    solved tiles) or a `slice_registered` (the tiles of its stitched mosaic) — it
 
     - observes `tilepipe_end_to_end_latency_seconds{stage,event}`: the output's `emitted_at`
       minus the latest `completed_at` of the `tile_arrived` events of those tiles (taken from
