@@ -88,7 +88,7 @@ from services.stages.thruplane import (
     warp_axis,
 )
 from services.state.acquisitions import ACQ_BUCKET, manifest_at
-from services.state.buckets import Buckets
+from services.state.buckets import Buckets, KeyValue
 from services.state.lattice import LATTICE_BUCKET, SliceBook
 
 REGISTER_SLICES = Counter(
@@ -172,7 +172,7 @@ class RegisterBook(SliceBook):
     """Registration state of one acquisition's mosaic index in KV `tp-lattice`
     (`<slice>.stitched|registered`)."""
 
-    def __init__(self, kv, acq: str, mosaic: int) -> None:
+    def __init__(self, kv: KeyValue, acq: str, mosaic: int) -> None:
         super().__init__(kv, f"{acq}.register.m{mosaic}")
 
     @staticmethod

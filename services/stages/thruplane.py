@@ -44,7 +44,7 @@ from messages.events import SliceAxis
 from services.core.manifest import default_mask_threshold
 from services.io.layout import axis_path
 from services.io.omezarr import write_omezarr
-from services.state.buckets import Buckets
+from services.state.buckets import Buckets, KeyValue
 from services.state.lattice import LATTICE_BUCKET, SliceBook
 
 AXIS_SLICES = Counter(
@@ -125,7 +125,7 @@ class AxisBook(SliceBook):
     """Thru-plane state of one acquisition in KV `tp-lattice` (keys of the register stage:
     `<slice>.m<mosaic>|done`); records are made strict JSON (`_json_safe`)."""
 
-    def __init__(self, kv, acq: str) -> None:
+    def __init__(self, kv: KeyValue, acq: str) -> None:
         super().__init__(kv, f"{acq}.register.axis")
 
     @staticmethod
