@@ -38,7 +38,8 @@ from services.io.atomic import atomic_file
 from services.runtime.bus import inbox_prefix
 from services.stages import stage_for
 from services.state.acquisitions import ACQ_BUCKET
-from services.state.lattice import HOLD_BUCKET, LATTICE_BUCKET, LATTICE_KEYS
+from services.state.buckets import HOLD_BUCKET
+from services.state.lattice import LATTICE_BUCKET, LATTICE_KEYS
 
 ADMIN = "admin"
 WATCHER = "watcher"

@@ -29,8 +29,8 @@ from messages.events import Attempt, Event, StageFailed
 from messages.subjects import HOLD, PREFIX, REDO, event_subjects, parse_subject, redo_subject
 from services.runtime.bus import publish
 from services.runtime.stage import REPAIR_PREFIX
+from services.state.buckets import HOLD_BUCKET
 from services.state.eventlog import subjects_seen
-from services.state.lattice import HOLD_BUCKET
 from services.state.status import Failure, checked, read_events
 
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")

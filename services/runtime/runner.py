@@ -72,7 +72,7 @@ from services.runtime.provision import ensure_consumer
 from services.runtime.pullfeed import PullFeed
 from services.runtime.stage import HOSTNAME, Context, Result, Stage
 from services.runtime.transport import NatsTransport, Transport
-from services.state.lattice import HOLD_BUCKET
+from services.state.buckets import HOLD_BUCKET
 
 TRANSIENT_NATS_ERRORS = (
     nats.errors.ConnectionClosedError,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Protocol
 
+HOLD_BUCKET = "tp-holds"  # key `<acq>`: the acquisition is on hold in every stage (operators)
+
 
 class KeyValue(Protocol):
     """One bucket: the operations the books use."""

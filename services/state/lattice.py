@@ -10,7 +10,8 @@ same time at least one sees the other, so no pair is missed (a pair done twice i
 
 Only the bookkeeping stages (stitch, register) may read this bucket, each may write only its
 own keys (`LATTICE_KEYS`, the permissions of its NATS user); the holds every stage watches
-are in a bucket of their own, `tp-holds`, which only operators write.
+are in a bucket of their own, `tp-holds` (`services.state.buckets.HOLD_BUCKET`), which only
+operators write.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ LATTICE_KEYS: dict[str, tuple[str, ...]] = {
     "stitch": ("*.*.*.tile.*", "*.*.*.pair.*.*", "*.*.*.stitched"),  # MosaicBook
     "register": ("*.register.*.*.*",),  # services.stages.register.RegisterBook
 }
-HOLD_BUCKET = "tp-holds"  # key `<acq>`: the acquisition is on hold in every stage
 TERMINAL = ("processed", "failed", "missing")
 
 
