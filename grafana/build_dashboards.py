@@ -4,7 +4,7 @@
 
 The JSON files are what Grafana provisions and what the tests evaluate against Prometheus;
 `tests/test_monitoring.py` checks that they are what this script writes.
-Jobs are `tilepipe-<service>` with a `host` label (see `services/monitoring.py`).
+Jobs are `tilepipe-<service>` with a `host` label (see `services/monitoring/prometheus.py`).
 """
 
 from __future__ import annotations
@@ -504,14 +504,7 @@ def stage_detail() -> dict:
     lay.add(
         "timeseries",
         "End-to-end latency p50 / p99 (file complete → output)",
-        [
-            target(
-                f"histogram_quantile({q}, sum by (event, le) "
-                f"(rate(tilepipe_end_to_end_latency_seconds_bucket{{{sel}}}[{RATE}])))",
-                f"{{{{event}}}} p{int(q * 100)}",
-            )
-            for q in (0.5, 0.99)
-        ],
+        quantiles("tilepipe_end_to_end_latency_seconds", "event", sel, "{{event}}"),
         unit="s",
     )
     lay.add(

@@ -22,6 +22,7 @@ AcqId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Text = Annotated[str, StringConstraints(max_length=8000)]
 Index = Annotated[int, Field(ge=0, le=MAX_INDEX)]
+Digest = Annotated[str, StringConstraints(max_length=64)]  # what an output was computed from
 VolumeProduct = Literal["dBI", "R3D", "O3D"]
 
 
@@ -125,6 +126,12 @@ class Event(BaseModel):
         """Identity used for `Nats-Msg-Id` de-duplication: same work, same id."""
         return self.subject()
 
+    def _id_with(self, basis: str) -> str:
+        """`<subject>:<basis>` (the subject alone without a basis): the same output
+        recomputed from other inputs or parameters is a new event; the same work again, a
+        duplicate."""
+        return f"{self.subject()}:{basis}" if basis else self.subject()
+
     def log_context(self) -> dict[str, object]:
         """Structured-log context: acquisition, event kind and lattice coordinates (`kind`,
         not `event`: structlog puts the log message's name there)."""
@@ -212,14 +219,12 @@ class TileConverted(TileEvent):
     shape: list[Index] = Field(max_length=8)
     dtype: Name
     completed_at: datetime | None = None
-    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+    basis: Digest = Field(
         default="", description="digest of the raw tile's identity, calibration and conventions"
     )
 
     def msg_id(self) -> str:
-        """Recomputed from other inputs or parameters: a new event; the same work again: a
-        duplicate."""
-        return f"{self.subject()}:{self.basis}" if self.basis else self.subject()
+        return self._id_with(self.basis)
 
 
 class TileProcessed(TileEvent):
@@ -231,14 +236,12 @@ class TileProcessed(TileEvent):
     device: Name
     seconds: Annotated[float, Field(ge=0)]
     completed_at: datetime | None = None
-    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+    basis: Digest = Field(
         default="", description="digest of the recipe's basis and the kernels' version"
     )
 
     def msg_id(self) -> str:
-        """Recomputed from other inputs or parameters: a new event; the same work again: a
-        duplicate."""
-        return f"{self.subject()}:{self.basis}" if self.basis else self.subject()
+        return self._id_with(self.basis)
 
 
 class TilePairAligned(SliceEvent):
@@ -252,16 +255,13 @@ class TilePairAligned(SliceEvent):
     confidence: float
     accepted: bool
     reason: Text = ""
-    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
-        default="", description="digest of the two tiles' bases"
-    )
+    basis: Digest = Field(default="", description="digest of the two tiles' bases")
 
     def tile_token(self) -> str:
         return f"{self.a.token()}-{self.b.token()}"
 
     def msg_id(self) -> str:
-        """The pair aligned again from recomputed tiles: a new event."""
-        return f"{self.subject()}:{self.basis}" if self.basis else self.subject()
+        return self._id_with(self.basis)
 
 
 class TilePosition(BaseModel):
@@ -294,7 +294,7 @@ class SliceStitched(SliceEvent):
     positions: list[TilePosition] = Field(default_factory=list, max_length=MAX_LIST)
     residual_rms_px: float = 0.0
     missing: list[TileCoord] = Field(default_factory=list, max_length=MAX_LIST)
-    inputs: Annotated[str, StringConstraints(max_length=64)] = Field(
+    inputs: Digest = Field(
         default="", description="digest of the tiles and pairs it was stitched from"
     )
     rejected: list[PairRejection] = Field(default_factory=list, max_length=MAX_LIST)
@@ -328,7 +328,7 @@ class SliceRegistered(SliceEvent):
     transform: list[list[float]] = Field(min_length=3, max_length=3)
     quality: float
     accepted: bool
-    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
+    basis: Digest = Field(
         default="", description="digest of the inputs (own mosaic, predecessor, options)"
     )
 
@@ -365,9 +365,7 @@ class SliceAxis(SliceEvent):
     )
     residual_p95: float | None = None
     delta_n_median: float | None = None
-    basis: Annotated[str, StringConstraints(max_length=64)] = Field(
-        default="", description="digest of the inputs (both mosaics, options)"
-    )
+    basis: Digest = Field(default="", description="digest of the inputs (both mosaics, options)")
     exports: dict[Name, RelPath] = Field(
         default_factory=dict,
         max_length=64,

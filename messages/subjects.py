@@ -79,6 +79,10 @@ class Subject:
         """`<slice>.<tile>`: where in the acquisition the subject points."""
         return f"{self.slice}.{self.tile}"
 
+    def where(self) -> str:
+        """`<acq>.<slice>.<tile>[.<stage>]`: the subject without its prefix and kind."""
+        return ".".join(t for t in (self.acq, self.slice, self.tile, self.stage) if t is not None)
+
 
 def parse_subject(text: str) -> Subject:
     """The tokens of an event subject; ValueError for anything that is not one."""
@@ -148,6 +152,17 @@ def event_filter(
     if event_type in STAGE_NAMED:
         parts.append(stage or "*")
     return ".".join(parts)
+
+
+def filter_matches(subject_filter: str, text: str) -> bool:
+    """Whether a subject is selected by a NATS filter (`*` one token, a final `>` the rest)."""
+    want, have = subject_filter.split("."), text.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or token not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
 
 
 def stream_subjects() -> list[str]:

@@ -5,16 +5,28 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pydantic import Field
+
 from messages import TileArrived, TileConverted, TileProcessed
+from services.runtime.options import StageOptions
 from services.runtime.stage import Context, Result, Stage
 
 
-def _options(ctx: Context) -> dict:
-    return ctx.settings.options
+class Marked(StageOptions):
+    marker_dir: str | None = Field(default=None, description="a file per attempt goes here")
 
 
-def _mark(ctx: Context, name: str) -> None:
-    marks = _options(ctx).get("marker_dir")
+class ConvertLikeOptions(Marked):
+    fail_until_attempt: int = Field(default=0, description="attempts up to it fail")
+    sleep_s: float = Field(default=0.0, description="each attempt sleeps this long")
+
+
+class StuckOptions(Marked):
+    fifo: str = Field(description="a FIFO nobody writes")
+
+
+def _mark(ctx: Context, options: Marked, name: str) -> None:
+    marks = options.marker_dir
     if marks:
         Path(marks).mkdir(parents=True, exist_ok=True)
         with open(Path(marks) / name, "a") as fh:
@@ -27,14 +39,14 @@ class ConvertLike(Stage):
     name = "convert_like"
     consumes = (TileArrived,)
     produces = (TileConverted,)
+    options_model = ConvertLikeOptions
 
     def handle(self, event: TileArrived, ctx: Context) -> Result:
-        opts = _options(ctx)
-        _mark(ctx, f"start-{event.tile.token()}")
-        if ctx.attempt <= int(opts.get("fail_until_attempt", 0)):
+        _mark(ctx, self.options, f"start-{event.tile.token()}")
+        if ctx.attempt <= self.options.fail_until_attempt:
             raise RuntimeError(f"injected failure on attempt {ctx.attempt}")
-        time.sleep(float(opts.get("sleep_s", 0)))
-        _mark(ctx, f"done-{event.tile.token()}")
+        time.sleep(self.options.sleep_s)
+        _mark(ctx, self.options, f"done-{event.tile.token()}")
         return Result(
             events=[
                 TileConverted(
@@ -79,9 +91,10 @@ class StuckReader(Stage):
 
     name = "stuck"
     consumes = (TileArrived,)
+    options_model = StuckOptions
 
     def handle(self, event: TileArrived, ctx: Context) -> Result:
-        _mark(ctx, f"start-{event.tile.token()}")
-        with open(_options(ctx)["fifo"], "rb") as fh:  # blocks until a writer comes: never
+        _mark(ctx, self.options, f"start-{event.tile.token()}")
+        with open(self.options.fifo, "rb") as fh:  # blocks until a writer comes: never
             fh.read()
         return Result()

@@ -66,3 +66,17 @@ def test_cli_reports_config_errors_with_exit_2(tmp_path):
     )
     assert proc.returncode == 2
     assert "stages.x.concurrency" in proc.stderr
+
+
+def test_check_refuses_a_stage_option_typo_with_exit_2(tmp_path):
+    """`tilepipe check` (like every command) reads the config: a typo fails at start."""
+    path = tmp_path / "bad.toml"
+    path.write_text("[stages.stitch]\noptions = { min_confidnce = 0.3 }\n")
+    manifest = tmp_path / "manifest.toml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.ops.cli", "check", str(manifest), "--config", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "stages.stitch.options: unknown key 'min_confidnce'" in proc.stderr

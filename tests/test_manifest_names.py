@@ -28,7 +28,8 @@ from services.core.manifest import (
     grid_position,
     load_manifest,
 )
-from services.stages.process import runtime_options
+from services.runtime.options import parse_options
+from services.stages.process import ProcessOptions
 
 pytestmark = pytest.mark.unit
 
@@ -251,15 +252,20 @@ def test_presets_and_explicit_fields():
 
 
 def test_process_options_keep_the_science_in_the_manifest():
-    assert runtime_options({"device": "cpu", "batch_bscans": 8}) == {"batch_bscans": 8}
+    def runtime(options: dict) -> dict:
+        return parse_options(ProcessOptions, options, "process").runtime()
+
+    assert runtime({"device": "cpu", "batch_bscans": 8}) == {"batch_bscans": 8}
     with pytest.raises(ValueError, match=r"\['enface_thickness'\] are processing conventions"):
-        runtime_options({"enface_thickness": 50})
-    with pytest.raises(ValueError, match="unknown process options"):
-        runtime_options({"thickness": 50})
+        runtime({"enface_thickness": 50})
+    with pytest.raises(ValueError, match=r"stages\.process\.options: unknown key 'thickness'"):
+        runtime({"thickness": 50})
     # the products' codec is a stage option, not a kernel parameter; a wrong one is named
-    assert runtime_options({"compression": "zstd", "cpu_threads": 2}) == {"cpu_threads": 2}
-    with pytest.raises(ValueError, match=r"compression = 'gzip'; known: \['lz4', 'zstd', 'none'\]"):
-        runtime_options({"compression": "gzip"})
+    assert runtime({"compression": "zstd", "cpu_threads": 2}) == {"cpu_threads": 2}
+    with pytest.raises(
+        ValueError, match=r"options.compression: Input should be 'lz4', 'zstd' or 'none'"
+    ):
+        runtime({"compression": "gzip"})
 
 
 def test_manifest_file_limits(tmp_path):

@@ -19,7 +19,10 @@ from messages import (
     Subject,
     SubjectMismatch,
     TileArrived,
+    TileConverted,
     TileCoord,
+    TilePairAligned,
+    TileProcessed,
     check_subject,
     decode_event,
     event_filter,
@@ -69,6 +72,32 @@ def test_msg_id_is_stable_per_work_item():
 
 
 @pytest.mark.unit
+def test_recomputed_outputs_have_new_ids_the_same_work_the_same():
+    tile = TileCoord(slice=3, mosaic=1, row=2, col=4)
+    made = [
+        lambda basis: TileConverted(
+            acq="A1", tile=tile, path="c", raw_path="r", shape=[2], dtype="u2", basis=basis
+        ),
+        lambda basis: TileProcessed(
+            acq="A1", tile=tile, products={}, device="cpu", seconds=1.0, basis=basis
+        ),
+        lambda basis: TilePairAligned(
+            acq="A1",
+            slice=3,
+            a=tile,
+            b=tile,
+            shift_px=(0, 0),
+            confidence=1,
+            accepted=True,
+            basis=basis,
+        ),
+    ]
+    for make in made:
+        assert make("").msg_id() == make("").subject()
+        assert make("b1").msg_id() == f"{make('').subject()}:b1" == make("b1").msg_id()
+        assert make("b1").msg_id() != make("b2").msg_id()
+
+
 def test_round_trip_every_kind_has_a_schema():
     schemas = json_schemas()
     assert set(schemas) == set(EVENT_TYPES)
@@ -200,6 +229,21 @@ def test_failure_and_attempt_subjects_name_their_stage():
         subject("attempt", "A1", "3", "m1-r2-c4")
     with pytest.raises(ValueError, match="take no stage"):
         subject("tile_arrived", "A1", "3", "m1-r2-c4", "convert")
+
+
+@pytest.mark.unit
+def test_a_parsed_subject_says_where_it_points_and_for_whom():
+    failed = parse_subject(failed_event().subject())
+    assert (failed.where(), failed.key(), failed.target) == (
+        "A1.3.m1-r2-c4.convert",
+        "3.m1-r2-c4",
+        None,
+    )
+    arrived = parse_subject(tile_event().subject())
+    assert (arrived.where(), arrived.target) == ("A1.3.m1-r2-c4", None)
+    held = parse_subject("tp.hold_stitch.A1.3.m1-r2-c4")
+    assert (held.kind, held.target, held.where()) == ("hold_stitch", "stitch", "A1.3.m1-r2-c4")
+    assert parse_subject("tp.redo_convert.A1._._").target == "convert"
 
 
 @pytest.mark.parametrize(

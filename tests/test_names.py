@@ -12,7 +12,8 @@ from services.io.atomic import write_atomically
 from services.local.simulate import small_manifest, write_manifest
 from services.ops.opticstream_import import build_manifest
 from services.ops.preflight import run_checks
-from services.stages.upload import parse_options
+from services.runtime.options import parse_options
+from services.stages.upload import UploadOptions
 from tests.conftest import tilepipe
 
 
@@ -125,6 +126,6 @@ def test_upload_layout_options_are_checked():
         ({"archive_raw": True, "archive_level": 0}, "archive_level"),
     ):
         with pytest.raises(ConfigError, match=why):
-            parse_options({**base, **bad})
-    options = parse_options({**base, "archive_raw": True})
+            parse_options(UploadOptions, {**base, **bad}, "upload")
+    options = parse_options(UploadOptions, {**base, "archive_raw": True}, "upload")
     assert options.layout == "tilepipe" and not options.delete_raw_after_verified_upload

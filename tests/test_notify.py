@@ -29,7 +29,7 @@ from services.core.logs import configure_logging
 from services.core.metrics import NOTIFY_MESSAGES
 from services.runtime.bus import publish_event
 from services.runtime.runner import StageRunner
-from services.stages.notify import Notify
+from services.stages.notify import FailureDigest, Notify
 from tests.conftest import stream_messages, wait_for
 
 
@@ -236,3 +236,10 @@ async def test_slice_done_on_registered_for_one_illumination(config, js, tmp_pat
     finally:
         receiver.close()
     assert receiver.texts() == ["tilepipe: a1 slice 2 done"]
+
+
+@pytest.mark.unit
+def test_a_failure_example_says_where_it_failed_and_its_first_line():
+    digest = FailureDigest(60.0)
+    digest.add(failed("convert", 2))
+    assert digest.examples[("convert", "a1")] == ["a1.0.m0-r2-c0.convert: boom 2"]

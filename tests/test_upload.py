@@ -24,8 +24,9 @@ from services.core.errors import ConfigError
 from services.core.metrics import EVENTS_HANDLED, UPLOAD_FAILURES
 from services.io.storage import MARKER, digest_file, upload_phases
 from services.runtime.bus import publish_event
+from services.runtime.options import parse_options
 from services.runtime.runner import StageRunner
-from services.stages.upload import Upload, parse_options
+from services.stages.upload import Upload, UploadOptions
 from services.state.status import snapshot
 from tests.conftest import events, wait_for
 from tests.s3server import BUCKET, PART, MotoServer, s3_options, s3_tree
@@ -411,13 +412,13 @@ def test_options_are_validated_with_clear_errors(tmp_path):
         ({"url": "s3://b", "key_template": "/{acq}"}, "invalid object key"),
         ({"url": "s3://b", "credentials_file": str(tmp_path / "none")}, "not a readable file"),
         ({"url": "gs://b", "verify": "etag"}, "needs an s3://"),
-        ({"url": "s3://b", "part_sise_mb": 8}, "part_sise_mb: Extra inputs"),
+        ({"url": "s3://b", "part_sise_mb": 8}, "unknown key 'part_sise_mb'"),
     ]
     for options, message in cases:
         with pytest.raises(ConfigError) as info:
-            parse_options(options)
+            parse_options(UploadOptions, options, "upload")
         assert message in str(info.value), (options, str(info.value))
-        assert "[stages.upload] options" in str(info.value)
+        assert str(info.value).startswith("stages.upload.options")
 
 
 def test_zarr_metadata_goes_last_root_very_last():

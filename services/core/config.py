@@ -28,7 +28,7 @@ from messages.codec import MAX_PAYLOAD_BYTES
 from messages.paths import resolve_in_root
 from messages.subjects import STREAM
 from services.core.errors import ConfigError
-from services.core.tomlio import to_toml
+from services.core.tomlio import to_toml, toml_read_errors
 
 ENV_PREFIX = "TILEPIPE_"
 
@@ -251,14 +251,8 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
+        with toml_read_errors(path, "config file", ConfigError):
             data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     try:
         config = Config.model_validate(data)

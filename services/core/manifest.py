@@ -21,7 +21,7 @@ import re
 import string
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from fnmatch import fnmatch
 from functools import cached_property
 from pathlib import Path
@@ -49,8 +49,10 @@ from services.core.errors import (
 )
 from services.core.names import Names
 from services.core.regular_files import open_regular
-from services.core.tomlio import to_toml
+from services.core.tomlio import to_toml, toml_read_errors
 
+# the processing conventions the spectrometer calibration takes (the others are the pipeline's)
+SPECTROMETER_CONVENTIONS = frozenset(f.name for f in fields(SpectrometerCalibration))
 RawFormat = Literal["nifti-spectral", "raw12", "tiff", "nifti-complex"]
 SPECTRAL_FORMATS = ("nifti-spectral", "raw12", "tiff")
 PATTERN_FIELDS = {"slice", "mosaic", "index", "row", "col", "file", "counter"}
@@ -859,14 +861,7 @@ class Manifest(Strict):
                 dispersion_phase=phase,
                 autocorr_bins=cal.autocorr_bins,
                 depth_range=cal.depth_range,
-                interpolation=conv["interpolation"],
-                window=conv["window"],
-                flip_z=conv["flip_z"],
-                orientation_offset_deg=conv["orientation_offset_deg"],
-                orientation_sign=conv["orientation_sign"],
-                orientation_wrap=conv["orientation_wrap"],
-                background=conv["background"],
-                background_after=conv["background_after"],
+                **{k: v for k, v in conv.items() if k in SPECTROMETER_CONVENTIONS},
             )
         except CalibrationFileError as exc:
             raise ManifestError(f"calibration: {exc}") from None
@@ -894,22 +889,17 @@ def load_manifest(path: Path) -> Manifest:
     anything but a missing or unreadable file)."""
     path = Path(path)
     try:
-        with open_regular(path) as fh:  # a FIFO or device in its place must not hang us
-            size = os.fstat(fh.fileno()).st_size
-            if size > MAX_MANIFEST_BYTES:
-                raise InvalidManifest(
-                    f"{path}: {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}"
-                )
-            text = fh.read(MAX_MANIFEST_BYTES + 1).decode()
-        data: dict[str, Any] = tomllib.loads(text)
+        with toml_read_errors(path, "manifest", ManifestError, InvalidManifest):
+            with open_regular(path) as fh:  # a FIFO or device in its place must not hang us
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_MANIFEST_BYTES:
+                    raise InvalidManifest(
+                        f"{path}: {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}"
+                    )
+                text = fh.read(MAX_MANIFEST_BYTES + 1).decode()
+            data: dict[str, Any] = tomllib.loads(text)
     except NotRegularFile as exc:
         raise InvalidManifest(str(exc)) from None
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: manifest not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidManifest(f"{path}: not valid TOML: {str(exc)[:200]}") from None
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         return Manifest.model_validate({**data, "source": path.resolve()})
     except ValidationError as exc:

@@ -1,9 +1,30 @@
-"""Writing TOML (the standard library only reads it)."""
+"""TOML files: writing them (the standard library only reads them), and one way to report a
+file that does not read."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+
+@contextlib.contextmanager
+def toml_read_errors(
+    path: Path, what: str, error: type[Exception], invalid: type[Exception] | None = None
+) -> Iterator[None]:
+    """Report a failure to read the TOML file `path` as `error` naming the file: missing
+    (`<what> not found`), unreadable, or not TOML (as `invalid`, default `error`)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise (invalid or error)(f"{path}: not valid TOML: {str(exc)[:200]}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def to_toml(data: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from services.core.metrics import TEMPORARIES_SWEPT
@@ -69,6 +69,20 @@ def writing(tmp: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def _staged(target: Path, discard: Callable[[Path], None]) -> Iterator[Path]:
+    """A temporary name beside `target` (its parent created), registered in :func:`writing`
+    while the caller writes and renames it; `discard` removes it if that fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(target)
+    with writing(tmp):
+        try:
+            yield tmp
+        except BaseException:
+            discard(tmp)
+            raise
+
+
+@contextlib.contextmanager
 def atomic_directory(target: Path, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary directory name beside `target` (created by the caller); on success
     its files and folders are fsynced (unless `fsync` is False), it is moved onto `target`
@@ -78,19 +92,13 @@ def atomic_directory(target: Path, fsync: bool = True) -> Iterator[Path]:
     see a half-written directory under the final name.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(target)
-    with writing(tmp):
-        try:
-            yield tmp
-            if fsync:
-                fsync_tree(tmp)
-            move_into_place(tmp, target)
-            if fsync:
-                fsync_directory(target.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with _staged(target, lambda tmp: shutil.rmtree(tmp, ignore_errors=True)) as tmp:
+        yield tmp
+        if fsync:
+            fsync_tree(tmp)
+        move_into_place(tmp, target)
+        if fsync:
+            fsync_directory(target.parent)
 
 
 @contextlib.contextmanager
@@ -99,18 +107,11 @@ def atomic_file(target: Path) -> Iterator[Path]:
     is fsynced, renamed onto `target` and the parent directory fsynced; on error it is removed
     (`target` untouched)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(target)
-    with writing(tmp):
-        try:
-            yield tmp
-            fsync_file(tmp)
-            os.replace(tmp, target)
-            fsync_directory(target.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+    with _staged(target, lambda tmp: tmp.unlink(missing_ok=True)) as tmp:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, target)
+        fsync_directory(target.parent)
 
 
 def write_atomically(path: Path, data: str | bytes) -> Path:

@@ -21,6 +21,7 @@ stage lists in its event. With ``force=False`` files already there are kept (a r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,29 +82,35 @@ AXIS_PREVIEWS: dict[str, Renderer] = {
 }
 
 
-class Channels(Mapping[str, np.ndarray]):
+class _Named(Mapping[str, np.ndarray]):
+    """Planes read or computed when asked for, under the names of `self.names`."""
+
+    names: Mapping[str, object]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class Channels(_Named):
     """The level-0 planes of a store by channel name, each read when asked for (one plane in
     memory at a time, not the whole stack: a real mosaic is ~6000 x 6000 px per channel)."""
 
     def __init__(self, store: Path, names: list[str]) -> None:
         self.level = open_level(store, 0)
-        self.index = {name: k for k, name in enumerate(names)}
+        self.names = {name: k for k, name in enumerate(names)}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return np.asarray(self.level[self.index[name]], dtype=np.float32)
+        return np.asarray(self.level[self.names[name]], dtype=np.float32)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.level.shape[1:])  # type: ignore[return-value]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.index
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.index)
-
-    def __len__(self) -> int:
-        return len(self.index)
 
 
 FRAME = "rows = y (B-lines, down), columns = x (A-lines, right)"
@@ -122,16 +129,37 @@ PREVIEW_NOTES = {
     "delta_n": f"delta-n [dimensionless]: {GREY}",
 }
 
-MOSAIC_EXPORT_FILES = len(MOSAIC_NIFTI) + len(MOSAIC_PREVIEWS)  # of a mosaic with every channel
-AXIS_EXPORT_FILES = len(AXIS_NIFTI) + len(AXIS_VECTORS) + len(AXIS_PREVIEWS)
+
+@dataclass(frozen=True)
+class ExportKind:
+    """What one kind of store is exported as: scalar maps (channel -> (key, unit)), vector
+    fields (key -> (channels, unit)) and previews (key -> renderer)."""
+
+    scalars: dict[str, tuple[str, str]]
+    vectors: dict[str, tuple[tuple[str, ...], str]]
+    previews: dict[str, Renderer]
+
+    @property
+    def files(self) -> int:
+        """Files written for a store with every channel."""
+        return len(self.scalars) + len(self.vectors) + len(self.previews)
 
 
-class Shrunk(Mapping[str, np.ndarray]):
+MOSAIC = ExportKind(MOSAIC_NIFTI, {}, MOSAIC_PREVIEWS)
+AXIS = ExportKind(
+    {name: (name, unit) for name, unit in AXIS_NIFTI.items()}, AXIS_VECTORS, AXIS_PREVIEWS
+)
+MOSAIC_EXPORT_FILES = MOSAIC.files
+AXIS_EXPORT_FILES = AXIS.files
+
+
+class Shrunk(_Named):
     """Channels block-averaged for previews (:func:`services.io.previews.block_mean`), each
     computed once."""
 
     def __init__(self, channels: Mapping[str, np.ndarray], factor: int) -> None:
-        self.channels, self.factor = channels, factor
+        self.names = self.channels = channels
+        self.factor = factor
         self.cache: dict[str, np.ndarray] = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -139,15 +167,6 @@ class Shrunk(Mapping[str, np.ndarray]):
             plane = self.channels[name]
             self.cache[name] = block_mean(plane, self.factor, axial=name in AXIAL)
         return self.cache[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.channels
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.channels)
-
-    def __len__(self) -> int:
-        return len(self.channels)
 
 
 def _read(store: Path) -> tuple[Channels, tuple[float, float], tuple[float, float]]:
@@ -169,33 +188,34 @@ def _geometry(
 
 
 def _export(
+    kind: ExportKind,
+    preview_name: str,
     output_root: Path,
     store_rel: str,
-    preview_rel: str,
     slice_index: int,
     slice_thickness_um: float,
-    scalars: dict[str, tuple[str, str]],
-    vectors: dict[str, tuple[tuple[str, ...], str]],
-    renderers: dict[str, Renderer],
     force: bool,
 ) -> dict[str, str]:
-    nifti_rel = exports_dir(store_rel)
-    planned = {f"nifti.{key}": f"{nifti_rel}/{key}.nii.gz" for key, _ in scalars.values()}
-    planned |= {f"nifti.{key}": f"{nifti_rel}/{key}.nii.gz" for key in vectors}
-    planned |= {f"preview.{key}": f"{preview_rel}/{key}.png" for key in renderers}
+    """Write `kind`'s files of the store `store_rel` (previews in the slice's `preview_name`
+    folder) and the acquisition's preview index; the files' relative paths by name."""
+    acq = store_rel.split("/", 1)[0]
+    nifti_rel, preview_rel = exports_dir(store_rel), previews_dir(acq, slice_index, preview_name)
+    planned = {f"nifti.{key}": f"{nifti_rel}/{key}.nii.gz" for key, _ in kind.scalars.values()}
+    planned |= {f"nifti.{key}": f"{nifti_rel}/{key}.nii.gz" for key in kind.vectors}
+    planned |= {f"preview.{key}": f"{preview_rel}/{key}.png" for key in kind.previews}
     if not force and all((output_root / p).is_file() for p in planned.values()):
         return planned
     channels, pixel_um, origin_um = _read(output_root / store_rel)
     zooms, origin = _geometry(pixel_um, origin_um, slice_index, slice_thickness_um)
     written: dict[str, str] = {}
-    for channel, (key, unit) in scalars.items():
+    for channel, (key, unit) in kind.scalars.items():
         if channel not in channels:
             continue
         rel = planned[f"nifti.{key}"]
         desc = f"tilepipe {key} [{unit}] x=A y=B"
         write_nifti(output_root / rel, channels[channel].T[:, :, None], zooms, desc, origin)
         written[f"nifti.{key}"] = rel
-    for key, (names, unit) in vectors.items():
+    for key, (names, unit) in kind.vectors.items():
         if not all(n in channels for n in names):
             continue
         field = np.stack([channels[n].T for n in names], axis=-1)[:, :, None, None, :]
@@ -204,7 +224,7 @@ def _export(
         write_nifti(output_root / rel, field, zooms, desc, origin, intent=VECTOR_INTENT)
         written[f"nifti.{key}"] = rel
     shrunk = Shrunk(channels, shrink_factor(channels.shape))
-    for key, render in renderers.items():
+    for key, render in kind.previews.items():
         try:
             image = render(shrunk)
         except KeyError:  # a store without that product
@@ -214,7 +234,6 @@ def _export(
         rel = planned[f"preview.{key}"]
         write_png(output_root / rel, image, f"tilepipe preview {PREVIEW_NOTES[key]}; {FRAME}")
         written[f"preview.{key}"] = rel
-    acq = store_rel.split("/", 1)[0]
     write_index(output_root, acq)
     return written
 
@@ -228,17 +247,8 @@ def export_mosaic(
     force: bool = True,
 ) -> dict[str, str]:
     """NIfTI files and previews of one stitched en-face mosaic (module doc)."""
-    acq = store_rel.split("/", 1)[0]
     return _export(
-        Path(output_root),
-        store_rel,
-        previews_dir(acq, slice_index, f"m{mosaic}"),
-        slice_index,
-        slice_thickness_um,
-        MOSAIC_NIFTI,
-        {},
-        MOSAIC_PREVIEWS,
-        force,
+        MOSAIC, f"m{mosaic}", Path(output_root), store_rel, slice_index, slice_thickness_um, force
     )
 
 
@@ -250,15 +260,6 @@ def export_axis(
     force: bool = True,
 ) -> dict[str, str]:
     """NIfTI files and previews of one slice's 3-D optic-axis products (module doc)."""
-    acq = store_rel.split("/", 1)[0]
     return _export(
-        Path(output_root),
-        store_rel,
-        previews_dir(acq, slice_index, "axis"),
-        slice_index,
-        slice_thickness_um,
-        {name: (name, unit) for name, unit in AXIS_NIFTI.items()},
-        AXIS_VECTORS,
-        AXIS_PREVIEWS,
-        force,
+        AXIS, "axis", Path(output_root), store_rel, slice_index, slice_thickness_um, force
     )

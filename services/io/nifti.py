@@ -16,20 +16,22 @@ from pathlib import Path
 
 import numpy as np
 
-from services.io.atomic import atomic_file
+from services.io.atomic import write_atomically
 
 GZIP_LEVEL = 1  # float maps hardly compress better at higher levels, and 5x slower
 VECTOR_INTENT = "vector"  # NIfTI intent of a vector field stored along axis 4 (x, y, z, 1, c)
 
 
-def nifti_bytes(
+def write_nifti(
+    path: Path,
     data: np.ndarray,
     zooms_mm: Sequence[float],
     descrip: str,
     origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
     intent: str | None = None,
-) -> bytes:
-    """The uncompressed NIfTI-1 file of `data` (3-D, or 5-D (x, y, z, 1, c) with `intent`)."""
+) -> Path:
+    """Write `data` (3-D, or 5-D (x, y, z, 1, c) with `intent`) as NIfTI-1 at `path` (``.nii``
+    or ``.nii.gz``), atomically."""
     import nibabel as nib
 
     zooms = [float(z) for z in zooms_mm]
@@ -44,21 +46,7 @@ def nifti_bytes(
         img.header.set_intent(intent)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    return img.to_bytes()
-
-
-def write_nifti(
-    path: Path,
-    data: np.ndarray,
-    zooms_mm: Sequence[float],
-    descrip: str,
-    origin_mm: Sequence[float] = (0.0, 0.0, 0.0),
-    intent: str | None = None,
-) -> Path:
-    """Write `data` as NIfTI-1 at `path` (``.nii`` or ``.nii.gz``), atomically."""
-    body = nifti_bytes(data, zooms_mm, descrip, origin_mm, intent)
+    body = img.to_bytes()
     if str(path).endswith(".gz"):
         body = gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
-    with atomic_file(Path(path)) as tmp:
-        tmp.write_bytes(body)
-    return Path(path)
+    return write_atomically(Path(path), body)

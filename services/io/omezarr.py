@@ -162,20 +162,35 @@ def _write_levels(
         attributes={"ome": ome, "tilepipe": {**extra, "content_sha256": digest}},
     )
     for k, lv in enumerate(levels):
-        _, ny, nx = lv.shape
-        cy, cx = min(chunk, ny), min(chunk, nx)
-        sy = min(shard, math.ceil(ny / cy) * cy) // cy * cy
-        sx = min(shard, math.ceil(nx / cx) * cx) // cx * cx
-        arr = group.create_array(
-            name=str(k),
-            shape=lv.shape,
-            dtype="float32",
-            chunks=(1, cy, cx),
-            shards=(1, sy, sx),
-            fill_value=float("nan"),
-            dimension_names=("c", "y", "x"),
-        )
+        arr = create_tiled_array(group, str(k), lv.shape, ("c", "y", "x"), chunk, shard)
         arr[...] = lv
+
+
+def create_tiled_array(
+    group: zarr.Group,
+    name: str,
+    shape: Sequence[int],
+    dims: Sequence[str],
+    chunk: int,
+    shard: int,
+) -> zarr.Array:
+    """A float32 array of NaN in `group`, tiled in (y, x), its last two axes: chunks of
+    ``chunk`` x ``chunk`` inside shards of ``shard`` x ``shard`` (both clipped to the plane,
+    shards to whole chunks), one along every other axis."""
+    *lead, ny, nx = (int(n) for n in shape)
+    cy, cx = min(chunk, ny), min(chunk, nx)
+    sy = min(shard, math.ceil(ny / cy) * cy) // cy * cy
+    sx = min(shard, math.ceil(nx / cx) * cx) // cx * cx
+    ones = (1,) * len(lead)
+    return group.create_array(
+        name=name,
+        shape=(*lead, ny, nx),
+        dtype="float32",
+        chunks=(*ones, cy, cx),
+        shards=(*ones, sy, sx),
+        fill_value=float("nan"),
+        dimension_names=tuple(dims),
+    )
 
 
 def _stem(path: Path) -> str:
@@ -261,14 +276,14 @@ def _ome_metadata(
         ],
         "omero": {
             "channels": [
-                _omero_channel(levels[-1][k], n, a)
+                omero_channel(levels[-1][k], n, a)
                 for k, (n, a) in enumerate(zip(names, axial, strict=True))
             ]
         },
     }
 
 
-def _omero_channel(plane: np.ndarray, label: str, axial: bool) -> dict[str, Any]:
+def omero_channel(plane: np.ndarray, label: str, axial: bool) -> dict[str, Any]:
     """Display hints (from the smallest level): label, colour, window (min/max, 1-99 %)."""
     vals = plane[np.isfinite(plane)]
     if axial:

@@ -139,30 +139,41 @@ def _bare_key(key: str) -> str:
 class StorageSettings(BaseModel):
     """Where and how artifacts are uploaded (the storage part of `[stages.upload] options`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     url: str = Field(description="destination, e.g. s3://bucket/prefix, gs://b/p, file:///p")
     endpoint: str | None = Field(default=None, description="S3-compatible / emulator endpoint")
     region: str | None = None
+    """S3 region (s3:// only)"""
     credentials_file: Path | None = Field(
         default=None,
         description="AWS-style INI (see credentials_profile), flat TOML/JSON of store keys, "
         "or a GCS service-account JSON",
     )
     credentials_profile: str = "default"
+    """section of an AWS-style credentials_file"""
     allow_http: bool | None = Field(default=None, description="default: endpoint is http://")
     store_options: dict[str, str | bool | int | float] = Field(
         default_factory=dict, description="extra non-secret obstore settings"
     )
     concurrency: Annotated[int, Field(ge=1, le=256)] = 8
+    """files uploaded at once"""
     part_size_mb: Annotated[float, Field(ge=0.0625, le=5120)] = 8.0
+    """multipart part size (larger files are sent in parts)"""
     part_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    """parts of one file sent at once"""
     verify: Literal["auto", "etag", "read"] = "auto"
+    """how a stored object is checked: auto is etag on S3, else read"""
     retries: Annotated[int, Field(ge=0, le=50)] = 4
+    """retries of each object operation (PUT + verify, HEAD, LIST)"""
     request_retries: Annotated[int, Field(ge=0, le=50)] = 3
+    """retries of each request inside obstore (connection, 5xx)"""
     backoff_initial_s: Annotated[float, Field(gt=0, le=600)] = 0.5
+    """first retry delay (exponential, with jitter)"""
     backoff_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """longest retry delay"""
     request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    """one request's time limit"""
 
     @field_validator("url")
     @classmethod

@@ -25,7 +25,6 @@ atomic (temporary directory + rename). One writer per volume.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +36,12 @@ import zarr
 
 from kernels.register import halve
 from services.io.atomic import atomic_directory, write_atomically
-from services.io.omezarr import NGFF_VERSION, doubled_angle_mean
+from services.io.omezarr import (
+    NGFF_VERSION,
+    create_tiled_array,
+    doubled_angle_mean,
+    omero_channel,
+)
 
 __all__ = ["Canvas", "Volume", "level_shapes"]
 
@@ -166,25 +170,7 @@ def _space_axes() -> list[dict[str, str]]:
 
 
 def _omero(plane: np.ndarray, names: Sequence[str], axial: Sequence[str]) -> dict[str, Any]:
-    chans = []
-    for k, name in enumerate(names):
-        vals = plane[k][np.isfinite(plane[k])]
-        if name in axial:
-            lo, hi, start, end = -90.0, 90.0, -90.0, 90.0
-        elif vals.size:
-            lo, hi = float(vals.min()), float(vals.max())
-            start, end = (float(v) for v in np.percentile(vals, [1.0, 99.0]))
-        else:
-            lo = hi = start = end = 0.0
-        chans.append(
-            {
-                "label": name,
-                "color": "FFFFFF",
-                "active": True,
-                "window": {"min": lo, "max": hi, "start": start, "end": end},
-            }
-        )
-    return {"channels": chans}
+    return {"channels": [omero_channel(plane[k], n, n in axial) for k, n in enumerate(names)]}
 
 
 class Volume:
@@ -245,18 +231,8 @@ class Volume:
                 store=str(tmp), zarr_format=3, attributes={"ome": ome, "tilepipe": extra}
             )
             for k, (ny, nx) in enumerate(shapes):
-                cy, cx = min(chunk, ny), min(chunk, nx)
-                sy = min(shard, math.ceil(ny / cy) * cy) // cy * cy
-                sx = min(shard, math.ceil(nx / cx) * cx) // cx * cx
-                group.create_array(
-                    name=str(k),
-                    shape=(len(canvas.channels), 1, ny, nx),
-                    dtype="float32",
-                    chunks=(1, 1, cy, cx),
-                    shards=(1, 1, sy, sx),
-                    fill_value=float("nan"),
-                    dimension_names=("c", "z", "y", "x"),
-                )
+                shape = (len(canvas.channels), 1, ny, nx)
+                create_tiled_array(group, str(k), shape, ("c", "z", "y", "x"), chunk, shard)
         return Volume(target)
 
     @staticmethod
@@ -362,18 +338,7 @@ class Volume:
             DB_GROUP, attributes={"ome": ome, "tilepipe": {"depth": depth, "z_um": z_um}}
         )
         for k, (ny, nx) in enumerate(shapes):
-            cy, cx = min(chunk, ny), min(chunk, nx)
-            sy = min(shard, math.ceil(ny / cy) * cy) // cy * cy
-            sx = min(shard, math.ceil(nx / cx) * cx) // cx * cx
-            db.create_array(
-                name=str(k),
-                shape=(depth, ny, nx),
-                dtype="float32",
-                chunks=(1, cy, cx),
-                shards=(1, sy, sx),
-                fill_value=float("nan"),
-                dimension_names=("z", "y", "x"),
-            )
+            create_tiled_array(db, str(k), (depth, ny, nx), ("z", "y", "x"), chunk, shard)
         return db
 
     def write_db_block(self, z: int, d0: int, block: np.ndarray, depth: int, z_um: float) -> int:

@@ -33,7 +33,7 @@ from services.local.simulate import (
 )
 from services.local.supervisor import Supervisor
 from services.runtime.bus import connect
-from services.stages import stage_settings
+from services.stages import stage_options
 from services.state.status import Status, snapshot
 from services.state.status_view import render
 from services.state.timeline import BacklogSampler, Timeline, figures, read_timeline, tail_slack
@@ -137,7 +137,8 @@ async def run_demo(
     stream = config.nats.stream
     status: Status | None = None
     uploaded = 0
-    exports = bool(stage_settings(config, "upload").options.get("include_exports", True))
+    upload = stage_options(config, "upload") if "upload" in stages else None
+    exports = upload is None or upload.include_exports
     try:
         with Live(console=console, refresh_per_second=4) as live:
             while not stop.is_set():
@@ -169,9 +170,7 @@ async def run_demo(
         "axis": sorted(str(output / s.axis_path) for s in timeline.slices.values() if s.axis_path),
         "axis_volume": str(axis_volume) if axis_volume.exists() else None,
         "index": str(index) if index.exists() else None,
-        "object_store": stage_settings(config, "upload").options.get("url")
-        if "upload" in stages
-        else None,
+        "object_store": upload.url if upload is not None else None,
     }
 
 

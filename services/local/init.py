@@ -8,12 +8,14 @@ import argparse
 from services.core.config import Config, load_config
 from services.runtime.bus import connect
 from services.runtime.provision import ensure_consumer, ensure_kv, ensure_stream
-from services.stages import configured_stages, stage_for, stage_settings
+from services.stages import check_options, configured_stages, stage_for, stage_settings
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The config named by `--config`, with `--nats-url` over its server URL when given."""
+    """The config named by `--config`, with `--nats-url` over its server URL when given; every
+    stage's options checked (a typo fails here, at start, with the key's name)."""
     config = load_config(args.config)
+    check_options(config)
     if getattr(args, "nats_url", None):
         config = config.model_copy(
             update={"nats": config.nats.model_copy(update={"url": args.nats_url})}

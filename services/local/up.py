@@ -64,6 +64,8 @@ def up(args: argparse.Namespace) -> int:
             _demo(operator, supervisor, services, args.rate, work)
         else:
             asyncio.run(_wait(supervisor))
+    except KeyboardInterrupt:  # Ctrl-C before the services were all up: the same clean stop
+        print("interrupted")
     finally:
         if supervisor is not None:
             print("stopping services (draining in-flight work)...")

@@ -18,6 +18,7 @@ from services.local.up import up
 from services.ops.control_cli import add_commands, command
 from services.ops.finish import finish
 from services.ops.opticstream_import import import_command
+from services.ops.options_doc import options_command
 from services.ops.preflight import run_checks
 from services.ops.process_tile import process_tile_command
 from services.ops.status_cli import status_command
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("schema", cmd_schema, "print the JSON Schemas of all events")
     p.add_argument("--kind", default=None, help="only this event kind")
     add("config", cmd_config, "print the effective configuration (file + environment)")
+    add("options", options_command, "print every stage's options, types and defaults (Markdown)")
     add("init", cmd_init, "create or update the stream, KV buckets and stage consumers")
     p = add("run", cmd_run, "run one service (a stage, or the watcher) in the foreground")
     p.add_argument("service")

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from messages.events import Event
 from services.core.config import Config, StageSettings
+from services.runtime.options import StageOptions, parse_options
 from services.state.acquisitions import lookup_acquisition
 from services.state.buckets import Buckets, KeyValue
 
@@ -78,12 +79,14 @@ class Stage:
     consumes: ClassVar[tuple[type[Event], ...]]
     produces: ClassVar[tuple[type[Event], ...]] = ()
     buckets: ClassVar[tuple[str, ...]] = ()  # KV buckets it keeps bookkeeping in (usage gauges)
-    defaults: ClassVar[dict[str, Any]] = {}
+    defaults: ClassVar[dict[str, Any]] = {}  # its StageSettings over the global defaults
+    options_model: ClassVar[type[StageOptions]] = StageOptions  # `options`: none unless declared
 
     def __init__(self, config: Config, settings: StageSettings, name: str | None = None) -> None:
         self.config = config
         self.settings = settings
         self.name = name or type(self).name
+        self.options = parse_options(self.options_model, settings.options, self.name)
 
     async def setup(self, store: Buckets) -> None:
         """Called once after connecting (open KV buckets, warm caches)."""

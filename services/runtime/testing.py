@@ -23,23 +23,13 @@ from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
 from messages.events import Event
+from messages.subjects import filter_matches
 from services.core.config import Config, StageSettings
 from services.core.logs import get_logger
 from services.runtime.bus import event_msg_id, headers_of
 from services.runtime.stage import Context
 from services.runtime.transport import Stored
 from services.state.buckets import Buckets
-
-
-def subject_matches(subject_filter: str, subject: str) -> bool:
-    """NATS subject matching: `*` is one token, a final `>` one or more."""
-    want, have = subject_filter.split("."), subject.split(".")
-    for i, token in enumerate(want):
-        if token == ">":
-            return len(have) > i
-        if i >= len(have) or token not in ("*", have[i]):
-            return False
-    return len(want) == len(have)
 
 
 @dataclass
@@ -126,7 +116,7 @@ class MemoryTransport:
     # --------------------------------------------------------------- for the tests' eyes
     def matching(self, subject_filter: str) -> Iterator[Stored]:
         """Messages of the log on subjects matching `subject_filter`, oldest first."""
-        return (m for m in self.log if subject_matches(subject_filter, m.subject))
+        return (m for m in self.log if filter_matches(subject_filter, m.subject))
 
     def events(self, subject_filter: str = ">") -> list[dict]:
         """The JSON payloads of the matching messages."""

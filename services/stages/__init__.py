@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from messages.subjects import PIPELINE_ORDER
 from services.core.config import StageSettings
+from services.runtime.options import StageOptions, parse_options, unknown_keys
 from services.stages.command import Command
 
 if TYPE_CHECKING:
@@ -98,3 +99,25 @@ def stage_settings(config: Config, name: str) -> StageSettings:
         return base
     merged = {**base.model_dump(), **given.model_dump(exclude_unset=True)}
     return StageSettings.model_validate(merged)
+
+
+def options_model(name: str, impl: str | None = None) -> type[StageOptions]:
+    """The options model of a stage (a command stage's without its configured options)."""
+    return Command.options_model if impl == "command" else stage_class(name, impl).options_model
+
+
+def stage_options(config: Config, name: str) -> StageOptions:
+    """The typed options of a stage as configured (a `ConfigError` naming a bad key)."""
+    given = stage_settings(config, name)
+    return parse_options(options_model(name, given.impl), given.options, name)
+
+
+def check_options(config: Config) -> None:
+    """Refuse at start what a stage would refuse when built: every enabled stage's options
+    are validated, a disabled stage's keys checked (`ConfigError` naming the key)."""
+    enabled = set(configured_stages(config))
+    for name, given in config.stages.items():
+        if name in enabled:
+            stage_options(config, name)
+        elif given.impl or name in BUILTIN:
+            unknown_keys(options_model(name, given.impl), given.options, name)

@@ -2,9 +2,12 @@
 
     [stages.matlab_qc]
     impl = "command"
-    options = { consumes = "tile_processed", timeout_s = 600,
-                command = ["matlab", "-batch", "qc('{products}', '{output}')"],
-                output = "{acq}/qc/slice{slice}/{tile}.mat" }
+
+    [stages.matlab_qc.options]          # CommandOptions (docs/options.md)
+    consumes = "tile_processed"
+    timeout_s = 600
+    command = ["matlab", "-batch", "qc('{products}', '{output}')"]
+    output = "{acq}/qc/slice{slice}/{tile}.mat"
 
 Placeholders: `{acq}`, `{slice}`, `{mosaic}`, `{row}`, `{col}`, `{tile}` (m0-r1-c2),
 `{input}` (absolute path of the event's `path`, if any), `{products}` (absolute path of a
@@ -26,14 +29,32 @@ import json
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from messages.events import EVENT_TYPES, Event, TileEvent
 from services.core.errors import PermanentError
 from services.io.atomic import atomic_file, basis_digest
+from services.runtime.options import StageOptions, parse_options
 from services.runtime.stage import Context, Result, Stage
 
 STDERR_TAIL = 2000
+
+
+class CommandOptions(StageOptions):
+    """`[stages.NAME] options` of a command stage (`impl = "command"`)."""
+
+    consumes: Literal[tuple(EVENT_TYPES)] = Field(  # type: ignore[valid-type]
+        description="the event kind it runs on, e.g. tile_processed"
+    )
+    command: str | list[str] = Field(
+        min_length=1, description="the program and its arguments (a list, or split like a shell)"
+    )
+    output: str | None = Field(
+        default=None, description="its output under the work root; recorded to skip reruns"
+    )
+    timeout_s: float = Field(default=3600.0, gt=0, description="killed and retried after it")
 
 
 class Command(Stage):
@@ -42,17 +63,13 @@ class Command(Stage):
     name = "command"
     consumes = ()
     defaults: ClassVar[dict[str, Any]] = {"concurrency": 1, "ack_wait_s": 60}
+    options_model = CommandOptions
+    options: CommandOptions
 
     @classmethod
     def configured(cls, name: str, options: dict) -> type[Command]:
         """The class of one configured command stage (its input kind comes from options)."""
-        kind = options.get("consumes")
-        if kind not in EVENT_TYPES:
-            raise ValueError(
-                f"stage {name}: options.consumes must be one of {sorted(EVENT_TYPES)}, got {kind!r}"
-            )
-        if not options.get("command"):
-            raise ValueError(f"stage {name}: options.command is required")
+        kind = parse_options(CommandOptions, options, name).consumes
         return type(f"Command_{name}", (cls,), {"name": name, "consumes": (EVENT_TYPES[kind],)})
 
     def _values(self, event: Event) -> dict[str, str]:
@@ -84,7 +101,7 @@ class Command(Stage):
         if products:
             first = next(iter(products.values()))
             values["products"] = str(roots.resolve("work", first.rsplit("/", 1)[0]))
-        template = self.settings.options.get("output")
+        template = self.options.output
         if template:
             target = roots.resolve("work", template.format(**values))
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +109,7 @@ class Command(Stage):
         return values
 
     def handle(self, event: Event, ctx: Context) -> Result:
-        opts = self.settings.options
-        command = opts["command"]
+        command = self.options.command
         argv = shlex.split(command) if isinstance(command, str) else list(command)
         try:
             values = self._values(event)
@@ -102,7 +118,7 @@ class Command(Stage):
             raise PermanentError(f"placeholder {exc} is not available for {event.kind}") from None
         output = values.get("output")
         marker = _marker(Path(output)) if output else None
-        basis = basis_digest([event.msg_id(), command, opts.get("output")])
+        basis = basis_digest([event.msg_id(), command, self.options.output])
         complete = marker is not None and Path(output).exists() and _recorded(marker) == basis
         if complete and not ctx.force:
             return Result(detail="unchanged: output complete with the same basis")
@@ -111,7 +127,7 @@ class Command(Stage):
                 argv,
                 capture_output=True,
                 text=True,
-                timeout=float(opts.get("timeout_s", 3600)),
+                timeout=self.options.timeout_s,
                 check=False,
             )
         except FileNotFoundError:

@@ -5,8 +5,7 @@ plugin stage with the URL in a secret file:
 
     [stages.notify]
     impl = "services.stages.notify:Notify"
-    options = { url_file = "/etc/tilepipe/webhook.url", failure_interval_s = 300,
-                link_base = "https://lab.example.org/tilepipe/" }
+    options = { url_file = "/etc/tilepipe/webhook.url", link_base = "https://lab.example.org/" }
 
 It sends:
 
@@ -34,39 +33,39 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from messages.events import AcquisitionStarted, Event, SliceAxis, SliceRegistered, StageFailed
-from services.core.config import format_validation_error
+from messages.subjects import parse_subject
 from services.core.errors import ConfigError
 from services.core.logs import get_logger
 from services.core.metrics import NOTIFY_SKIPPED
 from services.io.layout import index_path
 from services.io.webhook import Webhook, read_webhook_url, slack_message
+from services.runtime.options import StageOptions
 from services.runtime.stage import Context, Result, Stage
 
 EXAMPLES_PER_GROUP = 3
 
 
-class NotifyOptions(BaseModel):
+class NotifyOptions(StageOptions):
     """`[stages.notify] options`."""
 
-    model_config = ConfigDict(extra="forbid")
-
     url_file: Path = Field(description="file holding the webhook URL (mode 600)")
-    failure_interval_s: float = Field(default=300.0, gt=0, description="one failure message per")
+    failure_interval_s: float = Field(
+        default=300.0, gt=0, description="failures are grouped into one message per interval"
+    )
     max_age_s: float = Field(default=3600.0, gt=0, description="older events are not notified")
-    slice_done_on: Literal["axis", "registered"] = "axis"
+    slice_done_on: Literal["axis", "registered"] = Field(
+        default="axis", description="a slice is done at its slice_axis or slice_registered"
+    )
     link_base: str = Field(default="", description="URL of the output root for links")
-    timeout_s: float = Field(default=10.0, gt=0)
-    backoff_s: list[float] = Field(default_factory=lambda: [2.0, 10.0, 30.0], max_length=10)
-
-
-def parse_options(options: dict[str, Any]) -> NotifyOptions:
-    try:
-        return NotifyOptions.model_validate(options)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, "[stages.notify] options")) from None
+    timeout_s: float = Field(default=10.0, gt=0, description="one post's time limit")
+    backoff_s: list[float] = Field(
+        default_factory=lambda: [2.0, 10.0, 30.0],
+        max_length=10,
+        description="delays of the retries of a post, then it is dropped",
+    )
 
 
 class FailureDigest:
@@ -82,7 +81,7 @@ class FailureDigest:
         key = (event.stage, event.acq)
         self.counts[key] += 1
         if len(self.examples[key]) < EXAMPLES_PER_GROUP:
-            where = event.subject().split(".", 2)[2]  # <acq>.<slice>.<tile>.<stage>
+            where = parse_subject(event.subject()).where()  # <acq>.<slice>.<tile>.<stage>
             self.examples[key].append(f"{where}: {event.error.splitlines()[0][:200]}")
 
     def next_due(self) -> float:
@@ -114,14 +113,15 @@ class Notify(Stage):
         "record_attempts": False,
         "ack_wait_s": 120,
     }
+    options_model = NotifyOptions
+    options: NotifyOptions
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.options = parse_options(self.settings.options)
         try:
             url = read_webhook_url(self.options.url_file)
         except ValueError as exc:
-            raise ConfigError(f"[stages.notify] options.url_file: {exc}") from None
+            raise ConfigError(f"stages.{self.name}.options.url_file: {exc}") from None
         self.log = get_logger(stage=self.name)
         self.webhook = Webhook(url, self.options.timeout_s, self.options.backoff_s, self.log)
         self.failures = FailureDigest(self.options.failure_interval_s)

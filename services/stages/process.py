@@ -8,10 +8,11 @@ so a worker's memory is set by the block size, not the tile size.
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import zarr
+from pydantic import Field, model_validator
 from zarr.codecs import BloscCodec
 
 from kernels.backend import device_name, get_xp
@@ -33,6 +34,7 @@ from services.io.atomic import (
 )
 from services.io.layout import products_path
 from services.io.rawio import open_tile
+from services.runtime.options import StageOptions
 from services.runtime.stage import Context, Result, Stage
 
 # The products' codec (`[stages.process] options.compression`): lz4 by default, the cheapest
@@ -44,7 +46,6 @@ CODECS = {
     "zstd": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
     "none": None,
 }
-STAGE_OPTIONS = ("device", "compression")
 PRODUCT_UNITS = {
     "db": "dB, 10*log10(|J1|^2 + |J2|^2)",
     "retardance": "degrees, atan(|J1|/|J2|), 0..90",
@@ -75,30 +76,45 @@ RUNTIME_OPTIONS = ("batch_bscans", "gpu_memory_budget_bytes", "cpu_threads")
 # Part of every product's basis: bump it when a change of the kernels changes their results,
 # and a replay (`tilepipe replay process --from-seq N`) recomputes the tiles made before.
 KERNELS_VERSION = 1
+_PARAMS = ProcessingParams()
 
 
-def runtime_options(options: dict) -> dict[str, Any]:
-    """The stage's runtime knobs from `options` (the science is the manifest's: an option that
-    belongs in `[processing]` or an unknown one is an error naming it)."""
-    given = {k: v for k, v in options.items() if k not in STAGE_OPTIONS}
-    science = set(given) & (set(ProcessingParams.__dataclass_fields__) - set(RUNTIME_OPTIONS))
-    if science:
-        raise ValueError(
-            f"process options {sorted(science)} are processing conventions: set them per "
-            "acquisition in the manifest's [processing] table"
-        )
-    unknown = set(given) - set(RUNTIME_OPTIONS)
-    if unknown:
-        raise ValueError(
-            f"unknown process options {sorted(unknown)}; "
-            f"known: {[*STAGE_OPTIONS, *RUNTIME_OPTIONS]}"
-        )
-    ProcessingParams(**given)  # type-checks the values
-    if options.get("compression", "lz4") not in CODECS:
-        raise ValueError(
-            f"process option compression = {options['compression']!r}; known: {list(CODECS)}"
-        )
-    return given
+class ProcessOptions(StageOptions):
+    """`[stages.process] options`: the stage's runtime knobs (the science is each
+    acquisition's manifest's `[processing]`: a convention set here is an error naming it)."""
+
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="gpu: CuPy or fail; auto: the GPU when one is usable"
+    )
+    compression: Literal[tuple(CODECS)] = Field(  # type: ignore[valid-type]
+        default="lz4", description="codec of the product volumes (zstd: scarce disk)"
+    )
+    batch_bscans: int | None = Field(
+        default=_PARAMS.batch_bscans,
+        description="B-lines per block; none picks one (CPU: 16, GPU: from the memory budget)",
+    )
+    gpu_memory_budget_bytes: int = Field(
+        default=_PARAMS.gpu_memory_budget_bytes, description="device memory the GPU path may use"
+    )
+    cpu_threads: int | None = Field(
+        default=_PARAMS.cpu_threads, description="threads on the CPU path; none: every core"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_science(cls, data: Any) -> Any:
+        conventions = set(ProcessingParams.__dataclass_fields__) - set(RUNTIME_OPTIONS)
+        science = sorted(set(data) & conventions) if isinstance(data, dict) else []
+        if science:
+            raise ValueError(
+                f"{science} are processing conventions: set them per acquisition in the "
+                "manifest's [processing] table"
+            )
+        return data
+
+    def runtime(self) -> dict[str, Any]:
+        """The runtime knobs given (over the manifest's processing parameters)."""
+        return self.model_dump(include=set(RUNTIME_OPTIONS), exclude_unset=True)
 
 
 class Process(Stage):
@@ -108,13 +124,15 @@ class Process(Stage):
     consumes = (TileConverted,)
     produces = (TileProcessed,)
     defaults: ClassVar[dict[str, Any]] = {"concurrency": 1, "ack_wait_s": 120}
+    options_model = ProcessOptions
+    options: ProcessOptions
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.runtime = runtime_options(self.settings.options)
-        self.xp = get_xp(self.settings.options.get("device", "auto"))
+        self.runtime = self.options.runtime()
+        self.xp = get_xp(self.options.device)
         self.device = device_name(self.xp)
-        self.codec = CODECS[self.settings.options.get("compression", "lz4")]
+        self.codec = CODECS[self.options.compression]
 
     def handle(self, event: TileConverted, ctx: Context) -> Result:
         roots = self.config.roots

@@ -30,16 +30,7 @@ retry (`tilepipe replay`) recomputes the slice it delivers; otherwise a slice is
 when its inputs, its predecessor's result or the options changed (or its plane is missing),
 and its successors after it; unchanged successors are announced again, not recomputed.
 
-Options (`[stages.register] options = {...}`): mosaic (0), channel ("aip"), fallback,
-model ("rigid" | "similarity"), max_rotation_deg (10), max_scale_change (0.05),
-max_shift_px (none), min_quality (0.2), min_overlap (0.25), coarse_size (1024),
-refine_size (2048), margin_px (max(64, 5% of slice 0's larger side)), first_slice (0),
-slice_thickness_um (else the manifest's, else 200), threads (resampling threads, 1),
-db_volume (false: also resample stitch's fused dB volume, when there is one), db_depth
-(planes per slice: slice thickness / axial pixel), db_block (16 planes at a time); the
-thru-plane step's: axis (true), axis_mosaic (the tilted mosaic; default the first one with a
-tilt), axis_min_quality (0.2), axis_max_rotation_deg (5), axis_max_scale_change (0.1),
-axis_smooth_sigma_px (3), axis_dn_range (previews; default P1..P99), axis_device ("cpu").
+Options (`[stages.register] options = {...}`): `RegisterOptions`, listed in docs/options.md.
 Run it with concurrency 1 and one worker (the KV bookkeeping is read-modify-write).
 """
 
@@ -53,13 +44,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import zarr
 from prometheus_client import Counter, Histogram
+from pydantic import Field
 
 from kernels.register import (
+    MODELS,
     Pyramid,
     RegisterParams,
     register_slices,
@@ -78,7 +71,7 @@ from services.runtime.stage import Context, Result, Stage
 from services.stages.thruplane import (
     AXIS_VOLUME_CHANNELS,
     AxisBook,
-    AxisOptions,
+    AxisOptionFields,
     axis_canvas,
     axis_event,
     compute_axis,
@@ -192,6 +185,71 @@ def _listed(m: np.ndarray) -> list[list[float]]:
     return [[float(v) for v in row] for row in np.asarray(m, dtype=float)]
 
 
+_PARAMS = RegisterParams()
+
+
+class RegisterOptions(AxisOptionFields):
+    """`[stages.register] options`: slice to slice, then the thru-plane step's `axis*`."""
+
+    mosaic: int = Field(default=0, description="the mosaic registered slice to slice")
+    channel: str = Field(default="aip", description="en-face channel registered")
+    fallback: Literal[FALLBACKS] = Field(  # type: ignore[valid-type]
+        default="previous",
+        description="placement of a rejected slice: previous (slice k - 1's) or identity",
+    )
+    margin_px: int | None = Field(
+        default=None, description="volume margin; none: max(64, 5% of slice 0's larger side)"
+    )
+    first_slice: int = Field(default=0, description="slices before it are ignored")
+    slice_thickness_um: float | None = Field(
+        default=None, description="none: the manifest's, else 200"
+    )
+    threads: int = Field(default=1, description="resampling threads")
+    db_volume: bool = Field(
+        default=False, description="also resample stitch's fused dB volume, when there is one"
+    )
+    db_depth: int | None = Field(
+        default=None, description="dB planes per slice; none: slice thickness / axial pixel"
+    )
+    db_block: int = Field(default=16, description="dB planes resampled at a time")
+    model: Literal[MODELS] = Field(  # type: ignore[valid-type]
+        default=_PARAMS.model, description="rigid, similarity (+ scale) or affine"
+    )
+    max_rotation_deg: float = Field(
+        default=_PARAMS.max_rotation_deg, description="search range; > 90 also tries a flip"
+    )
+    max_scale_change: float = Field(
+        default=_PARAMS.max_scale_change, description="similarity/affine: |s - 1| accepted"
+    )
+    max_shift_px: float | None = Field(
+        default=_PARAMS.max_shift_px, description="accepted distance from the stage prior"
+    )
+    coarse_size: int = Field(
+        default=_PARAMS.coarse_size, description="max side of the global-search image"
+    )
+    refine_size: int = Field(
+        default=_PARAMS.refine_size, description="max side of the finest refinement level"
+    )
+    sigma_low: float = Field(default=_PARAMS.sigma_low, description="band-pass low sigma")
+    sigma_high: float = Field(default=_PARAMS.sigma_high, description="band-pass high sigma")
+    max_points: int = Field(
+        default=_PARAMS.max_points, description="pixels per Gauss-Newton iteration"
+    )
+    max_iter: int = Field(default=_PARAMS.max_iter, description="Gauss-Newton iterations")
+    min_quality: float = Field(
+        default=_PARAMS.min_quality, description="weighted NCC below it: rejected"
+    )
+    min_overlap: float = Field(
+        default=_PARAMS.min_overlap, description="overlap / smaller valid area below it: rejected"
+    )
+
+    def params(self) -> RegisterParams:
+        """The slice-to-slice registration settings."""
+        return RegisterParams(
+            **{name: getattr(self, name) for name in RegisterParams.__dataclass_fields__}
+        )
+
+
 class Register(Stage):
     """Slice-to-slice registration and the growing registered volume."""
 
@@ -205,27 +263,24 @@ class Register(Stage):
         "drain_timeout_s": 600,
     }
 
+    options_model = RegisterOptions
+    options: RegisterOptions
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        o = dict(self.settings.options)
-        self.mosaic = int(o.pop("mosaic", 0))
-        self.channel = str(o.pop("channel", "aip"))
-        self.fallback = str(o.pop("fallback", "previous"))
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"register: fallback must be one of {FALLBACKS}, not {self.fallback}")
-        self.margin_px = o.pop("margin_px", None)
-        self.first_slice = int(o.pop("first_slice", 0))
-        self.thickness_um = o.pop("slice_thickness_um", None)
-        self.threads = int(o.pop("threads", 1))
-        self.db_volume = bool(o.pop("db_volume", False))
-        self.db_depth = o.pop("db_depth", None)
-        self.db_block = int(o.pop("db_block", 16))
-        self.axis = AxisOptions.pop(o)
-        known = set(RegisterParams.__dataclass_fields__)
-        unknown = set(o) - known
-        if unknown:
-            raise ValueError(f"unknown register options {sorted(unknown)}")
-        self.params = RegisterParams(**o)
+        o = self.options
+        self.mosaic = o.mosaic
+        self.channel = o.channel
+        self.fallback = o.fallback
+        self.margin_px = o.margin_px
+        self.first_slice = o.first_slice
+        self.thickness_um = o.slice_thickness_um
+        self.threads = o.threads
+        self.db_volume = o.db_volume
+        self.db_depth = o.db_depth
+        self.db_block = o.db_block
+        self.axis = o.axis_options()
+        self.params = o.params()
         self._thickness: dict[str, float] = {}
 
     # ------------------------------------------------------------------ event flow

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import zarr
+from pydantic import Field
 
 from kernels.stitch import (
     PairAlignment,
@@ -53,6 +54,7 @@ from services.io.focus_plane import store as store_focus
 from services.io.layout import VOLUME_PRODUCTS, focus_plane_path, mosaic_path, volume_product_of
 from services.io.mosaic_volume import BLOCK_YX, DepthCrop, MosaicMask, fuse_volume
 from services.io.omezarr import write_omezarr
+from services.runtime.options import StageOptions
 from services.runtime.stage import Context, Result, Stage
 from services.state.acquisitions import ACQ_BUCKET, manifest_at
 from services.state.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
@@ -78,6 +80,36 @@ MASK_SIGMA_PX = 5.0  # the lab's imgaussfilt(mask, 5) before thresholding
 UPSTREAM = PIPELINE_ORDER[1 : PIPELINE_ORDER.index("stitch")]  # the stages before stitch
 
 
+class StitchOptions(StageOptions):
+    """`[stages.stitch] options`."""
+
+    align_product: Literal[tuple(PRODUCTS)] = Field(  # type: ignore[valid-type]
+        default="aip", description="en-face product the pairs are aligned on"
+    )
+    min_confidence: float = Field(
+        default=0.2, description="pairs aligned with a lower confidence are rejected"
+    )
+    fuse_volume: bool = Field(
+        default=False,
+        description="also fuse the 3-D volume mosaics (before `slice_stitched`, which lists "
+        "them in `volumes`: see docs/performance.md)",
+    )
+    volume_products: tuple[Literal[VOLUME_PRODUCTS], ...] = Field(  # type: ignore[valid-type]
+        default=VOLUME_PRODUCTS, description="volume mosaics fused"
+    )
+    volume_crop: bool = Field(
+        default=True, description="keep `volume_depth` samples from the focus plane"
+    )
+    volume_depth: int = Field(default=DepthCrop.depth, description="depth samples kept")
+    volume_offset: int = Field(
+        default=DepthCrop.offset, description="first sample kept below the focus plane"
+    )
+    volume_mask: bool = Field(default=True, description="apply the mosaic's tissue mask")
+    volume_block: tuple[int, int] = Field(
+        default=BLOCK_YX, description="y, x pixels fused at a time (sets the memory)"
+    )
+
+
 class Stitch(Stage):
     """Neighbour-triggered pairwise alignment and per-mosaic fusion."""
 
@@ -87,20 +119,8 @@ class Stitch(Stage):
     buckets = (LATTICE_BUCKET, ACQ_BUCKET)
     defaults: ClassVar[dict[str, Any]] = {"concurrency": 2, "ack_wait_s": 120}
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        opts = self.settings.options
-        self.align_product = PRODUCTS.get(opts.get("align_product", "aip"), "aip")
-        self.min_confidence = float(opts.get("min_confidence", 0.2))
-        self.fuse_volume = bool(opts.get("fuse_volume", False))
-        self.volume_products = tuple(opts.get("volume_products", VOLUME_PRODUCTS))
-        if set(self.volume_products) - set(VOLUME_PRODUCTS):
-            raise ValueError(f"volume_products: {self.volume_products}; known {VOLUME_PRODUCTS}")
-        self.volume_crop = bool(opts.get("volume_crop", True))
-        self.volume_depth = int(opts.get("volume_depth", 500))
-        self.volume_offset = int(opts.get("volume_offset", 30))
-        self.volume_mask = bool(opts.get("volume_mask", True))
-        self.volume_block = tuple(int(v) for v in opts.get("volume_block", BLOCK_YX))
+    options_model = StitchOptions
+    options: StitchOptions
 
     async def handle(self, event: Event, ctx: Context) -> Result:
         if isinstance(event, StageFailed):
@@ -155,7 +175,7 @@ class Stitch(Stage):
 
     async def _on_tile(self, event: TileProcessed, manifest: Manifest, ctx: Context) -> Result:
         tile = event.tile
-        group = event.products[self.align_product].rsplit("/", 1)[0]
+        group = event.products[PRODUCTS[self.options.align_product]].rsplit("/", 1)[0]
         book = await MosaicBook.open(ctx, event.acq, tile.slice, tile.mosaic)
         # the tile's basis is part of the mosaic's digest: a tile recomputed from other
         # inputs (a calibration fix) re-aligns its pairs and re-fuses its mosaic
@@ -212,8 +232,8 @@ class Stitch(Stage):
         yb, xb = geometry.nominal_position_px(*b)
         tol = geometry.position_tolerance_px
         result = align_pair(
-            self._image(group_a, self.align_product),
-            self._image(group_b, self.align_product),
+            self._image(group_a, PRODUCTS[self.options.align_product]),
+            self._image(group_b, PRODUCTS[self.options.align_product]),
             nominal_shift_yx=(yb - ya, xb - xa),
             max_shift_px=tol,
         )
@@ -224,7 +244,7 @@ class Stitch(Stage):
         reasons = []
         if result.status != "ok":
             reasons.append(result.status)
-        if result.confidence < self.min_confidence:
+        if result.confidence < self.options.min_confidence:
             reasons.append(f"low confidence {result.confidence:.2f}")
         if deviation > tol:
             reasons.append(f"shift {deviation:.1f} px from the stage model (tolerance {tol})")
@@ -338,7 +358,7 @@ class Stitch(Stage):
             nominal,
             pairs,
             present=present,
-            min_confidence=self.min_confidence,
+            min_confidence=self.options.min_confidence,
             stage_tol_px=geometry.position_tolerance_px,
         )
         residuals = layout.residuals_yx[layout.accepted] if len(pairs) else np.zeros((0, 2))
@@ -406,12 +426,12 @@ class Stitch(Stage):
                     "pairs_rejected": int(len(pairs) - int(np.sum(layout.accepted))),
                 },
             )
-            if self.fuse_volume:
+            if self.options.fuse_volume:
                 volumes = self._fuse_volume(
                     manifest, state, layout.positions_yx, index, rel, acq, slice_index, mosaic, log
                 )
-        elif self.fuse_volume:  # already fused: announce what is there
-            for product in self.volume_products:
+        elif self.options.fuse_volume:  # already fused: announce what is there
+            for product in self.options.volume_products:
                 out = volume_product_of(rel, product)
                 if is_complete(self.config.roots.resolve("output", out)):
                     volumes[product] = out
@@ -447,19 +467,19 @@ class Stitch(Stage):
             for rc in sorted(state.processed() & set(index))
         ]
         crop, focus = None, None
-        if self.volume_crop:
+        if self.options.volume_crop:
             try:
                 focus = self._focus_plane(acq, geometry, tiles, slice_index, mosaic)
                 plane = plane_of(focus, tuple(focus["tile_shape"]))
             except ValueError as exc:  # e.g. no tissue in any overlap: crop flat, store none
                 log.warning("focus_plane_not_found", slice=slice_index, reason=str(exc))
                 focus, plane = {"found_on": None, "error": str(exc)[:300]}, None
-            crop = DepthCrop(self.volume_offset, self.volume_depth, plane)
+            crop = DepthCrop(self.options.volume_offset, self.options.volume_depth, plane)
         mosaic_store = roots.resolve("output", rel)
-        mask = MosaicMask(mosaic_store) if self.volume_mask else None
+        mask = MosaicMask(mosaic_store) if self.options.volume_mask else None
         conventions = manifest.conventions()
         written = {}
-        for product in self.volume_products:
+        for product in self.options.volume_products:
             out = volume_product_of(rel, product)
             fuse_volume(
                 tiles,
@@ -469,7 +489,7 @@ class Stitch(Stage):
                 product=product,
                 crop=crop,
                 mask=mask,
-                block_yx=self.volume_block,
+                block_yx=self.options.volume_block,
                 attributes={
                     "acq": acq,
                     "slice": slice_index,

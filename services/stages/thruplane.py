@@ -32,7 +32,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from prometheus_client import Counter, Histogram
@@ -44,6 +44,7 @@ from messages.events import SliceAxis
 from services.core.manifest import default_mask_threshold
 from services.io.layout import axis_path
 from services.io.omezarr import write_omezarr
+from services.runtime.options import StageOptions
 from services.state.buckets import Buckets, KeyValue
 from services.state.lattice import LATTICE_BUCKET, SliceBook
 
@@ -84,28 +85,6 @@ class AxisOptions:
     dn_range: tuple[float, float] | None = None  # `axis_dn_range` (previews; None: P1..P99)
     device: str = "cpu"  # `axis_device`: the fit on "cpu", "gpu" or "auto"
 
-    @staticmethod
-    def pop(options: dict[str, Any]) -> AxisOptions:
-        """Take the `axis*` options out of a register options dict."""
-        names = {
-            "axis": "enabled",
-            "axis_mosaic": "tilted_mosaic",
-            "axis_min_quality": "min_quality",
-            "axis_max_rotation_deg": "max_rotation_deg",
-            "axis_max_scale_change": "max_scale_change",
-            "axis_smooth_sigma_px": "smooth_sigma_px",
-            "axis_dn_range": "dn_range",
-            "axis_device": "device",
-        }
-        given = {field: options.pop(key) for key, field in names.items() if key in options}
-        if given.get("dn_range") is not None:
-            lo, hi = (float(v) for v in given["dn_range"])
-            given["dn_range"] = (lo, hi)
-        out = AxisOptions(**given)
-        if out.device not in ("cpu", "gpu", "auto"):
-            raise ValueError(f"register: axis_device must be cpu, gpu or auto, not {out.device}")
-        return out
-
     def params(self, gamma_deg: float, threads: int) -> ThruPlaneParams:
         return ThruPlaneParams(
             gamma_deg=gamma_deg,
@@ -118,6 +97,40 @@ class AxisOptions:
             ),
             dn_range=self.dn_range,
             threads=threads,
+        )
+
+
+_AXIS = AxisOptions()
+
+
+class AxisOptionFields(StageOptions):
+    """The register stage's options of its thru-plane step: `axis_<name>` sets
+    `AxisOptions.<name>` (`axis`: enabled, `axis_mosaic`: tilted_mosaic)."""
+
+    axis: bool = _AXIS.enabled
+    """fit the 3-D optic axis"""
+    axis_mosaic: int | None = _AXIS.tilted_mosaic
+    """the tilted mosaic; none: the first tilted one"""
+    axis_min_quality: float = _AXIS.min_quality
+    """tilted-onto-normal registrations below it fail"""
+    axis_max_rotation_deg: float = _AXIS.max_rotation_deg
+    """rotation searched, tilted onto normal"""
+    axis_max_scale_change: float = _AXIS.max_scale_change
+    """|scale - 1| searched and accepted"""
+    axis_smooth_sigma_px: float = _AXIS.smooth_sigma_px
+    """Gaussian smoothing before the fit"""
+    axis_dn_range: tuple[float, float] | None = _AXIS.dn_range
+    """previews' delta-n range; none: P1..P99"""
+    axis_device: Literal["cpu", "gpu", "auto"] = _AXIS.device
+    """where the fit runs"""
+
+    def axis_options(self) -> AxisOptions:
+        renamed = {"enabled": "axis", "tilted_mosaic": "axis_mosaic"}
+        return AxisOptions(
+            **{
+                f.name: getattr(self, renamed.get(f.name, f"axis_{f.name}"))
+                for f in dataclasses.fields(AxisOptions)
+            }
         )
 
 

@@ -18,10 +18,12 @@ Off until configured (`enabled = true` and a `url`):
     [stages.upload]
     enabled = true
     concurrency = 4                  # events handled at once
-    options = { url = "s3://bucket/prefix", region = "eu-west-1", concurrency = 8,
-                part_size_mb = 8, include_raw = false, delete_after_upload = false,
-                layout = "tilepipe", archive_raw = false, archive_level = 3, archive_threads = 1,
-                delete_raw_after_verified_upload = false }
+
+    [stages.upload.options]          # UploadOptions (docs/options.md)
+    url = "s3://bucket/prefix"
+    region = "eu-west-1"
+    concurrency = 8                  # files uploaded at once
+    layout = "tilepipe"
 
 Keys: `layout = "tilepipe"` renders `key_template` (defaults `DEFAULT_KEYS`); `layout =
 "dandi"` names each artifact with the acquisition's manifest `[names]` (services/core/names.py,
@@ -50,7 +52,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from messages.events import (
     ArtifactUploaded,
@@ -62,7 +64,6 @@ from messages.events import (
     TileProcessed,
 )
 from messages.paths import PathEscapeError
-from services.core.config import format_validation_error
 from services.core.errors import ConfigError, PermanentError, StorageAccessError, StorageConfigError
 from services.core.manifest import Manifest
 from services.core.metrics import UPLOAD_ARTIFACTS, UPLOAD_SECONDS
@@ -71,6 +72,7 @@ from services.io.atomic import atomic_file
 from services.io.layout import archive_path, axis_volume_path, products_path
 from services.io.raw_archive import COMPRESS_LEVEL
 from services.io.storage import Storage, StorageSettings, UploadReport, check_key
+from services.runtime.options import StageOptions
 from services.runtime.stage import Context, Result, Stage
 from services.stages.upload_raw import RawArchiver, RawSource, raw_source
 from services.state.acquisitions import manifest_at
@@ -189,19 +191,24 @@ def render_key(template: str, fields: dict[str, Any]) -> str:
     return check_key(template.format(**fields))
 
 
-class UploadOptions(StorageSettings):
+class UploadOptions(StorageSettings, StageOptions):
     """`[stages.upload] options`: the destination (see `StorageSettings`) plus the layout."""
 
     key_template: str | dict[str, str] = Field(
         default_factory=dict,
         description="one template for every product, or {psoct, raw, mosaic, volume} overrides",
     )
-    include_raw: bool = False
+    include_raw: bool = Field(default=False, description="also upload each tile's raw file")
     include_exports: bool = Field(
         default=True, description="the NIfTI copies and previews a slice event lists"
     )
-    delete_after_upload: bool = False
-    delete_when: Literal["stitched", "uploaded"] = "stitched"
+    delete_after_upload: bool = Field(
+        default=False, description="remove tile product groups from the work root once verified"
+    )
+    delete_when: Literal["stitched", "uploaded"] = Field(
+        default="stitched",
+        description="on the mosaic's slice_stitched, or right after the tile's upload",
+    )
     layout: Literal["tilepipe", "dandi"] = Field(
         default="tilepipe",
         description="tilepipe: keys from key_template; dandi: rawdata/ and derivatives/ with "
@@ -261,14 +268,6 @@ class UploadOptions(StorageSettings):
         return {**DEFAULT_KEYS, **self.key_template}
 
 
-def parse_options(options: dict[str, Any]) -> UploadOptions:
-    """Validated options; a `ConfigError` naming each bad field otherwise."""
-    try:
-        return UploadOptions.model_validate(options)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, "[stages.upload] options")) from None
-
-
 @dataclass
 class Artifact:
     """One thing to upload, resolved from an event."""
@@ -291,15 +290,16 @@ class Upload(Stage):
     consumes = (TileProcessed, SliceStitched, SliceRegistered, SliceAxis)
     produces = (ArtifactUploaded,)
     defaults: ClassVar[dict[str, Any]] = {"enabled": False, "concurrency": 4, "ack_wait_s": 60}
+    options_model = UploadOptions
+    options: UploadOptions
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.options = parse_options(self.settings.options)
         self.templates = self.options.templates()
         try:
             self.storage = Storage(self.options)
         except StorageConfigError as exc:
-            raise ConfigError(f"[stages.upload] options: {exc}") from None
+            raise ConfigError(f"stages.{self.name}.options: {exc}") from None
         self.archiver = RawArchiver(
             self.config.roots,
             self.storage,

@@ -12,7 +12,7 @@ from nats.js.errors import NotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed, utcnow
-from messages.subjects import ANY, HOLD, PREFIX, REDO, event_subjects
+from messages.subjects import ANY, PREFIX, event_subjects, parse_subject
 from services.state.eventlog import subjects_seen
 
 # tile-level events in pipeline order: the furthest one reached colours a tile
@@ -201,7 +201,7 @@ async def failures(js: JetStreamContext, stream: str, acq: str | None = None) ->
         return []
     ok: dict[tuple[str, str], datetime] = {}
     for event, m in checked(await read_events(js, stream, f"{PREFIX}.*.{acq_token}.>")):
-        if m.subject.split(".")[1].startswith((HOLD, REDO)):
+        if parse_subject(m.subject).target is not None:  # a parked or replayed input
             continue
         if isinstance(event, Attempt) and event.outcome == "ok":
             stage, when = event.stage, event.ended_at

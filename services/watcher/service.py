@@ -554,6 +554,8 @@ class Watcher:
             self.pending.add(rel)
             if deleted_temp and change == watchfiles.Change.added:
                 renamed.add(rel)
+        if not self.ready.is_set():  # the catch-up scan has not read the manifests yet: the
+            return  # files wait in `pending` for the first check after it
         await self.check_pending(frozenset(renamed))
 
     def tick_s(self) -> float:
