@@ -11,7 +11,8 @@ client that answer at once, so no socket or server time is in the figures:
 * ``bare-checked``: the bare hop plus the work the runtime is asked to do per event:
   validation, the next event as a model with its origin, its JSON and msg id, a counter, a
   histogram and one JSON log line (`CheckedHop` of runtime_bench.py);
-* ``runtime``: `StageRunner._deliver` with an async no-op stage;
+* ``runtime``: `StageRunner.deliver` with an async no-op stage (its transport a
+  `NatsTransport` over the instant JetStream context);
 * ``runtime -<part>``: the same with one part switched off (`log`: the bound logger and the
   `event_handled` line; `monitor`: end-to-end latency and tiles-done; `metrics`: the
   handled/published counters and the handle-time histogram), to attribute its cost.
@@ -51,6 +52,7 @@ from services.core.config import Config, NatsSettings, StageSettings
 from services.core.logs import configure_logging
 from services.runtime.bus import pubacks
 from services.runtime.runner import StageRunner
+from services.runtime.transport import NatsTransport
 
 VARIANTS = (
     "bare",
@@ -122,7 +124,7 @@ def input_payload() -> tuple[str, bytes]:
 
 
 def runtime_deliver(variant: str):
-    """`_deliver` of a runner of the chain's second no-op stage, with parts switched off."""
+    """`deliver` of a runner of the chain's second no-op stage, with parts switched off."""
     config = Config(nats=NatsSettings(url="nats://127.0.0.1:1"))
     stage = rb.noop_stage_classes(HOP + 1, "async")[HOP](config, StageSettings(concurrency=16))
     runner = StageRunner(stage, config)
@@ -140,7 +142,9 @@ def runtime_deliver(variant: str):
         runner.m.published = lambda kind: _Off()
 
     async def deliver(js, msg):
-        await runner._deliver(js, msg)
+        if runner.transport is None:
+            runner.transport = NatsTransport(js, config.nats.stream)
+        await runner.deliver(msg)
 
     return deliver
 

@@ -154,6 +154,17 @@ def event_filter(
     return ".".join(parts)
 
 
+def filter_matches(subject_filter: str, text: str) -> bool:
+    """Whether a subject is selected by a NATS filter (`*` one token, a final `>` the rest)."""
+    want, have = subject_filter.split("."), text.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or token not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
+
+
 def stream_subjects() -> list[str]:
     """Subjects bound to the event stream."""
     return [f"{PREFIX}.>"]

@@ -5,7 +5,7 @@
     monitoring  resource collectors, Prometheus config, dashboard checks
     watcher     files landing -> tile_arrived
     stages      convert, process, stitch, register, upload, notify, command; the registry
-    runtime     Stage/Context/Result, the runner, bus (one publish path), provisioning, monitor
+    runtime     Stage/Context/Result, runner, transport (+ test double), bus, provision, monitor
     state       event-log reading, status, acquisitions, lattice and hold bookkeeping
     io          raw formats, layout, the atomic writer, OME-Zarr/NIfTI/previews, storage
     core        config, manifest, calibration files, names, errors, logs, metrics  (bottom)

@@ -41,6 +41,7 @@ def hidden_leftovers(root: Path) -> list[Path]:
     return sorted(root.rglob(".*tmp-*"))
 
 
+@pytest.mark.unit
 def test_atomic_file_fsyncs_the_file_before_the_rename_and_then_the_directory(tmp_path, fsynced):
     target = tmp_path / "out" / "a.json"
     with atomic_file(target) as tmp:
@@ -52,6 +53,7 @@ def test_atomic_file_fsyncs_the_file_before_the_rename_and_then_the_directory(tm
     assert fsynced[1] == target.parent.resolve()
 
 
+@pytest.mark.unit
 def test_write_atomically_and_create_once_fsync_file_and_directory(tmp_path, fsynced):
     write_atomically(tmp_path / "t.toml", "a = 1\n")
     assert (tmp_path / "t.toml").read_text() == "a = 1\n"
@@ -64,6 +66,7 @@ def test_write_atomically_and_create_once_fsync_file_and_directory(tmp_path, fsy
     assert hidden_leftovers(tmp_path) == []
 
 
+@pytest.mark.unit
 def test_atomic_directory_fsyncs_every_file_and_folder_and_the_parent(tmp_path, fsynced):
     target = tmp_path / "store.zarr"
     with atomic_directory(target) as tmp:
@@ -78,6 +81,7 @@ def test_atomic_directory_fsyncs_every_file_and_folder_and_the_parent(tmp_path, 
     assert sorted(p.name for p in target.rglob("*")) == ["0", "0", "c", "zarr.json"]
 
 
+@pytest.mark.unit
 def test_fsync_can_be_left_out_for_directories(tmp_path, fsynced):
     with atomic_directory(tmp_path / "d", fsync=False) as tmp:
         tmp.mkdir()
@@ -85,6 +89,7 @@ def test_fsync_can_be_left_out_for_directories(tmp_path, fsynced):
     assert fsynced == [] and (tmp_path / "d" / "f").read_text() == "x"
 
 
+@pytest.mark.unit
 def test_an_error_mid_write_leaves_the_target_as_it_was(tmp_path):
     target = tmp_path / "a.txt"
     target.write_text("old")
@@ -130,6 +135,7 @@ def test_a_crash_mid_write_leaves_nothing_under_the_final_name(tmp_path, kind):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.unit
 def test_replacing_a_directory_swaps_it_in_one_step(tmp_path, monkeypatch):
     """With renameat2 the final name is never absent: the old store is never renamed away."""
     target = tmp_path / "s.zarr"
@@ -153,6 +159,7 @@ def test_replacing_a_directory_swaps_it_in_one_step(tmp_path, monkeypatch):
     assert hidden_leftovers(tmp_path) == [] and sorted(tmp_path.iterdir()) == [target]
 
 
+@pytest.mark.unit
 def test_replacing_without_renameat2_falls_back_to_two_renames(tmp_path, monkeypatch):
     target = tmp_path / "s.zarr"
     target.mkdir()
@@ -165,6 +172,7 @@ def test_replacing_without_renameat2_falls_back_to_two_renames(tmp_path, monkeyp
     assert sorted(tmp_path.iterdir()) == [target]
 
 
+@pytest.mark.unit
 def test_a_directory_never_created_leaves_the_old_one(tmp_path):
     target = tmp_path / "s.zarr"
     target.mkdir()
@@ -175,6 +183,7 @@ def test_a_directory_never_created_leaves_the_old_one(tmp_path):
     assert sorted(tmp_path.iterdir()) == [target]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["file", "dir"])
 def test_readers_always_see_a_whole_old_or_new_version(tmp_path, kind):
     """A reader polling the final name while it is replaced 200 times never finds it missing or
@@ -215,6 +224,7 @@ def test_readers_always_see_a_whole_old_or_new_version(tmp_path, kind):
     assert probe.read_text().startswith("200:")
 
 
+@pytest.mark.unit
 def test_secrets_are_written_through_it_and_stay_private(tmp_path, fsynced):
     path = write_secret(tmp_path / "creds" / "svc.pass", "s3cret")
     assert path.read_text() == "s3cret"

@@ -12,6 +12,7 @@ from services.core.errors import ConfigError
 from services.stages import stage_settings
 
 
+@pytest.mark.unit
 def test_toml_env_overrides_and_relative_roots(tmp_path):
     path = tmp_path / "tp.toml"
     path.write_text(
@@ -40,6 +41,7 @@ def test_toml_env_overrides_and_relative_roots(tmp_path):
         ("not toml [", "not valid TOML"),
     ],
 )
+@pytest.mark.unit
 def test_bad_values_name_the_field(tmp_path, text, needle):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -48,6 +50,7 @@ def test_bad_values_name_the_field(tmp_path, text, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.unit
 def test_bad_env_value_fails_at_start(tmp_path):
     with pytest.raises(ConfigError, match=r"metrics\.base_port"):
         load_config(None, environ={"TILEPIPE_METRICS__BASE_PORT": "lots"})

@@ -60,6 +60,7 @@ def write_axis(output: Path, acq: str, k: int, shape: tuple[int, int]) -> str:
     return rel
 
 
+@pytest.mark.unit
 def test_mosaic_nifti_has_the_toolbox_orientation_affine_and_units(tmp_path):
     maps = mosaic_maps((60, 90))
     rel = write_mosaic(tmp_path, "acq", 3, 1, maps)
@@ -84,6 +85,7 @@ def test_mosaic_nifti_has_the_toolbox_orientation_affine_and_units(tmp_path):
     assert (tmp_path / files["nifti.aip"]).stat().st_mtime_ns == stamp
 
 
+@pytest.mark.unit
 def test_previews_window_orientation_hsv_and_are_bounded(tmp_path):
     maps = mosaic_maps((60, 90))
     rel = write_mosaic(tmp_path, "acq", 0, 0, maps)
@@ -109,6 +111,7 @@ def test_previews_window_orientation_hsv_and_are_bounded(tmp_path):
     assert float(block_mean(ori, 2)[0, 0]) == 0.0  # what a plain mean would make of it
 
 
+@pytest.mark.unit
 def test_axis_nifti_and_previews(tmp_path):
     rel = write_axis(tmp_path, "acq", 2, (40, 50))
     files = export_axis(tmp_path, rel, 2, THICK_UM)

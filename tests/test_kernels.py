@@ -33,6 +33,8 @@ from kernels import (
 from kernels.fastmath import atan_ratio_of_powers, half_angle
 from kernels.resampling import fractional_pixels, resample
 
+pytestmark = pytest.mark.unit
+
 CAL = SpectrometerCalibration.from_band(512)  # 1220-1385 nm, bowed, 232 depth bins
 TAU = 2.0 * math.pi
 

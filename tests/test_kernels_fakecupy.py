@@ -33,6 +33,8 @@ from kernels.backend import array_module, device_key, device_name, is_numpy, res
 from kernels.streaming import MAPS, VOLUMES, bytes_per_bscan, stream_tile
 from tests import fakecupy
 
+pytestmark = pytest.mark.unit
+
 CAL = SpectrometerCalibration.from_band(
     512, dispersion_coeffs=(150.0, 300.0), orientation_offset_deg=12.0
 )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+from services.runtime.transport import NatsTransport
 from services.state.lattice import LATTICE_BUCKET, MosaicBook
 
 
 async def test_state_reads_every_key_of_a_large_mosaic(js):
-    book = await MosaicBook.open(js, "lat", 3, 0)
-    other = await MosaicBook.open(js, "lat", 4, 0)  # another slice: not read
+    book = await MosaicBook.open(NatsTransport(js), "lat", 3, 0)
+    other = await MosaicBook.open(NatsTransport(js), "lat", 4, 0)  # another slice: not read
     tiles = [(r, c) for r in range(25) for c in range(24)]  # 600 keys: more than a watch queues
     await asyncio.gather(*(book.mark_tile(r, c, "processed", path=f"t{r}-{c}") for r, c in tiles))
     await asyncio.gather(
@@ -31,7 +32,7 @@ async def test_state_reads_every_key_of_a_large_mosaic(js):
 
 
 async def test_state_of_an_empty_mosaic(js):
-    state = await (await MosaicBook.open(js, "lat", 0, 0)).state()
+    state = await (await MosaicBook.open(NatsTransport(js), "lat", 0, 0)).state()
     assert state.tiles == {} and state.pairs == {} and state.stitched_digest is None
 
 
@@ -41,8 +42,9 @@ async def test_register_book_reads_every_slice_it_was_given(js):
     for good, seen in CI under load)."""
     from services.stages.register import RegisterBook
 
-    book = await RegisterBook.open(js, "regbook", 0)
-    other = await RegisterBook.open(js, "regbook", 1)  # another mosaic index: not read
+    transport = NatsTransport(js)
+    book = await RegisterBook.open(transport, "regbook", 0)
+    other = await RegisterBook.open(transport, "regbook", 1)  # another mosaic index: not read
     await asyncio.gather(
         *(book.put(s, "stitched", {"path": f"s{s}.ome.zarr"}) for s in range(300)),
         *(book.put(s, "registered", {"basis": f"b{s}"}) for s in range(0, 300, 2)),

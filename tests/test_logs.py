@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from services.core.logs import configure_logging, get_logger
+
+pytestmark = pytest.mark.unit
 
 
 def test_json_lines_carry_level_timestamp_context_and_traceback(tmp_path):

@@ -31,6 +31,8 @@ from services.core.manifest import (
 from services.runtime.options import parse_options
 from services.stages.process import ProcessOptions
 
+pytestmark = pytest.mark.unit
+
 SPECTRAL = "mosaic_{mosaic:03d}_image_{index:04d}_spectral_{counter:04d}.nii"
 
 

@@ -47,6 +47,7 @@ def tile_event(**over) -> TileArrived:
     return TileArrived(**{**fields, **over})
 
 
+@pytest.mark.unit
 def test_subject_scheme_filters_by_acquisition_and_slice():
     event = tile_event()
     assert event.subject() == "tp.tile_arrived.A1.3.m1-r2-c4"
@@ -56,12 +57,14 @@ def test_subject_scheme_filters_by_acquisition_and_slice():
     assert stitched.subject() == "tp.slice_stitched.A1.3.m1"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("token", ["a.b", "*", ">", "", "x y", "a" * 65, "acq\n", "\nacq"])
 def test_subject_tokens_cannot_smuggle_wildcards(token):
     with pytest.raises(ValueError, match="invalid subject token"):
         subject("tile_arrived", token)
 
 
+@pytest.mark.unit
 def test_msg_id_is_stable_per_work_item():
     a, b = tile_event(), tile_event(size_bytes=99)
     assert a.msg_id() == b.msg_id()
@@ -115,6 +118,7 @@ def test_round_trip_every_kind_has_a_schema():
         (lambda d: {**d, "tile": {"slice": -1, "row": 0, "col": 0}}, "invalid_fields"),
     ],
 )
+@pytest.mark.unit
 def test_decode_rejects_with_reason(mutate, reason):
     data = json.dumps(mutate(json.loads(tile_event().to_json()))).encode()
     with pytest.raises(InvalidEvent) as info:
@@ -122,6 +126,7 @@ def test_decode_rejects_with_reason(mutate, reason):
     assert info.value.reason == reason
 
 
+@pytest.mark.unit
 def test_decode_rejects_huge_and_unexpected():
     with pytest.raises(InvalidEvent, match="too_large"):
         decode_event(b" " * (300 * 1024))
@@ -129,6 +134,7 @@ def test_decode_rejects_huge_and_unexpected():
         decode_event(tile_event().to_json(), accept={"tile_converted"})
 
 
+@pytest.mark.unit
 def test_resolve_in_root_refuses_escapes(tmp_path):
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)
@@ -140,6 +146,7 @@ def test_resolve_in_root_refuses_escapes(tmp_path):
         resolve_in_root(root, "../x")
 
 
+@pytest.mark.unit
 def test_stage_failed_ids_distinguish_stages():
     common = {
         "acq": "A",
@@ -154,6 +161,7 @@ def test_stage_failed_ids_distinguish_stages():
     )
 
 
+@pytest.mark.unit
 def test_upload_ids_tell_objects_and_contents_apart():
     """A slice's two mosaics and a re-upload of changed content are new events; the same
     object with the same content is a duplicate (JetStream drops it by its Nats-Msg-Id)."""
@@ -205,6 +213,7 @@ def failed_event(**over) -> StageFailed:
     return StageFailed(**{**fields, **over})
 
 
+@pytest.mark.unit
 def test_failure_and_attempt_subjects_name_their_stage():
     """`tp.stage_failed.<acq>.<slice>.<tile>.<stage>`: permissions can allow a stage's user
     only failures in its own name, and `tp.stage_failed.>` still selects every failure."""
@@ -248,6 +257,7 @@ def test_a_parsed_subject_says_where_it_points_and_for_whom():
         "tp.tile_arrived.A1.*.m1-r2-c4",
     ],
 )
+@pytest.mark.unit
 def test_parse_subject_refuses_what_is_not_an_event_subject(text):
     with pytest.raises(ValueError, match="not an event subject"):
         parse_subject(text)
@@ -255,6 +265,7 @@ def test_parse_subject_refuses_what_is_not_an_event_subject(text):
     assert [s for s, _p in event_subjects([text, good])] == [good]  # the others skipped
 
 
+@pytest.mark.unit
 def test_an_event_must_be_what_its_subject_says():
     arrived, failed = tile_event(), failed_event()
     assert check_subject(arrived, arrived.subject()).kind == "tile_arrived"

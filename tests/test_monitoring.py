@@ -40,6 +40,7 @@ from services.local.natsserver import free_port
 from services.monitoring import collectors, dashboards, prometheus
 from services.runtime import monitor as runtime_monitor
 from services.runtime.bus import publish_event
+from services.runtime.transport import NatsTransport
 from tests.conftest import wait_for
 from tests.procs import OutputReader, free_ports, interrupt, running_up
 
@@ -517,12 +518,14 @@ def _count(stage: str, event: str) -> float:
 
 
 class Unreachable:
-    """A JetStream context whose server never answers."""
+    """A transport whose server never answers."""
 
-    async def get_last_msg(self, *a, **k):
+    stream = "TILEPIPE"
+
+    async def last(self, *a, **k):
         raise RuntimeError("down")
 
-    async def stream_info(self, *a, **k):
+    async def subjects(self, *a, **k):
         raise RuntimeError("down")
 
 
@@ -574,7 +577,7 @@ async def test_stage_monitor_latency_and_progress(js):
         size_bytes=1,
         completed_at=t0,
     )
-    await monitor.handled(js, arrived, [converted(tiles[0])])
+    await monitor.handled(NatsTransport(js), arrived, [converted(tiles[0])])
     assert _count("mon-convert", "tile_converted") == 1
     assert _sample("mon-convert", "tile_converted", "sum") == pytest.approx(40)
     assert _tiles_done("mon-convert") == 2
@@ -595,9 +598,13 @@ async def test_stage_monitor_latency_and_progress(js):
 
     # a later stage looks the arrival up in the stream; a replay is not a latency
     monitor2 = runtime_monitor.StageMonitor("mon-process", "TILEPIPE")
-    await monitor2.handled(js, converted(tiles[1]), [converted(tiles[1], seconds=61)])
+    await monitor2.handled(
+        NatsTransport(js), converted(tiles[1]), [converted(tiles[1], seconds=61)]
+    )
     assert _count("mon-process", "tile_converted") == 1
-    await monitor2.handled(js, converted(tiles[2]), [converted(tiles[2])], replay="op")
+    await monitor2.handled(
+        NatsTransport(js), converted(tiles[2]), [converted(tiles[2])], replay="op"
+    )
     assert _count("mon-process", "tile_converted") == 1
     assert _tiles_done("mon-process") == 3  # seeded 3, then 1, 2
 
@@ -610,7 +617,7 @@ async def test_stage_monitor_latency_and_progress(js):
         emitted_at=t0 + timedelta(seconds=13),
     )
     monitor3 = runtime_monitor.StageMonitor("mon-stitch", "TILEPIPE")
-    await monitor3.handled(js, converted(tiles[3]), [stitched])
+    await monitor3.handled(NatsTransport(js), converted(tiles[3]), [stitched])
     assert _sample("mon-stitch", "slice_stitched", "sum") == pytest.approx(10)  # last: t0 + 3 s
     assert _tiles_done("mon-stitch") == 4
     await publish_event(js, stitched)
@@ -618,7 +625,7 @@ async def test_stage_monitor_latency_and_progress(js):
         acq="mon1", slice=0, path="v.zarr", transform=[[1, 0, 0]] * 3, quality=1, accepted=True
     )
     monitor4 = runtime_monitor.StageMonitor("mon-register", "TILEPIPE")
-    await monitor4.handled(js, converted(tiles[0]), [registered])  # mosaic read back
+    await monitor4.handled(NatsTransport(js), converted(tiles[0]), [registered])  # mosaic read back
     assert _count("mon-register", "slice_registered") == 1
     assert _tiles_done("mon-register") == 4
 
@@ -644,11 +651,11 @@ async def test_tiles_done_gauge_keeps_its_value_when_an_acquisition_is_evicted(j
         )
 
     for col in range(3):
-        await monitor.handled(js, converted("evA", col), [converted("evA", col)])
+        await monitor.handled(NatsTransport(js), converted("evA", col), [converted("evA", col)])
     assert _tiles_done("mon-evict", "evA") == 3
-    await monitor.handled(js, converted("evB", 0), [converted("evB", 0)])
+    await monitor.handled(NatsTransport(js), converted("evB", 0), [converted("evB", 0)])
     assert list(monitor._done) == ["evB"]  # evA evicted
     assert _tiles_done("mon-evict", "evA") == 3
     assert _tiles_done("mon-evict", "evB") == 1
-    await monitor.handled(js, converted("evB", 1), [converted("evB", 1)])
+    await monitor.handled(NatsTransport(js), converted("evB", 1), [converted("evB", 1)])
     assert _tiles_done("mon-evict", "evB") == 2

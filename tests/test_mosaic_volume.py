@@ -18,6 +18,8 @@ from services.io.focus_plane import fit_from_tiles, load, plane_of, store
 from services.io.mosaic_volume import DepthCrop, MosaicMask, fuse_volume
 from services.io.omezarr import write_omezarr
 
+pytestmark = pytest.mark.unit
+
 SHAPE = (40, 48)  # tile (B-lines, A-lines)
 DEPTH = 24
 

@@ -14,6 +14,8 @@ from ome_zarr_models.v05.image import Image
 from services.io import atomic
 from services.io.omezarr import downsample, open_level, pyramid, read_multiscale, write_omezarr
 
+pytestmark = pytest.mark.unit
+
 PRODUCTS = ("aip", "mip", "retardance", "orientation")
 
 

@@ -198,6 +198,7 @@ def axis_errors(fit, theta, alpha):
 
 
 # ------------------------------------------------------------------------------- the model
+@pytest.mark.unit
 def test_project_geometry():
     dn = 1e-3
     g = math.radians(GAMMA)
@@ -215,6 +216,7 @@ def test_project_geometry():
     assert ot[3] == pytest.approx(math.degrees(math.atan(math.tan(math.radians(30)) / math.cos(g))))
 
 
+@pytest.mark.unit
 def test_noise_free_recovers_the_field_exactly():
     theta, alpha, dn = fibre_field(64, seed=1)
     (bn, on), (bt, ot) = project(theta, alpha, dn, GAMMA)
@@ -246,6 +248,7 @@ def _noisy_field(n: int = 96, seed: int = 2):
     return theta, alpha, dn, noisy, above
 
 
+@pytest.mark.unit
 def test_noisy_field_within_5deg_and_10pct_where_above_noise():
     """Azimuth within 5 deg everywhere above the noise; inclination within 5 deg and delta-n
     within 10% for >= 95% of those pixels. The tail is the estimator's, not the solver's
@@ -267,6 +270,7 @@ def test_noisy_field_within_5deg_and_10pct_where_above_noise():
     assert np.median(fit.residual[~above]) > 5 * np.median(fit.residual[above])
 
 
+@pytest.mark.unit
 def test_wrong_sign_of_gamma_gives_wrong_inclinations():
     theta, alpha, _, noisy, above = _noisy_field()
     right = solve_optic_axis(*noisy, GAMMA)
@@ -307,6 +311,7 @@ def test_matches_toolbox_nelder_mead_per_pixel():
     assert np.all(fit.cost[ok] <= ref["cost"][ok] * (1 + 1e-4) + 1e-22)
 
 
+@pytest.mark.unit
 def test_toolbox_branch2_inclination_sign():
     """The toolbox's branch 2 (|phi_n| >= 45) reports -alpha for axes with theta in [45, 90):
     its x<->y swap is a reflection applied to theta but not to z. angles="axis" does not."""
@@ -326,6 +331,7 @@ def test_toolbox_branch2_inclination_sign():
 
 
 # -------------------------------------------------------------------- inputs, mask, previews
+@pytest.mark.unit
 def test_mask_floors_and_shapes():
     theta, alpha, dn = fibre_field(16, seed=3)
     (bn, on), (bt, ot) = project(theta, alpha, dn, GAMMA)
@@ -352,6 +358,7 @@ def test_mask_floors_and_shapes():
         solve_optic_axis(bn, on, bt[:-1], ot, GAMMA)
 
 
+@pytest.mark.unit
 def test_previews():
     rgb = inplane_rgb([-90.0, -30.0, 0.0, 30.0, 0.0], [1.0, 1.0, 1.0, 1.0, 0.2], 0.2, 1.0)
     assert rgb.shape == (5, 3) and rgb.dtype == np.float32

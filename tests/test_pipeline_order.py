@@ -6,10 +6,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from messages.subjects import PIPELINE_ORDER
 from services.stages import BUILTIN, stage_names
 from services.stages.stitch import UPSTREAM
 from services.state.timeline import TAIL_HOPS
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -333,6 +333,7 @@ async def test_a_stage_user_cannot_pass_a_forged_event_off_as_another_stages(
     the subject, and stitch's runtime refuses it (terminated, counted as
     `subject_mismatch`), so the victim acquisition's lattice is untouched."""
     from services.local.simulate import small_manifest, write_manifest
+    from services.runtime.transport import NatsTransport
     from services.stages.stitch import Stitch
     from services.state.acquisitions import record_acquisition
     from services.state.lattice import tile_state
@@ -384,7 +385,7 @@ async def test_a_stage_user_cannot_pass_a_forged_event_off_as_another_stages(
         await asyncio.sleep(1.0)  # a delivery that was not terminated would come back
         info = await admin_js.consumer_info("TILEPIPE", "stitch")
     assert info.num_redelivered == 0 and info.num_ack_pending == 0
-    assert await tile_state(admin_js, "victim", 0, 0, 1, 0) is None
+    assert await tile_state(NatsTransport(admin_js), "victim", 0, 0, 1, 0) is None
     assert await stream_messages(admin_js, "tp.attempt.victim.>") == []  # never handled
     assert await stream_messages(admin_js, "tp.tile_processed.>") == []
 

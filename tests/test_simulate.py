@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = PhantomParams(scatterers=4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("raw_format", ["nifti-spectral", "raw12", "tiff", "nifti-complex"])
 def test_simulated_acquisition_in_every_format(tmp_path, raw_format):
     manifest = small_manifest(
@@ -69,6 +70,7 @@ def test_simulated_acquisition_in_every_format(tmp_path, raw_format):
     assert saved.slices[0]["dx_um"] == 0 and saved.slices[1]["rotation_deg"] != 0
 
 
+@pytest.mark.unit
 def test_truth_is_deterministic_and_tiles_overlap_consistently():
     manifest = small_manifest("det", slices=1, rows=1, cols=2, alines=32, bscans=8)
     a, b = Simulator(manifest, PARAMS), Simulator(manifest, PARAMS)
@@ -85,6 +87,7 @@ def test_truth_is_deterministic_and_tiles_overlap_consistently():
     assert np.isfinite(fl["reflectivity"]).all() and (fr["reflectivity"] > 0).all()
 
 
+@pytest.mark.unit
 def test_raw12_packing_round_trip_and_errors(tmp_path):
     values = np.array([0, 1, 4095, 2048, 7], np.uint16)
     assert (unpack12(pack12(values), 5) == values).all()

@@ -23,6 +23,8 @@ from kernels.stitch import (
     solve_positions,
 )
 
+pytestmark = pytest.mark.unit
+
 ROWS, COLS, TILE, OVERLAP = 4, 5, 96, 0.15
 NOISE = 0.05  # tile noise std; the texture has unit std
 FLAT = 2 * COLS + 1  # tile (2, 1) lies in a featureless region

@@ -38,7 +38,8 @@ from services.io.atomic import atomic_file
 from services.runtime.bus import inbox_prefix
 from services.stages import stage_for
 from services.state.acquisitions import ACQ_BUCKET
-from services.state.lattice import HOLD_BUCKET, LATTICE_BUCKET, LATTICE_KEYS
+from services.state.buckets import HOLD_BUCKET
+from services.state.lattice import LATTICE_BUCKET, LATTICE_KEYS
 
 ADMIN = "admin"
 WATCHER = "watcher"
@@ -107,7 +108,7 @@ def stage_permissions(
     ]
     if bookkeeping:
         publish += [
-            *_watch_kv(LATTICE_BUCKET),  # a mosaic's keys (services.state.lattice.read_keys)
+            *_watch_kv(LATTICE_BUCKET),  # a mosaic's keys (transport.NatsKeyValue.entries)
             f"$JS.API.STREAM.MSG.GET.{_kv_stream(LATTICE_BUCKET)}",
             f"$JS.API.DIRECT.GET.{_kv_stream(LATTICE_BUCKET)}.>",
             *(f"$KV.{LATTICE_BUCKET}.{keys}" for keys in LATTICE_KEYS.get(name, ())),

@@ -27,10 +27,10 @@ from nats.js.errors import KeyNotFoundError
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed
 from messages.subjects import HOLD, PREFIX, REDO, event_subjects, parse_subject, redo_subject
-from services.runtime.bus import MSG_ID, REPLAY_HEADER
+from services.runtime.bus import publish
 from services.runtime.stage import REPAIR_PREFIX
+from services.state.buckets import HOLD_BUCKET
 from services.state.eventlog import subjects_seen
-from services.state.lattice import HOLD_BUCKET
 from services.state.status import Failure, checked, read_events
 
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
@@ -99,10 +99,12 @@ async def release(js: JetStreamContext, stream: str, acq: str, settle_s: float =
 
 async def republish(js: JetStreamContext, stage: str, event: Event, tag: str, seq: int) -> None:
     """Send one input event to one stage only, tagged (see the module docstring)."""
-    await js.publish(
+    await publish(
+        js,
         redo_subject(stage, event.acq, event.slice_token(), event.tile_token()),
         event.to_json(),
-        headers={MSG_ID: f"redo:{stage}:{tag}:{seq}", REPLAY_HEADER: tag},
+        f"redo:{stage}:{tag}:{seq}",
+        replay=tag,
     )
 
 

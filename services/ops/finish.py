@@ -5,6 +5,7 @@ from __future__ import annotations
 from messages.events import AcquisitionFinished
 from services.core.config import Config
 from services.runtime.bus import connect, publish_event
+from services.runtime.transport import NatsTransport
 from services.state.acquisitions import (
     arrived_tiles,
     lookup_acquisition,
@@ -17,7 +18,7 @@ async def finish(config: Config, acq: str) -> AcquisitionFinished:
     nc = await connect(config.nats, name="tilepipe-finish", retry_for_s=10)
     try:
         js = nc.jetstream()
-        record = await lookup_acquisition(js, acq)
+        record = await lookup_acquisition(NatsTransport(js, config.nats.stream), acq)
         if record is None:
             raise SystemExit(f"unknown acquisition {acq!r} (the watcher has not seen it)")
         manifest = manifest_at(config.roots.raw, record["manifest"])

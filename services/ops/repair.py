@@ -30,7 +30,9 @@ from services.core.config import Config
 from services.io.atomic import is_complete
 from services.io.layout import converted_path, mosaic_path, products_path
 from services.ops.control import republish
+from services.runtime.bus import publish_event
 from services.runtime.stage import REPAIR_PREFIX
+from services.runtime.transport import NatsTransport
 from services.state.acquisitions import acquisition_dir, lookup_acquisition, manifest_at, tile_key
 from services.state.eventlog import subjects_seen
 from services.state.status import failures
@@ -49,7 +51,7 @@ class Action:
 
 async def plan(js: JetStreamContext, config: Config, acq: str) -> list[Action]:
     """What is missing, stage by stage."""
-    record = await lookup_acquisition(js, acq)
+    record = await lookup_acquisition(NatsTransport(js, config.nats.stream), acq)
     if record is None:
         raise ValueError(f"unknown acquisition {acq!r} (the watcher has not seen it)")
     manifest = manifest_at(config.roots.raw, record["manifest"])
@@ -110,7 +112,7 @@ async def plan(js: JetStreamContext, config: Config, acq: str) -> list[Action]:
 async def apply(js: JetStreamContext, config: Config, acq: str, actions: list[Action]) -> int:
     """Republish the inputs of the planned actions."""
     tag = f"{REPAIR_PREFIX}{uuid.uuid4().hex[:8]}"
-    record = await lookup_acquisition(js, acq)
+    record = await lookup_acquisition(NatsTransport(js, config.nats.stream), acq)
     manifest = manifest_at(config.roots.raw, record["manifest"]) if record else None
     for n, action in enumerate(actions):
         if action.stage == "watcher":
@@ -131,9 +133,7 @@ async def apply(js: JetStreamContext, config: Config, acq: str, actions: list[Ac
                 producer="repair",
                 completed_at=datetime.fromtimestamp(stat.st_mtime, UTC),
             )
-            await js.publish(
-                event.subject(), event.to_json(), headers={"Nats-Msg-Id": f"{event.msg_id()}:{tag}"}
-            )
+            await publish_event(js, event, msg_id=f"{event.msg_id()}:{tag}")
             continue
         original = await js.get_last_msg(config.nats.stream, action.input_subject)
         await republish(js, action.stage, decode_event(original.data), tag, n)

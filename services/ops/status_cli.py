@@ -13,6 +13,7 @@ from services.core.config import Config
 from services.core.signals import stop_on_signals
 from services.io.layout import index_path
 from services.runtime.bus import connect
+from services.runtime.transport import NatsTransport
 from services.stages import configured_stages
 from services.state.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
 from services.state.status import snapshot
@@ -39,7 +40,7 @@ async def status_command(config: Config, args) -> int:
             print("no acquisition known yet (the watcher records them)")
             return 1
         lattice = None
-        record = await lookup_acquisition(js, acq)
+        record = await lookup_acquisition(NatsTransport(js, config.nats.stream), acq)
         if record is not None:
             try:
                 lattice = manifest_at(config.roots.raw, record["manifest"]).grids()

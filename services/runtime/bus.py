@@ -193,6 +193,37 @@ def pubacks(js: JetStreamContext) -> PubAcks:
     return found
 
 
+def event_msg_id(event: Event, msg_id: str | None = None, replay: str | None = None) -> str:
+    """The de-duplication id an event is published with: its own (or `msg_id`), made new by a
+    replay tag, so a replayed chain is not mistaken for duplicates of the first run."""
+    base = msg_id or event.msg_id()
+    return f"{base}:replay:{replay}" if replay else base
+
+
+def headers_of(msg_id: str, replay: str | None = None) -> dict[str, str]:
+    """The headers of every publish: the de-duplication id and the replay tag, if any."""
+    return {MSG_ID: msg_id, REPLAY_HEADER: replay} if replay else {MSG_ID: msg_id}
+
+
+async def publish(
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    msg_id: str,
+    replay: str | None = None,
+    timeout: float = 10.0,
+) -> PubAck:
+    """The one JetStream publish: `payload` on `subject` with its de-duplication id (the
+    server drops a repeat) and the replay tag that travels downstream; the PubAck, or the
+    typed nats-py error (NoStreamResponseError, APIError, TimeoutError)."""
+    return await pubacks(js).publish(subject, payload, headers_of(msg_id, replay), timeout)
+
+
+async def send(nc: Client, subject: str, payload: bytes, msg_id: str) -> None:
+    """A publish nobody waits on (history, not a work item): no PubAck is awaited."""
+    await nc.publish(subject, payload, headers=headers_of(msg_id))
+
+
 async def publish_event(
     js: JetStreamContext,
     event: Event,
@@ -200,13 +231,7 @@ async def publish_event(
     replay: str | None = None,
     timeout: float = 10.0,
 ) -> PubAck:
-    """Publish one event on its subject; the server drops a repeat of the same `msg_id`.
-
-    A replay tag (from `tilepipe replay`) makes the id new and travels downstream, so a replayed
-    chain is not mistaken for duplicates of the first run.
-    """
-    headers = {MSG_ID: msg_id or event.msg_id()}
-    if replay:
-        headers[MSG_ID] += f":replay:{replay}"
-        headers[REPLAY_HEADER] = replay
-    return await pubacks(js).publish(event.subject(), event.to_json(), headers, timeout)
+    """Publish one event on its subject (see `publish` and `event_msg_id`)."""
+    return await publish(
+        js, event.subject(), event.to_json(), event_msg_id(event, msg_id, replay), replay, timeout
+    )

@@ -12,8 +12,6 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 
-from nats.js.errors import NotFoundError
-
 from messages.codec import InvalidEvent, decode_event
 from messages.events import (
     ArtifactUploaded,
@@ -30,7 +28,7 @@ from services.core.metrics import (
     ACQ_TILES_DONE,
     END_TO_END_SECONDS,
 )
-from services.state.eventlog import subjects_seen
+from services.runtime.transport import Transport
 
 _TILE_OUTPUTS = (TileEvent, ArtifactUploaded)
 _SLICE_OUTPUTS = (SliceStitched, SliceRegistered)
@@ -56,10 +54,10 @@ class StageMonitor:
     The runtime creates one per stage (`StageMonitor(name, stream, stage.produces)`: the
     histograms of the kinds it produces start at zero, so a first observation is an increase)
     calls `observed(outputs, replay)` once the outputs of an input are published, then
-    `handled_slow(js, event, rest, replay)` for the outputs it returns (`handled` does both).
-    For every output that stands for tiles — a tile event, an `artifact_uploaded` of a tile,
-    a `slice_stitched` (its solved tiles) or a `slice_registered` (the tiles of its stitched
-    mosaic) — it
+    `handled_slow(transport, event, rest, replay)` for the outputs it returns (`handled` does
+    both; `transport` is the runner's, `services.runtime.transport`). For every output that
+    stands for tiles — a tile event, an `artifact_uploaded` of a tile, a `slice_stitched` (its
+    solved tiles) or a `slice_registered` (the tiles of its stitched mosaic) — it
 
     - observes `tilepipe_end_to_end_latency_seconds{stage,event}`: the output's `emitted_at`
       minus the latest `completed_at` of the `tile_arrived` events of those tiles (taken from
@@ -103,33 +101,43 @@ class StageMonitor:
         return [out for out in outputs if not self._observed_in_memory(out, replay)]
 
     async def handled(
-        self, js, event: Event, outputs: Sequence[Event], replay: str | None = None
+        self,
+        server: Transport,
+        event: Event,
+        outputs: Sequence[Event],
+        replay: str | None = None,
     ) -> None:
         """Record what publishing `outputs` for `event` means; never raises."""
         slow = self.observed(outputs, replay)
         if slow:
-            await self.handled_slow(js, event, slow, replay)
+            await self.handled_slow(server, event, slow, replay)
 
     async def handled_slow(
-        self, js, event: Event, outputs: Sequence[Event], replay: str | None = None
+        self,
+        server: Transport,
+        event: Event,
+        outputs: Sequence[Event],
+        replay: str | None = None,
     ) -> None:
         """Record `outputs` that `observed` left, looking at the stream; never raises."""
         if isinstance(event, TileArrived):
             self._remember(_tile_key(event.acq, event.tile), event.completed_at.timestamp())
         try:
             # no task per call on the hot path: only the stream look-ups below are bounded
-            await self._handled(js, event, outputs, replay)
+            await self._handled(server, event, outputs, replay)
         except Exception as exc:  # monitoring is best effort
             get_logger(stage=self.stage).debug(
                 "monitor_failed", error=str(exc) or type(exc).__name__
             )
 
-    async def _handled(self, js, event: Event, outputs: Sequence[Event], replay: str | None):
+    async def _handled(
+        self, server: Transport, event: Event, outputs: Sequence[Event], replay: str | None
+    ):
         for out in outputs:
-            tiles = await self.tiles_of(js, out, event)
+            tiles = await self.tiles_of(server, out, event)
             if not tiles:
                 continue
-            await self._progress(js, out, tiles)
+            await self._progress(server, out, tiles)
             if replay:
                 continue
             if isinstance(out, TileEvent | ArtifactUploaded) and (
@@ -137,7 +145,9 @@ class StageMonitor:
             ):  # carried forward by the runtime: no lookup on the hot path
                 arrived = [out.origin.arrived_at.timestamp()]
             else:
-                arrived = [a for a in await self._arrivals_of(js, out.acq, tiles) if a is not None]
+                arrived = [
+                    a for a in await self._arrivals_of(server, out.acq, tiles) if a is not None
+                ]
             if arrived:
                 self._observe(out, max(arrived))
 
@@ -181,7 +191,9 @@ class StageMonitor:
         """End-to-end latency of `out`: its emission minus the (latest) arrival behind it."""
         self._histogram(out.kind).observe(max(0.0, out.emitted_at.timestamp() - arrived))
 
-    async def tiles_of(self, js, out: Event, source: Event | None = None) -> list[TileCoord]:
+    async def tiles_of(
+        self, server: Transport, out: Event, source: Event | None = None
+    ) -> list[TileCoord]:
         """The tiles an output stands for (empty for events that are no tile deliverable)."""
         if isinstance(out, TileEvent):
             return [out.tile]
@@ -196,7 +208,9 @@ class StageMonitor:
                 and source.acq == out.acq
             ):
                 return _positions(source)
-            stitched = await self._last(js, subject("slice_stitched", out.acq, *_slice_tokens(out)))
+            stitched = await self._last(
+                server, subject("slice_stitched", out.acq, *_slice_tokens(out))
+            )
             return _positions(stitched) if isinstance(stitched, SliceStitched) else []
         return []
 
@@ -211,7 +225,9 @@ class StageMonitor:
         while len(self._arrivals) > self.cache_size:
             self._arrivals.popitem(last=False)
 
-    async def _arrivals_of(self, js, acq: str, tiles: list[TileCoord]) -> list[float | None]:
+    async def _arrivals_of(
+        self, server: Transport, acq: str, tiles: list[TileCoord]
+    ) -> list[float | None]:
         limit = asyncio.Semaphore(32)
 
         async def one(tile: TileCoord) -> float | None:
@@ -219,7 +235,7 @@ class StageMonitor:
             if key in self._arrivals:
                 return self._arrivals[key]
             async with limit:
-                found = await self._last(js, f"{PREFIX}.tile_arrived.{key}")
+                found = await self._last(server, f"{PREFIX}.tile_arrived.{key}")
             if not isinstance(found, TileArrived):
                 return None
             self._remember(key, found.completed_at.timestamp())
@@ -227,19 +243,18 @@ class StageMonitor:
 
         return list(await asyncio.gather(*(one(t) for t in tiles)))
 
-    async def _last(self, js, subj: str) -> Event | None:
+    async def _last(self, server: Transport, subj: str) -> Event | None:
         """The last event on a subject, or None."""
 
-        try:
-            msg = await asyncio.wait_for(js.get_last_msg(self.stream, subj), self.timeout)
-        except NotFoundError:
+        msg = await asyncio.wait_for(server.last(subj), self.timeout)
+        if msg is None:
             return None
         try:
             return decode_event(msg.data)
         except InvalidEvent:
             return None
 
-    async def _progress(self, js, out: Event, tiles: list[TileCoord]) -> None:
+    async def _progress(self, server: Transport, out: Event, tiles: list[TileCoord]) -> None:
         acq = out.acq
         done = self._done.get(acq)
         if done is None:
@@ -255,16 +270,16 @@ class StageMonitor:
         if now - self._synced.get(key, -math.inf) >= self.resync_s:
             self._synced[key] = now  # one reader at a time; again next event if it fails
             try:
-                done |= await asyncio.wait_for(self._published(js, acq, out.kind), self.timeout)
+                done |= await asyncio.wait_for(self._published(server, acq, out.kind), self.timeout)
             except BaseException:
                 self._synced.pop(key, None)
                 raise
         self._add_done(acq, done, tiles)
 
-    async def _published(self, js, acq: str, kind: str) -> set[str]:
+    async def _published(self, server: Transport, acq: str, kind: str) -> set[str]:
         """Tile keys ("<slice>.<tile>") already published as `kind` (from the stream)."""
 
-        seen = await subjects_seen(js, self.stream, f"{PREFIX}.{kind}.{acq}.>")
+        seen = await server.subjects(f"{PREFIX}.{kind}.{acq}.>")
         if kind not in ("slice_stitched", "slice_registered"):
             keys = set()
             for subj in seen:
@@ -274,9 +289,9 @@ class StageMonitor:
             return keys
         keys: set[str] = set()
         for subj in seen:
-            event = await self._last(js, subj)
+            event = await self._last(server, subj)
             if event is not None:
-                keys.update(f"{t.slice}.{t.token()}" for t in await self.tiles_of(js, event))
+                keys.update(f"{t.slice}.{t.token()}" for t in await self.tiles_of(server, event))
         return keys
 
 

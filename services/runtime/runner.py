@@ -7,6 +7,10 @@ reason), handler in a worker thread with in-progress heartbeats, retries by nega
 backoff up to `max_deliver`, then a stage-failed event (never for an input that is itself a
 failure); outputs published with `Nats-Msg-Id` de-duplication before the input is
 acknowledged; graceful drain on stop; reconnection after a server restart; backlog gauges.
+
+One delivery is a `Delivery`; `StageRunner.deliver` ends each in one outcome, one method
+each: `_ok`, `_retry`, `_fail`, `_park`, and `_wait_for_space` (a full disk: waited out without
+using up deliveries). Publishing and bookkeeping go through the runner's `Transport`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import errno
 import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
@@ -59,12 +66,13 @@ from services.core.metrics import (
     STREAM_MAX,
     STREAM_USED,
 )
-from services.runtime.bus import MSG_ID, REPLAY_HEADER, connect, delivery_count, publish_event
+from services.runtime.bus import MSG_ID, REPLAY_HEADER, connect, delivery_count, event_msg_id
 from services.runtime.monitor import StageMonitor
 from services.runtime.provision import ensure_consumer
 from services.runtime.pullfeed import PullFeed
 from services.runtime.stage import HOSTNAME, Context, Result, Stage
-from services.state.lattice import HOLD_BUCKET
+from services.runtime.transport import NatsTransport, Transport
+from services.state.buckets import HOLD_BUCKET
 
 TRANSIENT_NATS_ERRORS = (
     nats.errors.ConnectionClosedError,
@@ -126,11 +134,40 @@ def failure_event(stage: str, event: Event, subject: str, error: str, attempts: 
     )
 
 
-class StageRunner:
-    """Runs one stage against NATS until `stop` is set."""
+def replay_tag(msg: Msg) -> str | None:
+    """The replay tag a delivery carries (`Tp-Replay`), cut to its longest allowed length: a
+    hand-made header must not fail the delivery."""
+    replay = msg.headers.get(REPLAY_HEADER) if msg.headers else None
+    return replay[:MAX_REPLAY_TAG] if replay is not None else None
 
-    def __init__(self, stage: Stage, config: Config, worker: str = ""):
+
+@dataclass(slots=True)
+class Delivery:
+    """One delivery of one input, as every outcome of it needs it."""
+
+    msg: Msg
+    event: Event
+    attempt: int  # 1 on the first delivery
+    replay: str | None  # `replay_tag`
+    log: Any  # the runner's logger bound to the event and attempt
+    origin: Origin | None = None  # stamped on the outputs, once handling starts
+    started_at: datetime = field(default_factory=utcnow)  # wall clock, for the record
+    started: float = field(default_factory=time.perf_counter)  # for the handle-time figures
+
+
+class StageRunner:
+    """Runs one stage until `stop` is set: consumes from NATS, and delivers through its
+    transport (`transport`; default: a `NatsTransport` over the connection `run` makes).
+
+    `deliver` alone works with any transport: with `services.runtime.testing.MemoryTransport`
+    a test drives the delivery logic without a server."""
+
+    def __init__(
+        self, stage: Stage, config: Config, worker: str = "", transport: Transport | None = None
+    ):
         self.stage = stage
+        self.transport = transport
+        self._injected = transport is not None
         self.config = config
         self.settings = stage.settings
         self.name = stage.name
@@ -160,6 +197,8 @@ class StageRunner:
         nc = await connect(self.config.nats, name=f"tilepipe-{self.worker}")
         self.nc = nc
         js = nc.jetstream()
+        if not self._injected:
+            self.transport = NatsTransport(js, self.config.nats.stream)
         tasks: set[asyncio.Task] = set()
         background: list[asyncio.Task] = []
         feed: PullFeed | None = None
@@ -167,13 +206,13 @@ class StageRunner:
             await self._bind_consumer(js, stop)
             if stop.is_set():
                 return
-            await self.stage.setup(js)
+            await self.stage.setup(self.transport)
             feed = PullFeed(
                 nc,
                 self.config.nats.stream,
                 self.name,
                 self.settings.concurrency,
-                on_message=lambda msg: self._spawn(js, msg, feed, tasks),
+                on_message=lambda msg: self._spawn(msg, feed, tasks),
                 log=self.log,
             )
             await feed.start()
@@ -222,14 +261,14 @@ class StageRunner:
             await _sleep_or_stop(stop, delay)
             delay = min(delay * 2, 5.0)
 
-    def _spawn(self, js: JetStreamContext, msg: Msg, feed: PullFeed, tasks: set) -> None:
-        task = asyncio.create_task(self._deliver_and_release(js, msg, feed))
+    def _spawn(self, msg: Msg, feed: PullFeed, tasks: set) -> None:
+        task = asyncio.create_task(self._deliver_and_release(msg, feed))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def _deliver_and_release(self, js: JetStreamContext, msg: Msg, feed: PullFeed) -> None:
+    async def _deliver_and_release(self, msg: Msg, feed: PullFeed) -> None:
         try:
-            await self._deliver(js, msg)
+            await self.deliver(msg)
         finally:
             await feed.release()
 
@@ -244,19 +283,51 @@ class StageRunner:
         if pending:
             self.log.warning("drain_timeout", abandoned=len(pending))
 
-    async def _deliver(self, js: JetStreamContext, msg: Msg) -> None:
-        """Handle one delivery end to end; never raises."""
-        m = self.m
+    async def deliver(self, msg: Msg) -> None:
+        """Handle one delivery end to end, ending in exactly one outcome (`_ok`, `_retry`,
+        `_fail`, `_park`; `_wait_for_space` inside the handling); never raises."""
         attempt = delivery_count(msg)
         if attempt > 1:
-            m.redeliveries.inc()
+            self.m.redeliveries.inc()
+        event = await self._accept(msg)
+        if event is None:
+            return
+        log = self.log.bind(**event.log_context(), attempt=attempt)
+        d = Delivery(msg, event, attempt, replay_tag(msg), log)
+        if event.acq in self.held:
+            await self._park(d)
+            return
+        if attempt > self.settings.max_deliver:
+            error = f"no acknowledgement after {self.settings.max_deliver} deliveries (worker lost)"
+            await self._fail(d, error, attempt - 1)
+            return
+        self._in_flight[id(msg)] = (msg, time.monotonic())
         try:
-            # a payload must be what its subject says (kind, acquisition, slice, tile, stage):
-            # permissions are granted on subjects, so the subject vouches for the payload
-            event = decode_event(msg.data, accept=self._accepts, subject=msg.subject)
+            result, outputs = await self._handle(d)
+        except (PermanentError, PathEscapeError) as exc:  # retrying cannot help
+            await self._fail(d, f"{type(exc).__name__}: {exc}", attempt)
+        except Exception as exc:  # every handler error is retried or recorded
+            error = f"{type(exc).__name__}: {exc}"
+            if attempt >= self.settings.max_deliver:
+                d.log.exception("handler_failed_final", error=error)
+                await self._fail(d, error, attempt)
+            else:
+                await self._retry(d, error)
+        else:
+            await self._ok(d, result, outputs)
+        finally:
+            self._in_flight.pop(id(msg), None)
+            self.m.seconds.observe(time.perf_counter() - d.started)
+
+    async def _accept(self, msg: Msg) -> Event | None:
+        """The event a delivery carries, or None: a payload that is not what its subject says
+        (kind, acquisition, slice, tile, stage) is terminated with a logged, counted reason.
+        Permissions are granted on subjects, so the subject vouches for the payload."""
+        try:
+            return decode_event(msg.data, accept=self._accepts, subject=msg.subject)
         except InvalidEvent as exc:
             EVENTS_INVALID.labels(self.name, exc.reason).inc()
-            m.invalid.inc()
+            self.m.invalid.inc()
             self.log.warning(
                 "event_rejected",
                 reason=exc.reason,
@@ -265,98 +336,69 @@ class StageRunner:
                 stream_seq=msg.metadata.sequence.stream,
             )
             await _quietly(msg.term())
-            return
-        log = self.log.bind(**event.log_context(), attempt=attempt)
-        replay = msg.headers.get(REPLAY_HEADER) if msg.headers else None
-        if replay is not None:
-            replay = replay[:MAX_REPLAY_TAG]  # a hand-made header must not fail the delivery
-        if event.acq in self.held:
-            await self._park(js, msg, event, replay, log)
-            return
-        if attempt > self.settings.max_deliver:
-            error = f"no acknowledgement after {self.settings.max_deliver} deliveries (worker lost)"
-            await self._fail(js, msg, event, error, attempt - 1, replay, log)
-            return
-        started = time.perf_counter()
-        started_at = utcnow()
-        self._in_flight[id(msg)] = (msg, time.monotonic())
-        try:
-            origin = Origin(  # inside the try: a value it refuses fails the delivery, not the task
-                arrived_at=arrival_time(event),
-                stage=self.name,
-                input_type=event.kind,
-                attempt=attempt,
-                host=HOSTNAME,
-                worker=self.worker,
-                started_at=started_at,
-                replay=replay or "",
-            )
-            try:
-                result = await self._call_handler(event, attempt, js, log, replay, origin)
-            except Exception as exc:
-                if not out_of_space(exc) or self.stopping.is_set():
-                    raise
-                result = await self._wait_for_space(event, attempt, js, log, replay, origin, exc)
-            # events built in the handler already carry `origin`; others get a stamped copy
-            outputs = [
-                out if out.origin is origin else out.model_copy(update={"origin": origin})
-                for out in result.events
-            ]
-            if result.unchanged:  # a forced replay recomputes: never unchanged
-                outputs = [out for out in outputs if not await self._in_log(js, out)]
-                if not outputs:
-                    result.detail = result.detail or "unchanged: outputs and events exist"
-            for out in outputs:
-                await self._publish(js, out, replay=replay)
-            await msg.ack()
-        except (PermanentError, PathEscapeError) as exc:  # retrying cannot help
-            await self._fail(
-                js, msg, event, f"{type(exc).__name__}: {exc}", attempt, replay, log, started_at
-            )
-        except Exception as exc:  # every handler error is retried or recorded
-            error = f"{type(exc).__name__}: {exc}"
-            if attempt >= self.settings.max_deliver:
-                log.exception("handler_failed_final", error=error)
-                await self._fail(js, msg, event, error, attempt, replay, log, started_at)
-            else:
-                delay = retry_delay(self.settings, attempt)
-                m.retry.inc()
-                log.warning("handler_failed_retry", error=error, retry_in_s=delay)
-                await _quietly(msg.nak(delay=delay))
-                await self._record(msg, event, attempt, "retry", started_at, replay, error)
-        else:
-            seconds = time.perf_counter() - started
-            m.ok.inc()
-            if result.bytes_read:
-                m.bytes_read.inc(result.bytes_read)
-            if result.bytes_written:
-                m.bytes_written.inc(result.bytes_written)
-            slow = self.monitor.observed(outputs, replay)
-            if slow:  # outputs whose progress or latency needs a look at the stream
-                await self.monitor.handled_slow(js, event, slow, replay=replay)
-            log.info(
-                "event_handled",
-                seconds=round(seconds, 4),
-                published=[e.kind for e in outputs],
-            )
-            if not outputs or result.detail:  # else the outputs carry the record
-                await self._record(
-                    msg, event, attempt, "ok", started_at, replay, detail=result.detail
-                )
-        finally:
-            self._in_flight.pop(id(msg), None)
-            m.seconds.observe(time.perf_counter() - started)
+            return None
 
-    async def _wait_for_space(
-        self,
-        event: Event,
-        attempt: int,
-        js: JetStreamContext,
-        log,
-        replay: str | None,
-        origin: Origin,
-        exc: BaseException,
-    ) -> Result:
+    async def _handle(self, d: Delivery) -> tuple[Result, list[Event]]:
+        """Call the handler (waiting out a full disk), publish its outputs, ack the input."""
+        d.origin = Origin(  # here: a value it refuses fails the delivery, not the task
+            arrived_at=arrival_time(d.event),
+            stage=self.name,
+            input_type=d.event.kind,
+            attempt=d.attempt,
+            host=HOSTNAME,
+            worker=self.worker,
+            started_at=d.started_at,
+            replay=d.replay or "",
+        )
+        try:
+            result = await self._call_handler(d)
+        except Exception as exc:
+            if not out_of_space(exc) or self.stopping.is_set():
+                raise
+            result = await self._wait_for_space(d, exc)
+        # events built in the handler already carry `origin`; others get a stamped copy
+        outputs = [
+            out if out.origin is d.origin else out.model_copy(update={"origin": d.origin})
+            for out in result.events
+        ]
+        if result.unchanged:  # a forced replay recomputes: never unchanged
+            outputs = [out for out in outputs if not await self._in_log(out)]
+            if not outputs:
+                result.detail = result.detail or "unchanged: outputs and events exist"
+        for out in outputs:
+            await self._publish(out, replay=d.replay)
+        await d.msg.ack()
+        return result, outputs
+
+    async def _ok(self, d: Delivery, result: Result, outputs: list[Event]) -> None:
+        """Outcome: handled, outputs published and the input acknowledged."""
+        seconds = time.perf_counter() - d.started
+        m = self.m
+        m.ok.inc()
+        if result.bytes_read:
+            m.bytes_read.inc(result.bytes_read)
+        if result.bytes_written:
+            m.bytes_written.inc(result.bytes_written)
+        slow = self.monitor.observed(outputs, d.replay)
+        if slow:  # outputs whose progress or latency needs a look at the stream
+            await self.monitor.handled_slow(self.transport, d.event, slow, replay=d.replay)
+        d.log.info(
+            "event_handled",
+            seconds=round(seconds, 4),
+            published=[e.kind for e in outputs],
+        )
+        if not outputs or result.detail:  # else the outputs carry the record
+            await self._record(d, "ok", detail=result.detail)
+
+    async def _retry(self, d: Delivery, error: str) -> None:
+        """Outcome: the handler failed with deliveries left: redelivered after a backoff."""
+        delay = retry_delay(self.settings, d.attempt)
+        self.m.retry.inc()
+        d.log.warning("handler_failed_retry", error=error, retry_in_s=delay)
+        await _quietly(d.msg.nak(delay=delay))
+        await self._record(d, "retry", error)
+
+    async def _wait_for_space(self, d: Delivery, exc: BaseException) -> Result:
         """The handler failed for want of disk space (`exc`): call it again after a pause
         until it succeeds. A full disk is no fault of the input, so it must not use up the
         input's deliveries (the heartbeats keep the delivery alive). When stopping, or on
@@ -366,45 +408,37 @@ class StageRunner:
             waits += 1
             delay = retry_delay(self.settings, waits)
             NO_SPACE_WAITS.labels(self.name).inc()
-            log.warning("no_space_waiting", error=str(exc), waits=waits, retry_in_s=delay)
+            d.log.warning("no_space_waiting", error=str(exc), waits=waits, retry_in_s=delay)
             await _sleep_or_stop(self.stopping, delay)
             try:
-                return await self._call_handler(event, attempt, js, log, replay, origin)
+                return await self._call_handler(d)
             except Exception as again:
                 if not out_of_space(again) or self.stopping.is_set():
                     raise
                 exc = again
 
-    async def _call_handler(
-        self,
-        event: Event,
-        attempt: int,
-        js: JetStreamContext,
-        log,
-        replay: str | None = None,
-        origin: Origin | None = None,
-    ) -> Result:
+    async def _call_handler(self, d: Delivery) -> Result:
         """The stage's handler, with `origin` current so the events it builds carry it."""
         ctx = Context(
             config=self.config,
             settings=self.settings,
-            attempt=attempt,
+            attempt=d.attempt,
             worker=self.worker,
-            js=js,
-            log=log,
-            replay=replay,
+            store=self.transport,
+            log=d.log,
+            replay=d.replay,
         )
-        token = CURRENT_ORIGIN.set(origin)
+        token = CURRENT_ORIGIN.set(d.origin)
         try:
             if self._mode == "inline":
-                result = self.stage.handle(event, ctx)
+                result = self.stage.handle(d.event, ctx)
             elif self._mode == "async":
-                result = await self.stage.handle(event, ctx)
+                result = await self.stage.handle(d.event, ctx)
             else:
                 loop = asyncio.get_running_loop()
                 run = contextvars.copy_context().run
                 result = await loop.run_in_executor(
-                    self._executor, run, self.stage.handle, event, ctx
+                    self._executor, run, self.stage.handle, d.event, ctx
                 )
         finally:
             CURRENT_ORIGIN.reset(token)
@@ -412,59 +446,43 @@ class StageRunner:
             raise TypeError(f"{self.name}.handle returned {type(result).__name__}, not Result")
         return result
 
-    async def _in_log(self, js: JetStreamContext, event: Event) -> bool:
+    async def _in_log(self, event: Event) -> bool:
         """Whether the newest event on `event`'s subject is `event` (its de-duplication id):
         unlike the server's duplicate window, this holds however long ago it was published.
         Unsure (no permission, a lost connection): False, the publish is de-duplicated as
         usual."""
         try:
-            last = await js.get_last_msg(self.config.nats.stream, event.subject())
+            last = await self.transport.last(event.subject())
         except Exception:
             return False
-        return (last.headers or {}).get(MSG_ID) == event.msg_id()
+        return last is not None and last.headers.get(MSG_ID) == event.msg_id()
 
     async def _publish(
-        self,
-        js: JetStreamContext,
-        event: Event,
-        replay: str | None = None,
-        msg_id: str | None = None,
+        self, event: Event, replay: str | None = None, msg_id: str | None = None
     ) -> None:
-        ack = await publish_event(js, event, msg_id=msg_id, replay=replay)
+        msg_id = event_msg_id(event, msg_id, replay)
+        ack = await self.transport.publish(event.subject(), event.to_json(), msg_id, replay)
         self.m.published(event.kind).inc()
         if ack.duplicate:
             self.m.duplicate.inc()
 
-    async def _fail(
-        self,
-        js: JetStreamContext,
-        msg: Msg,
-        event: Event,
-        error: str,
-        attempts: int,
-        replay: str | None,
-        log,
-        started_at=None,
-    ) -> None:
-        """Record the failure as an event, then stop redelivery of the input.
+    async def _fail(self, d: Delivery, error: str, attempts: int) -> None:
+        """Outcome: record the failure as an event, then stop redelivery of the input.
 
         Failures never trigger failures: an input that is itself a `stage_failed` is logged,
         counted and terminated, never failed again (a stage consuming failures would
         receive its own failure in turn, without end)."""
+        msg, event, log = d.msg, d.event, d.log
         if isinstance(event, StageFailed):
             self.m.failed.inc()
             log.error("failure_dropped", error=error, attempts=attempts, failed_stage=event.stage)
             await _quietly(msg.term())
-            started_at = started_at or utcnow()
-            await self._record(msg, event, attempts, "failed", started_at, replay, error)
+            await self._record(d, "failed", error, attempt=attempts)
             return
         failed = failure_event(self.name, event, msg.subject, error, attempts)
         try:
             await self._publish(
-                js,
-                failed,
-                replay=replay,
-                msg_id=f"{failed.msg_id()}:{msg.metadata.sequence.stream}",
+                failed, replay=d.replay, msg_id=f"{failed.msg_id()}:{msg.metadata.sequence.stream}"
             )
         except TRANSIENT_NATS_ERRORS as exc:
             log.warning("stage_failed_publish_failed", error=str(exc))
@@ -472,64 +490,57 @@ class StageRunner:
         self.m.failed.inc()
         log.error("stage_failed", error=error, attempts=attempts)
         await _quietly(msg.term())
-        await self._record(msg, event, attempts, "failed", started_at or utcnow(), replay, error)
+        await self._record(d, "failed", error, attempt=attempts)
+
+    async def _park(self, d: Delivery) -> None:
+        """Outcome: set aside an input of a held acquisition until `tilepipe resume --acq`."""
+        msg, event = d.msg, d.event
+        try:
+            await self.transport.publish(
+                hold_subject(self.name, event.acq, event.slice_token(), event.tile_token()),
+                msg.data,
+                f"hold:{self.name}:{msg.metadata.sequence.stream}",
+                d.replay,
+            )
+        except TRANSIENT_NATS_ERRORS as exc:
+            d.log.warning("hold_failed", error=str(exc) or type(exc).__name__)
+            await _quietly(msg.nak(delay=1.0))
+            return
+        await _quietly(msg.ack())
+        d.log.info("input_held")
+        await self._record(d, "held")
 
     async def _record(
         self,
-        msg: Msg,
-        event: Event,
-        attempt: int,
+        d: Delivery,
         outcome: str,
-        started_at,
-        replay: str | None,
         error: str = "",
         detail: str = "",
+        attempt: int | None = None,
     ) -> None:
         """Publish the attempt record (fire and forget: history, not a work item)."""
-        if not self.settings.record_attempts or self.nc is None:
+        if not self.settings.record_attempts or self.transport is None:
             return
+        event = d.event
         record = Attempt(
             acq=event.acq,
             stage=self.name,
             input_type=event.kind,
-            input_subject=msg.subject,
-            attempt=attempt,
+            input_subject=d.msg.subject,
+            attempt=d.attempt if attempt is None else attempt,
             outcome=outcome,
             host=HOSTNAME,
             worker=self.worker,
-            started_at=started_at,
+            started_at=d.started_at,
             ended_at=utcnow(),
             error=error[:8000],
             detail=detail[:8000],
-            replay=replay or "",
+            replay=d.replay or "",
             producer=self.name,
             **where(event),
         )
         with contextlib.suppress(Exception):
-            await self.nc.publish(
-                record.subject(), record.to_json(), headers={"Nats-Msg-Id": record.msg_id()}
-            )
-
-    async def _park(
-        self, js: JetStreamContext, msg: Msg, event: Event, replay: str | None, log
-    ) -> None:
-        """Set aside an input of a held acquisition until `tilepipe resume --acq`."""
-        headers = {"Nats-Msg-Id": f"hold:{self.name}:{msg.metadata.sequence.stream}"}
-        if replay:
-            headers[REPLAY_HEADER] = replay
-        try:
-            await js.publish(
-                hold_subject(self.name, event.acq, event.slice_token(), event.tile_token()),
-                msg.data,
-                headers=headers,
-            )
-        except TRANSIENT_NATS_ERRORS as exc:
-            log.warning("hold_failed", error=str(exc) or type(exc).__name__)
-            await _quietly(msg.nak(delay=1.0))
-            return
-        await _quietly(msg.ack())
-        log.info("input_held")
-        await self._record(msg, event, delivery_count(msg), "held", utcnow(), replay)
+            await self.transport.send(record.subject(), record.to_json(), record.msg_id())
 
     async def _watch_holds(self, js: JetStreamContext, stop: asyncio.Event) -> None:
         """Keep `held` in step with the keys of the holds bucket (pushed by the server)."""

@@ -1,4 +1,10 @@
-"""What a stage author writes: `handle(event, ctx) -> Result`. The runtime does the rest."""
+"""What a stage author writes: `handle(event, ctx) -> Result`. The runtime does the rest.
+
+The contract has no NATS in it: a handler gets its event and a `Context` (log, config, its
+settings, the attempt, the replay/force flags, and key-value bookkeeping through `ctx.kv` and
+`ctx.acquisition`), and returns the events to publish. A test calls `handle` with
+`services.runtime.testing.context()`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,11 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from nats.js import JetStreamContext
-
 from messages.events import Event
 from services.core.config import Config, StageSettings
 from services.runtime.options import StageOptions, parse_options
+from services.state.acquisitions import lookup_acquisition
+from services.state.buckets import Buckets, KeyValue
 
 HOSTNAME = socket.gethostname()
 REPAIR_PREFIX = "repair-"  # repairs only fill in what is missing
@@ -31,16 +37,27 @@ class Result:
 
 @dataclass
 class Context:
-    """Per-delivery facts a handler may use."""
+    """Per-delivery facts a handler may use, and its bookkeeping buckets (`Buckets`)."""
 
     config: Config
     settings: StageSettings
     attempt: int
     host: str = HOSTNAME
     worker: str = ""
-    js: JetStreamContext | None = None
+    store: Buckets | None = None  # the runtime's transport; None: no bookkeeping here
     log: Any = None
     replay: str | None = None  # tag of a `tilepipe replay`/`retry`/`repair` delivery
+
+    async def kv(self, bucket: str) -> KeyValue:
+        """A key-value bucket (one the stage lists in `Stage.buckets`)."""
+        if self.store is None:
+            raise RuntimeError(f"no key-value store in this context (bucket {bucket})")
+        return await self.store.kv(bucket)
+
+    async def acquisition(self, acq: str) -> dict | None:
+        """The watcher's record of an acquisition (`{"manifest": ..., "state": ...}`), or
+        None (unknown, or no store in this context)."""
+        return None if self.store is None else await lookup_acquisition(self.store, acq)
 
     @property
     def force(self) -> bool:
@@ -71,7 +88,7 @@ class Stage:
         self.name = name or type(self).name
         self.options = parse_options(self.options_model, settings.options, self.name)
 
-    async def setup(self, js: JetStreamContext) -> None:
+    async def setup(self, store: Buckets) -> None:
         """Called once after connecting (open KV buckets, warm caches)."""
 
     def handle(self, event: Event, ctx: Context) -> Result:  # pragma: no cover - abstract

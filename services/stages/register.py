@@ -48,8 +48,6 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import zarr
-from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
 from prometheus_client import Counter, Histogram
 from pydantic import Field
 
@@ -82,8 +80,9 @@ from services.stages.thruplane import (
     pick_tilted,
     warp_axis,
 )
-from services.state.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
-from services.state.lattice import LATTICE_BUCKET, read_keys
+from services.state.acquisitions import ACQ_BUCKET, manifest_at
+from services.state.buckets import Buckets, KeyValue
+from services.state.lattice import LATTICE_BUCKET, SliceBook
 
 REGISTER_SLICES = Counter(
     "tilepipe_register_slices_total",
@@ -162,37 +161,16 @@ class Mosaic:
         )
 
 
-class RegisterBook:
-    """Registration state of one acquisition's mosaic index in KV `tp-lattice`."""
+class RegisterBook(SliceBook):
+    """Registration state of one acquisition's mosaic index in KV `tp-lattice`
+    (`<slice>.stitched|registered`)."""
 
-    def __init__(self, js: JetStreamContext, kv, acq: str, mosaic: int) -> None:
-        self.js = js
-        self.kv = kv
-        self.prefix = f"{acq}.register.m{mosaic}"
+    def __init__(self, kv: KeyValue, acq: str, mosaic: int) -> None:
+        super().__init__(kv, f"{acq}.register.m{mosaic}")
 
     @staticmethod
-    async def open(js: JetStreamContext, acq: str, mosaic: int) -> RegisterBook:
-        return RegisterBook(js, await js.key_value(LATTICE_BUCKET), acq, mosaic)
-
-    async def put(self, slice_index: int, part: str, record: dict) -> None:
-        await self.kv.put(f"{self.prefix}.{slice_index}.{part}", json.dumps(record).encode())
-
-    async def get(self, slice_index: int, part: str) -> dict | None:
-        try:
-            entry = await self.kv.get(f"{self.prefix}.{slice_index}.{part}")
-        except KeyNotFoundError:
-            return None
-        return json.loads(entry.value) if entry and entry.value else None
-
-    async def state(self) -> dict[int, dict[str, dict]]:
-        """slice -> {"stitched": ..., "registered": ...} (`read_keys`: counted, never a
-        partial read, which would leave a slice waiting for good)."""
-        out: dict[int, dict[str, dict]] = {}
-        for key, value in (await read_keys(self.js, self.kv, self.prefix)).items():
-            s, _, part = key.partition(".")
-            if s.isdigit() and part:  # not another writer's key that looks like one
-                out.setdefault(int(s), {})[part] = value
-        return out
+    async def open(buckets: Buckets, acq: str, mosaic: int) -> RegisterBook:
+        return RegisterBook(await buckets.kv(LATTICE_BUCKET), acq, mosaic)
 
 
 def _digest(value: object) -> str:
@@ -324,7 +302,7 @@ class Register(Stage):
 
     async def _slice_to_slice(self, event: SliceStitched, ctx: Context, redo: bool) -> Result:
         """Register slice k to k - 1 (and any waiting successors), grow the volume."""
-        book = await RegisterBook.open(ctx.js, event.acq, self.mosaic)
+        book = await RegisterBook.open(ctx, event.acq, self.mosaic)
         await book.put(event.slice, "stitched", {"path": event.path, "inputs": event.inputs})
         state = await book.state()
         k = event.slice
@@ -358,7 +336,7 @@ class Register(Stage):
         """Record the stitched mosaic; when the slice has its normal and tilted mosaics, fit
         the 3-D optic axis (or find it done) and announce it (services/stages/thruplane.py)."""
         mosaic = self._mosaic(event.path)  # its attributes say illumination and tilt
-        book = await AxisBook.open(ctx.js, event.acq)
+        book = await AxisBook.open(ctx, event.acq)
         j = event.slice
         await book.put(
             j,
@@ -429,10 +407,10 @@ class Register(Stage):
     async def _stack_axes(self, acq: str, ctx: Context) -> None:
         """Write the axis products of every registered slice whose plane in the axis volume
         is missing or from other inputs (slice registered and axis fitted, in either order)."""
-        axis_state = await (await AxisBook.open(ctx.js, acq)).state()
+        axis_state = await (await AxisBook.open(ctx, acq)).state()
         if not any("done" in recs for recs in axis_state.values()):
             return
-        reg_state = await (await RegisterBook.open(ctx.js, acq, self.mosaic)).state()
+        reg_state = await (await RegisterBook.open(ctx, acq, self.mosaic)).state()
         ready = {
             j: (reg_state[j]["registered"], axis_state[j]["done"])
             for j in axis_state
@@ -528,7 +506,7 @@ class Register(Stage):
         if acq not in self._thickness:
             value = DEFAULT_THICKNESS_UM
             try:
-                record = await lookup_acquisition(ctx.js, acq)
+                record = await ctx.acquisition(acq)
                 if record is not None:
                     manifest = manifest_at(self.config.roots.raw, record["manifest"])
                     value = float(manifest.lattice.slice_thickness_um)

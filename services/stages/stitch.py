@@ -56,7 +56,7 @@ from services.io.mosaic_volume import BLOCK_YX, DepthCrop, MosaicMask, fuse_volu
 from services.io.omezarr import write_omezarr
 from services.runtime.options import StageOptions
 from services.runtime.stage import Context, Result, Stage
-from services.state.acquisitions import ACQ_BUCKET, lookup_acquisition, manifest_at
+from services.state.acquisitions import ACQ_BUCKET, manifest_at
 from services.state.lattice import LATTICE_BUCKET, TERMINAL, MosaicBook, MosaicState
 
 # fused products: name in the mosaic -> array in a tile's products group
@@ -138,7 +138,7 @@ class Stitch(Stage):
                 continue
             key = (tile.slice, tile.mosaic)
             if key not in books:
-                books[key] = await MosaicBook.open(ctx.js, event.acq, *key)
+                books[key] = await MosaicBook.open(ctx, event.acq, *key)
             await books[key].mark_missing(tile.row, tile.col)  # never over a late tile
         result = Result()
         for (s, m), book in sorted(books.items()):
@@ -155,20 +155,20 @@ class Stitch(Stage):
         tile = event.tile
         if tile is None or event.stage not in UPSTREAM:
             return Result()
-        record = await lookup_acquisition(ctx.js, event.acq)
+        record = await ctx.acquisition(event.acq)
         manifest = manifest_at(self.config.roots.raw, record["manifest"]) if record else None
         if manifest is None or not manifest.contains(tile):
             why = "unknown acquisition" if manifest is None else "tile outside the lattice"
             ctx.log.warning("failure_ignored", failed_stage=event.stage, reason=why)
             return Result(detail=f"ignored: {why}")
-        book = await MosaicBook.open(ctx.js, event.acq, tile.slice, tile.mosaic)
+        book = await MosaicBook.open(ctx, event.acq, tile.slice, tile.mosaic)
         await book.mark_tile(
             tile.row, tile.col, "failed", stage=event.stage, error=event.error[:500]
         )
         return await self._maybe_stitch(book, event.acq, tile.slice, tile.mosaic, manifest, ctx)
 
     async def _manifest(self, ctx: Context, acq: str) -> Manifest:
-        record = await lookup_acquisition(ctx.js, acq)
+        record = await ctx.acquisition(acq)
         if record is None:
             raise RuntimeError(f"acquisition {acq} is not registered yet")
         return manifest_at(self.config.roots.raw, record["manifest"])
@@ -176,7 +176,7 @@ class Stitch(Stage):
     async def _on_tile(self, event: TileProcessed, manifest: Manifest, ctx: Context) -> Result:
         tile = event.tile
         group = event.products[PRODUCTS[self.options.align_product]].rsplit("/", 1)[0]
-        book = await MosaicBook.open(ctx.js, event.acq, tile.slice, tile.mosaic)
+        book = await MosaicBook.open(ctx, event.acq, tile.slice, tile.mosaic)
         # the tile's basis is part of the mosaic's digest: a tile recomputed from other
         # inputs (a calibration fix) re-aligns its pairs and re-fuses its mosaic
         await book.mark_tile(tile.row, tile.col, "processed", products=group, basis=event.basis)

@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
 from prometheus_client import Counter, Histogram
 
 from kernels.backend import get_xp
@@ -47,7 +45,8 @@ from services.core.manifest import default_mask_threshold
 from services.io.layout import axis_path
 from services.io.omezarr import write_omezarr
 from services.runtime.options import StageOptions
-from services.state.lattice import LATTICE_BUCKET, read_keys
+from services.state.buckets import Buckets, KeyValue
+from services.state.lattice import LATTICE_BUCKET, SliceBook
 
 AXIS_SLICES = Counter(
     "tilepipe_register_axis_slices_total",
@@ -135,37 +134,19 @@ class AxisOptionFields(StageOptions):
         )
 
 
-class AxisBook:
-    """Thru-plane state of one acquisition in KV `tp-lattice` (keys of the register stage)."""
+class AxisBook(SliceBook):
+    """Thru-plane state of one acquisition in KV `tp-lattice` (keys of the register stage:
+    `<slice>.m<mosaic>|done`); records are made strict JSON (`_json_safe`)."""
 
-    def __init__(self, js: JetStreamContext, kv, acq: str) -> None:
-        self.js = js
-        self.kv = kv
-        self.prefix = f"{acq}.register.axis"
+    def __init__(self, kv: KeyValue, acq: str) -> None:
+        super().__init__(kv, f"{acq}.register.axis")
 
     @staticmethod
-    async def open(js: JetStreamContext, acq: str) -> AxisBook:
-        return AxisBook(js, await js.key_value(LATTICE_BUCKET), acq)
+    async def open(buckets: Buckets, acq: str) -> AxisBook:
+        return AxisBook(await buckets.kv(LATTICE_BUCKET), acq)
 
     async def put(self, slice_index: int, part: str, record: dict) -> None:
-        body = json.dumps(_json_safe(record)).encode()
-        await self.kv.put(f"{self.prefix}.{slice_index}.{part}", body)
-
-    async def get(self, slice_index: int, part: str) -> dict | None:
-        try:
-            entry = await self.kv.get(f"{self.prefix}.{slice_index}.{part}")
-        except KeyNotFoundError:
-            return None
-        return json.loads(entry.value) if entry and entry.value else None
-
-    async def state(self) -> dict[int, dict[str, dict]]:
-        """slice -> {"m0": ..., "m1": ..., "done": ...} (a counted read, never partial)."""
-        out: dict[int, dict[str, dict]] = {}
-        for key, value in (await read_keys(self.js, self.kv, self.prefix)).items():
-            s, _, part = key.partition(".")
-            if s.isdigit() and part:
-                out.setdefault(int(s), {})[part] = value
-        return out
+        await super().put(slice_index, part, _json_safe(record))
 
 
 def _json_safe(value: Any) -> Any:

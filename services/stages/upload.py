@@ -75,7 +75,7 @@ from services.io.storage import Storage, StorageSettings, UploadReport, check_ke
 from services.runtime.options import StageOptions
 from services.runtime.stage import Context, Result, Stage
 from services.stages.upload_raw import RawArchiver, RawSource, raw_source
-from services.state.acquisitions import lookup_acquisition, manifest_at
+from services.state.acquisitions import manifest_at
 
 PRODUCTS = (
     "psoct",
@@ -361,7 +361,7 @@ class Upload(Stage):
         return Result(events=events, bytes_read=hashed, bytes_written=sent)
 
     async def _manifest(self, acq: str, ctx: Context) -> Manifest:
-        record = await lookup_acquisition(ctx.js, acq) if ctx.js is not None else None
+        record = await ctx.acquisition(acq)
         if record is None:
             raise RuntimeError(f"acquisition {acq} is not registered yet (its names are unknown)")
         return manifest_at(self.config.roots.raw, record["manifest"])

@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
 from pydantic import ValidationError
 
 from messages.events import AcquisitionFinished, AcquisitionStarted, TileArrived, TileCoord
@@ -17,6 +16,7 @@ from messages.paths import check_relative, resolve_in_root
 from messages.subjects import event_filter, parse_subject
 from services.core.errors import InvalidManifest
 from services.core.manifest import Manifest, load_manifest
+from services.state.buckets import Buckets, get_json
 from services.state.eventlog import subjects_seen
 
 MANIFEST_NAME = "manifest.toml"
@@ -155,14 +155,9 @@ async def record_acquisition(
     await kv.put(manifest.id, json.dumps({"manifest": manifest_rel, "state": state}).encode())
 
 
-async def lookup_acquisition(js: JetStreamContext, acq: str) -> dict | None:
+async def lookup_acquisition(buckets: Buckets, acq: str) -> dict | None:
     """The KV record of an acquisition, or None."""
-    kv = await js.key_value(ACQ_BUCKET)
-    try:
-        entry = await kv.get(acq)
-    except KeyNotFoundError:
-        return None
-    return json.loads(entry.value) if entry and entry.value else None
+    return await get_json(await buckets.kv(ACQ_BUCKET), acq)
 
 
 def tile_key(tile: TileCoord) -> str:

@@ -10,7 +10,8 @@ same time at least one sees the other, so no pair is missed (a pair done twice i
 
 Only the bookkeeping stages (stitch, register) may read this bucket, each may write only its
 own keys (`LATTICE_KEYS`, the permissions of its NATS user); the holds every stage watches
-are in a bucket of their own, `tp-holds`, which only operators write.
+are in a bucket of their own, `tp-holds` (`services.state.buckets.HOLD_BUCKET`), which only
+operators write.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-import nats.errors
-from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from services.state.buckets import Buckets, KeyValue, entries_json, get_json, put_json
 
 LATTICE_BUCKET = "tp-lattice"
 # The keys each bookkeeping stage writes, as subject patterns after `$KV.tp-lattice.`.
@@ -29,7 +28,6 @@ LATTICE_KEYS: dict[str, tuple[str, ...]] = {
     "stitch": ("*.*.*.tile.*", "*.*.*.pair.*.*", "*.*.*.stitched"),  # MosaicBook
     "register": ("*.register.*.*.*",),  # services.stages.register.RegisterBook
 }
-HOLD_BUCKET = "tp-holds"  # key `<acq>`: the acquisition is on hold in every stage
 TERMINAL = ("processed", "failed", "missing")
 
 
@@ -63,19 +61,17 @@ class MosaicState:
 class MosaicBook:
     """Read and write one mosaic's keys."""
 
-    def __init__(self, js: JetStreamContext, kv, acq: str, slice_index: int, mosaic: int) -> None:
-        self.js = js
+    def __init__(self, kv: KeyValue, acq: str, slice_index: int, mosaic: int) -> None:
         self.kv = kv
         self.prefix = f"{acq}.{slice_index}.m{mosaic}"
 
     @staticmethod
-    async def open(js: JetStreamContext, acq: str, slice_index: int, mosaic: int) -> MosaicBook:
-        return MosaicBook(js, await js.key_value(LATTICE_BUCKET), acq, slice_index, mosaic)
+    async def open(buckets: Buckets, acq: str, slice_index: int, mosaic: int) -> MosaicBook:
+        return MosaicBook(await buckets.kv(LATTICE_BUCKET), acq, slice_index, mosaic)
 
     async def mark_tile(self, row: int, col: int, state: str, **details: object) -> None:
-        await self.kv.put(
-            f"{self.prefix}.tile.{tile_name(row, col)}",
-            json.dumps({"state": state, **details}).encode(),
+        await put_json(
+            self.kv, f"{self.prefix}.tile.{tile_name(row, col)}", {"state": state, **details}
         )
 
     async def mark_missing(self, row: int, col: int) -> bool:
@@ -83,23 +79,18 @@ class MosaicBook:
         processed, or failed, is never undone by an `acq_finished` handled after it, e.g.
         redelivered or replayed). Returns whether it was marked."""
         key = f"{self.prefix}.tile.{tile_name(row, col)}"
-        try:
-            await self.kv.create(key, json.dumps({"state": "missing"}).encode())
-        except KeyWrongLastSequenceError:
-            return False
-        return True
+        return await self.kv.create(key, json.dumps({"state": "missing"}).encode()) is not None
 
     async def record_pair(self, a: tuple[int, int], b: tuple[int, int], record: dict) -> None:
-        key = f"{self.prefix}.pair.{tile_name(*a)}.{tile_name(*b)}"
-        await self.kv.put(key, json.dumps(record).encode())
+        await put_json(self.kv, f"{self.prefix}.pair.{tile_name(*a)}.{tile_name(*b)}", record)
 
     async def mark_stitched(self, digest: str) -> None:
-        await self.kv.put(f"{self.prefix}.stitched", json.dumps({"digest": digest}).encode())
+        await put_json(self.kv, f"{self.prefix}.stitched", {"digest": digest})
 
     async def state(self, timeout: float = 15.0) -> MosaicState:
-        """Every key of this mosaic (`read_keys`: counted, never a partial read)."""
+        """Every key of this mosaic (`KeyValue.entries`: never a partial read)."""
         state = MosaicState()
-        for key, value in (await read_keys(self.js, self.kv, self.prefix, timeout)).items():
+        for key, value in (await entries_json(self.kv, self.prefix, timeout)).items():
             parts = key.split(".")
             if parts[0] == "tile":
                 state.tiles[_rc(parts[1])] = value
@@ -110,51 +101,29 @@ class MosaicBook:
         return state
 
 
-async def read_keys(js: JetStreamContext, kv, prefix: str, timeout: float = 15.0) -> dict:
-    """Every live key under `prefix` of the lattice bucket -> its JSON value, keys without
-    the prefix, through a server-side filtered watch (not a bucket scan).
+class SliceBook:
+    """Per-slice records of one acquisition under `prefix` (`<prefix>.<slice>.<part>`); the
+    register stage's books (RegisterBook, AxisBook) are these."""
 
-    The keys are counted first and the watch is read until that many arrived: its "no more
-    initial values" marker alone is not enough, because nats-py can queue it before entries
-    already on the wire (seen under load: a mosaic read as empty, a pair never aligned, a
-    slice never stitched or registered). Raises TimeoutError (the stage retries) rather
-    than return a partial state.
-    """
-    expected = await _count_keys(js, prefix)
-    values: dict[str, dict] = {}
-    seen: set[str] = set()
-    watcher = await kv.watch(f"{prefix}.>")
-    try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout)
-            except nats.errors.TimeoutError:
-                raise TimeoutError(
-                    f"lattice {prefix}: read {len(seen)} of {expected} keys"
-                ) from None
-            if entry is None:
-                if len(seen) >= expected:
-                    break
-                continue
-            seen.add(entry.key)
-            key = entry.key[len(prefix) + 1 :]
-            if entry.operation in ("DEL", "PURGE"):  # counts as read, holds nothing
-                values.pop(key, None)
-            else:
-                values[key] = json.loads(entry.value) if entry.value else {}
-            if entry.delta == 0 and len(seen) >= expected:
-                break
-    finally:
-        await watcher.stop()
-    return values
+    def __init__(self, kv: KeyValue, prefix: str) -> None:
+        self.kv = kv
+        self.prefix = prefix
 
+    async def put(self, slice_index: int, part: str, record: dict) -> None:
+        await put_json(self.kv, f"{self.prefix}.{slice_index}.{part}", record)
 
-async def _count_keys(js: JetStreamContext, prefix: str) -> int:
-    """How many keys (live or deleted) the lattice bucket has under `prefix` now."""
-    info = await js.stream_info(
-        f"KV_{LATTICE_BUCKET}", subjects_filter=f"$KV.{LATTICE_BUCKET}.{prefix}.>"
-    )
-    return len(info.state.subjects or {})
+    async def get(self, slice_index: int, part: str) -> dict | None:
+        return await get_json(self.kv, f"{self.prefix}.{slice_index}.{part}")
+
+    async def state(self) -> dict[int, dict[str, dict]]:
+        """slice -> part -> record (`KeyValue.entries`: never a partial read, which would
+        leave a slice waiting for good)."""
+        out: dict[int, dict[str, dict]] = {}
+        for key, value in (await entries_json(self.kv, self.prefix)).items():
+            s, _, part = key.partition(".")
+            if s.isdigit() and part:  # not another writer's key that looks like one
+                out.setdefault(int(s), {})[part] = value
+        return out
 
 
 def _rc(name: str) -> tuple[int, int]:
@@ -163,11 +132,7 @@ def _rc(name: str) -> tuple[int, int]:
 
 
 async def tile_state(
-    js: JetStreamContext, acq: str, slice_index: int, mosaic: int, row: int, col: int
+    buckets: Buckets, acq: str, slice_index: int, mosaic: int, row: int, col: int
 ) -> dict | None:
-    kv = await js.key_value(LATTICE_BUCKET)
-    try:
-        entry = await kv.get(f"{acq}.{slice_index}.m{mosaic}.tile.{tile_name(row, col)}")
-    except KeyNotFoundError:
-        return None
-    return json.loads(entry.value)
+    kv = await buckets.kv(LATTICE_BUCKET)
+    return await get_json(kv, f"{acq}.{slice_index}.m{mosaic}.tile.{tile_name(row, col)}")
