@@ -200,3 +200,25 @@ def test_the_checks_catch_an_upward_import_a_cycle_and_a_lazy_import(tmp_path):
     ]
     assert cycles(found) == [["services.core.a", "services.runtime.b"]]
     assert lazy == [("services.runtime.b", 4, "json")]
+
+
+def exception_classes(root: Path) -> list[str]:
+    """Classes under services/ outside core/errors.py whose bases name an error or exception."""
+    found = []
+    for path in sorted((root / "services").rglob("*.py")):
+        if path == root / "services" / "core" / "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                ast.unparse(base).endswith(("Error", "Exception", "Refused", "Unsupported"))
+                for base in node.bases
+            ):
+                found.append(f"{path.relative_to(root)}:{node.lineno} {node.name}")
+    return found
+
+
+def test_error_classes_live_in_core_errors(tmp_path):
+    assert exception_classes(REPO) == []
+    (tmp_path / "services/ops").mkdir(parents=True)
+    (tmp_path / "services/ops/x.py").write_text("class Oops(ValueError):\n    pass\n")
+    assert exception_classes(tmp_path) == ["services/ops/x.py:1 Oops"]

@@ -2,7 +2,8 @@
 
 `PermanentError` marks an input that can never succeed: the runtime fails it at once instead
 of retrying. The others name what went wrong for the operator; where one is also permanent it
-says so by its base.
+says so by its base. (`messages` keeps its own two, `InvalidEvent` and `PathEscapeError`: it
+imports nothing from `services`.)
 """
 
 from __future__ import annotations
@@ -62,3 +63,7 @@ class RawDeletionRefused(RuntimeError):
 
 class ImportRefused(ValueError):
     """A scan configuration tilepipe cannot honour; the message names the field."""
+
+
+class ResetUnsupported(RuntimeError):
+    """The server predates consumer reset (`tilepipe replay --from-seq/--since`)."""

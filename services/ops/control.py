@@ -27,6 +27,7 @@ from nats.js.errors import KeyNotFoundError
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed
 from messages.subjects import HOLD, PREFIX, REDO, event_subjects, parse_subject, redo_subject
+from services.core.errors import ResetUnsupported
 from services.runtime.bus import publish
 from services.runtime.stage import REPAIR_PREFIX
 from services.state.buckets import HOLD_BUCKET
@@ -132,10 +133,6 @@ async def replay(
 
 
 RESET_SINCE = (2, 14)  # nats-server version with `$JS.API.CONSUMER.RESET` (ADR-60)
-
-
-class ResetUnsupported(RuntimeError):
-    """The server predates consumer reset."""
 
 
 def reset_supported(version: str) -> bool:

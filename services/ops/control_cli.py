@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.core.config import Config
+from services.core.errors import ResetUnsupported
 from services.ops import control as ops
 from services.ops import repair
 from services.runtime.bus import connect
@@ -114,7 +115,7 @@ async def command(config: Config, args: argparse.Namespace) -> int:
             for row in ops.history_rows(events):
                 table.add_row(*row)
             console.print(table if events else "no events for this tile")
-    except ops.ResetUnsupported as exc:
+    except ResetUnsupported as exc:
         console.print(f"[red]{exc}[/red]")
         return 2
     except NotFoundError:
