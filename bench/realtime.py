@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.upload_bench import start_moto  # noqa: E402
-from messages.subjects import PIPELINE_ORDER, PREFIX  # noqa: E402
+from messages.subjects import PIPELINE_ORDER, acq_filter  # noqa: E402
 from services.core.config import NatsSettings  # noqa: E402
 from services.core.manifest import Manifest  # noqa: E402
 from services.local.demo import expected_uploads  # noqa: E402
@@ -141,7 +141,7 @@ class Up:
 
 
 async def count(js, stream: str, kind: str, acq: str) -> int:
-    return sum((await subjects_seen(js, stream, f"{PREFIX}.{kind}.{acq}.>")).values())
+    return sum((await subjects_seen(js, stream, acq_filter(acq, kind))).values())
 
 
 async def wait_done(js, stream: str, manifest: Manifest, timeout: float) -> None:

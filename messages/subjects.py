@@ -154,6 +154,30 @@ def event_filter(
     return ".".join(parts)
 
 
+def acq_filter(
+    acq: str = "*",
+    kind: str = "*",
+    slice_token: str | int | None = None,
+    tile_token: str | None = None,
+    stage: str | None = None,
+) -> str:
+    """A filter for the subjects of an acquisition (`*`: any): of one kind, slice, tile; a
+    part left out takes every subject below it (`>`). With a tile, `stage` picks the
+    stage-named subjects of that tile (`*`: those of any stage). Tokens are checked, so an
+    operator's acquisition id cannot widen the filter."""
+    tokens = [kind, acq] + [str(t) for t in (slice_token, tile_token) if t is not None]
+    for token in tokens:
+        if token != "*" and not TOKEN_RE.fullmatch(token):
+            raise ValueError(f"invalid subject token {token!r}")
+    if tile_token is None:
+        if slice_token is not None and tile_token is None and stage is not None:
+            raise ValueError("a stage narrows a tile's subjects; give the tile")
+        return ".".join([PREFIX, *tokens, ">"])
+    if stage is not None and stage != "*" and not TOKEN_RE.fullmatch(stage):
+        raise ValueError(f"invalid subject token {stage!r}")
+    return ".".join([PREFIX, *tokens, *([stage] if stage is not None else [])])
+
+
 def filter_matches(subject_filter: str, text: str) -> bool:
     """Whether a subject is selected by a NATS filter (`*` one token, a final `>` the rest)."""
     want, have = subject_filter.split("."), text.split(".")

@@ -289,3 +289,28 @@ def test_an_event_must_be_what_its_subject_says():
             decode_event(event.to_json(), subject=text)
         assert err.value.reason == "subject_mismatch", text
     assert decode_event(failed.to_json(), subject=failed.subject()) == failed
+
+
+@pytest.mark.unit
+def test_acquisition_filters_select_what_they_say_and_refuse_wildcard_ids():
+    from messages.subjects import acq_filter, filter_matches, subject
+
+    tile = subject("tile_processed", "a1", "3", "m0-r1-c2")
+    failed = subject("stage_failed", "a1", "3", "m0-r1-c2", stage="stitch")
+    other = subject("tile_processed", "a2", "3", "m0-r1-c2")
+    assert acq_filter("a1") == "tp.*.a1.>"
+    assert acq_filter("a1", "tile_processed") == "tp.tile_processed.a1.>"
+    assert acq_filter("a1", "*", 3, "m0-r1-c2") == "tp.*.a1.3.m0-r1-c2"
+    assert acq_filter("a1", "*", 3, "m0-r1-c2", "*") == "tp.*.a1.3.m0-r1-c2.*"
+    cases = {
+        acq_filter("a1"): (tile, failed),
+        acq_filter("a1", "tile_processed", 3): (tile,),
+        acq_filter("a1", "*", 3, "m0-r1-c2"): (tile,),
+        acq_filter("a1", "*", 3, "m0-r1-c2", "stitch"): (failed,),
+    }
+    for wanted, selected in cases.items():
+        for text in (tile, failed, other):
+            assert filter_matches(wanted, text) == (text in selected), (wanted, text)
+    for bad in ("a.b", ">", "a*", "", "a b"):
+        with pytest.raises(ValueError):
+            acq_filter(bad)

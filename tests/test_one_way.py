@@ -92,3 +92,21 @@ def test_no_module_outside_messages_splits_a_subject():
     assert not offenders, "parse subjects with messages.subjects.parse_subject:\n" + "\n".join(
         offenders
     )
+
+
+def test_no_module_outside_messages_builds_a_subject_from_the_prefix():
+    """Subjects and filters are built by messages.subjects (subject, event_filter, acq_filter):
+    no module outside messages/ and tests/ imports the prefix to spell one itself."""
+    offenders = []
+    for path in project_sources():
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith(ALLOWED):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module == "messages.subjects"
+                and any(alias.name == "PREFIX" for alias in node.names)
+            ):
+                offenders.append(f"{rel}:{node.lineno}")
+    assert offenders == []

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from messages.subjects import PREFIX, STREAM, event_filter
+from messages.subjects import HOLD, STREAM, event_filter
 from services.core.config import Config, NatsSettings
 from services.io.atomic import atomic_file
 from services.runtime.bus import inbox_prefix
@@ -100,10 +100,10 @@ def stage_permissions(
         f"$JS.API.CONSUMER.INFO.{stream}.{name}",
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
         f"$JS.ACK.{stream}.{name}.>",
-        *(f"{PREFIX}.{kind}.>" for kind in outputs),
+        *(event_filter(kind) for kind in outputs),
         # failure and attempt records in its own name only (the subject's last token)
         *(event_filter(kind, stage=name) for kind in ("stage_failed", "attempt")),
-        f"{PREFIX}.hold_{name}.>",
+        event_filter(f"{HOLD}{name}"),
         *_watch_kv(HOLD_BUCKET),  # which acquisitions are on hold
     ]
     if bookkeeping:
@@ -126,7 +126,7 @@ def watcher_permissions(stream: str = STREAM) -> Permissions:
             f"$JS.API.STREAM.INFO.{stream}",
             f"$JS.API.STREAM.INFO.{_kv_stream(ACQ_BUCKET)}",
             f"$KV.{ACQ_BUCKET}.>",
-            *(f"{PREFIX}.{kind}.>" for kind in WATCHER_OUTPUTS),
+            *(event_filter(kind) for kind in WATCHER_OUTPUTS),
         ],
         "subscribe": [f"{inbox_prefix(WATCHER)}.>"],
     }

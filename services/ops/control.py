@@ -26,7 +26,15 @@ from nats.js.errors import KeyNotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed
-from messages.subjects import HOLD, PREFIX, REDO, event_subjects, parse_subject, redo_subject
+from messages.subjects import (
+    HOLD,
+    REDO,
+    acq_filter,
+    event_filter,
+    event_subjects,
+    parse_subject,
+    redo_subject,
+)
 from services.core.errors import ResetUnsupported
 from services.runtime.bus import publish
 from services.runtime.stage import REPAIR_PREFIX
@@ -81,11 +89,9 @@ async def release(js: JetStreamContext, stream: str, acq: str, settle_s: float =
     tag = f"{REPAIR_PREFIX}release-{uuid.uuid4().hex[:8]}"
     sent = 0
     for _ in range(5):  # inputs parked while releasing are picked up by the next round
-        seen = await subjects_seen(js, stream, f"{PREFIX}.*.{acq}.>")
+        seen = await subjects_seen(js, stream, acq_filter(acq))
         holds = sorted({p.kind for _s, p in event_subjects(seen) if p.kind.startswith(HOLD)})
-        parked = [
-            m for kind in holds for m in await read_events(js, stream, f"{PREFIX}.{kind}.{acq}.>")
-        ]
+        parked = [m for kind in holds for m in await read_events(js, stream, acq_filter(acq, kind))]
         if not parked:
             break
         for msg in parked:
@@ -123,7 +129,7 @@ async def replay(
     sent = []
     slice_token = "*" if slice_index is None else str(slice_index)
     for kind in kinds:
-        for msg in await read_events(js, stream, f"{PREFIX}.{kind}.{acq}.{slice_token}.*"):
+        for msg in await read_events(js, stream, acq_filter(acq, kind, slice_token, "*")):
             if since is not None and msg.metadata.timestamp < since:
                 continue
             event = decode_event(msg.data)
@@ -179,7 +185,7 @@ async def reset(js: JetStreamContext, stream: str, stage: str, seq: int | None) 
         raise ValueError("a stream sequence counts from 1")
     info = await js.consumer_info(stream, stage)
     floor = info.ack_floor.stream_seq if info.ack_floor else 0
-    redo = f"{PREFIX}.{REDO}{stage}.>"
+    redo = event_filter(f"{REDO}{stage}")
     purged = 0
     if floor:
         before = sum((await subjects_seen(js, stream, redo)).values())
@@ -204,8 +210,8 @@ async def history(
 ) -> list[Event]:
     """Every event of one tile, attempts and failures (their subjects end with the stage)
     included, in time order."""
-    tile = f"{PREFIX}.*.{acq}.{slice_index}.{tile_token}"
-    messages = [m for f in (tile, f"{tile}.*") for m in await read_events(js, stream, f)]
+    tile, staged = (acq_filter(acq, "*", slice_index, tile_token, s) for s in (None, "*"))
+    messages = [m for f in (tile, staged) for m in await read_events(js, stream, f)]
     return sorted((event for event, _m in checked(messages)), key=lambda e: e.emitted_at)
 
 

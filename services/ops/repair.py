@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 
 from messages.codec import decode_event
 from messages.events import TileArrived, TileCoord
-from messages.subjects import PREFIX, event_subjects, subject
+from messages.subjects import acq_filter, event_subjects, subject
 from services.core.config import Config
 from services.io.atomic import is_complete
 from services.io.layout import converted_path, mosaic_path, products_path
@@ -57,7 +57,7 @@ async def plan(js: JetStreamContext, config: Config, acq: str) -> list[Action]:
     manifest = manifest_at(config.roots.raw, record["manifest"])
     acq_dir = config.roots.resolve("raw", record["manifest"]).parent
     stream = config.nats.stream
-    seen = await subjects_seen(js, stream, f"{PREFIX}.*.{acq}.>")
+    seen = await subjects_seen(js, stream, acq_filter(acq))
     by_kind: dict[str, set[str]] = {}
     for _subject, parsed in event_subjects(seen):
         by_kind.setdefault(parsed.kind, set()).add(parsed.key())

@@ -22,7 +22,7 @@ from messages.events import (
     TileCoord,
     TileEvent,
 )
-from messages.subjects import ANY, PREFIX, parse_subject, subject
+from messages.subjects import ANY, acq_filter, parse_subject, subject
 from services.core.logs import get_logger
 from services.core.metrics import (
     ACQ_TILES_DONE,
@@ -235,7 +235,9 @@ class StageMonitor:
             if key in self._arrivals:
                 return self._arrivals[key]
             async with limit:
-                found = await self._last(server, f"{PREFIX}.tile_arrived.{key}")
+                found = await self._last(
+                    server, subject("tile_arrived", acq, str(tile.slice), tile.token())
+                )
             if not isinstance(found, TileArrived):
                 return None
             self._remember(key, found.completed_at.timestamp())
@@ -279,7 +281,7 @@ class StageMonitor:
     async def _published(self, server: Transport, acq: str, kind: str) -> set[str]:
         """Tile keys ("<slice>.<tile>") already published as `kind` (from the stream)."""
 
-        seen = await server.subjects(f"{PREFIX}.{kind}.{acq}.>")
+        seen = await server.subjects(acq_filter(acq, kind))
         if kind not in ("slice_stitched", "slice_registered"):
             keys = set()
             for subj in seen:

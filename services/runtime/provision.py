@@ -21,7 +21,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from messages.subjects import PREFIX, event_filter, stream_subjects
+from messages.subjects import REDO, event_filter, stream_subjects
 from services.core.config import NatsSettings, StageSettings
 from services.runtime.stage import Stage
 
@@ -65,7 +65,7 @@ def consumer_config(name: str, stage: type[Stage], settings: StageSettings) -> C
     reaches the runtime, which then records it as failed instead of dropping it silently.
     """
     filters = [event_filter(kind.kind) for kind in stage.consumes]
-    filters.append(f"{PREFIX}.redo_{name}.>")  # targeted replays and retries
+    filters.append(event_filter(f"{REDO}{name}"))  # targeted replays and retries
     return ConsumerConfig(
         name=name,
         durable_name=name,

@@ -12,7 +12,7 @@ from nats.js.errors import NotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed, utcnow
-from messages.subjects import ANY, PREFIX, event_subjects, parse_subject
+from messages.subjects import acq_filter, event_subjects, parse_subject
 from services.state.eventlog import subjects_seen
 
 # tile-level events in pipeline order: the furthest one reached colours a tile
@@ -115,7 +115,7 @@ async def snapshot(
     js: JetStreamContext, stream: str, acq: str, stages: list[str] | None = None
 ) -> Status:
     """The state of one acquisition from subject counts of the log plus consumer info."""
-    seen = await subjects_seen(js, stream, f"{PREFIX}.*.{acq}.>")
+    seen = await subjects_seen(js, stream, acq_filter(acq))
     status = Status(acq)
     rank = {kind: i for i, kind in enumerate(TILE_PROGRESS)}
     uploaded = 0
@@ -159,15 +159,15 @@ async def snapshot(
         counts.in_progress = info.num_ack_pending
         counts.paused = bool(getattr(info, "paused", False))
     if status.finished:  # the latest declaration, less the tiles that arrived after it
-        last = await js.get_last_msg(stream, f"{PREFIX}.acq_finished.{acq}.{ANY}.{ANY}")
+        last = await js.get_last_msg(stream, subject("acq_finished", acq))
         status.missing = {
             key
             for key in (f"{t.slice}.{t.token()}" for t in decode_event(last.data).missing)
             if status.tiles.get(key) is None
         }
-    started = await subjects_seen(js, stream, f"{PREFIX}.acq_started.{acq}.>")
+    started = await subjects_seen(js, stream, acq_filter(acq, "acq_started"))
     if started:
-        first = await read_events(js, stream, f"{PREFIX}.acq_started.{acq}.>", limit=1)
+        first = await read_events(js, stream, acq_filter(acq, "acq_started"), limit=1)
         if first:
             event = decode_event(first[0].data)
             status.expected = event.tiles_expected
@@ -194,13 +194,13 @@ async def failures(js: JetStreamContext, stream: str, acq: str | None = None) ->
     failed = [
         (event, m.metadata.sequence.stream)
         for event, m in checked(
-            await read_events(js, stream, f"{PREFIX}.stage_failed.{acq_token}.>")
+            await read_events(js, stream, acq_filter(acq_token, "stage_failed"))
         )
     ]
     if not failed:
         return []
     ok: dict[tuple[str, str], datetime] = {}
-    for event, m in checked(await read_events(js, stream, f"{PREFIX}.*.{acq_token}.>")):
+    for event, m in checked(await read_events(js, stream, acq_filter(acq_token))):
         if parse_subject(m.subject).target is not None:  # a parked or replayed input
             continue
         if isinstance(event, Attempt) and event.outcome == "ok":

@@ -39,7 +39,7 @@ from messages.events import (
     TileConverted,
     TileProcessed,
 )
-from messages.subjects import PIPELINE_ORDER, PREFIX
+from messages.subjects import PIPELINE_ORDER, acq_filter
 from services.state.status import read_events
 
 KINDS = (
@@ -318,7 +318,7 @@ async def read_timeline(js: JetStreamContext, stream: str, acq: str) -> Timeline
     """The timeline of one acquisition from the log (only the kinds it needs are read)."""
     events: list[Event] = []
     for kind in KINDS:
-        for msg in await read_events(js, stream, f"{PREFIX}.{kind.kind}.{acq}.>"):
+        for msg in await read_events(js, stream, acq_filter(acq, kind.kind)):
             events.append(decode_event(msg.data))
     return Timeline.of(events)
 
