@@ -12,7 +12,7 @@ from nats.js.errors import NotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import Attempt, Event, StageFailed, utcnow
-from messages.subjects import acq_filter, event_subjects, parse_subject
+from messages.subjects import acq_filter, event_subjects, parse_subject, subject
 from services.state.eventlog import subjects_seen
 
 # tile-level events in pipeline order: the furthest one reached colours a tile
@@ -119,8 +119,8 @@ async def snapshot(
     status = Status(acq)
     rank = {kind: i for i, kind in enumerate(TILE_PROGRESS)}
     uploaded = 0
-    for subject, parsed in event_subjects(seen):
-        kind, key, count = parsed.kind, parsed.key(), seen[subject]
+    for text, parsed in event_subjects(seen):
+        kind, key, count = parsed.kind, parsed.key(), seen[text]
         if kind == "artifact_uploaded":
             uploaded += count  # every verified artifact: tiles, mosaics, volume planes
         elif kind in rank:
