@@ -247,7 +247,6 @@ class MemoryConsumer:
         self.tick_s = tick_s
         self.next_seq = 1  # the next message of the log not yet looked at
         self.unacked: dict[int, _Unacked] = {}  # stream sequence ->
-        self.redelivered = 0
         self.in_hand = 0
         self.on_message: Callable[[Msg], None] | None = None
         self._deliveries = 0  # the consumer sequence
@@ -271,7 +270,8 @@ class MemoryConsumer:
 
     async def state(self) -> ConsumerState:
         pending = sum(1 for m in self.transport.log[self.next_seq - 1 :] if self._wants(m))
-        return ConsumerState(pending, len(self.unacked), self.redelivered)
+        redelivered = sum(1 for unacked in self.unacked.values() if unacked.delivered > 1)
+        return ConsumerState(pending, len(self.unacked), redelivered)
 
     def pull(self) -> None:
         """Hand out what is due (redeliveries first, then new messages) into the free slots."""
@@ -284,7 +284,6 @@ class MemoryConsumer:
             if unacked.delivered >= self.config.max_deliver:
                 del self.unacked[seq]  # the server gives up on it
                 continue
-            self.redelivered += 1
             self._deliver(seq, unacked.delivered + 1)
         log = self.transport.log
         while self.next_seq <= len(log) and len(self.unacked) < self.config.max_ack_pending:

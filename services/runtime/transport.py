@@ -232,6 +232,9 @@ class NatsKeyValue:
     async def put(self, key: str, value: bytes) -> int:
         return await self._kv.put(key, value)
 
+    async def delete(self, key: str) -> None:
+        await self._kv.delete(key)
+
     async def create(self, key: str, value: bytes) -> int | None:
         try:
             return await self._kv.create(key, value)
