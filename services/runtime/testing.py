@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js.api import PubAck
+from nats.js.api import ConsumerConfig, PubAck
 
 from messages.events import Event
 from messages.subjects import filter_matches
@@ -202,9 +202,14 @@ class MemoryTransport:
         """The redelivery delay of the delivery's last negative ack, in seconds."""
         for answer in reversed(self.acks.get(msg.reply, [])):
             if answer.startswith(b"-NAK"):
-                body = answer[len(b"-NAK") :].strip()
-                return json.loads(body)["delay"] / 1e9 if body else 0.0
+                return _nak_delay(answer)
         return None
+
+
+def _nak_delay(answer: bytes) -> float:
+    """The delay a negative ack (`-NAK` with an optional JSON body) asks for, in seconds."""
+    body = answer[len(b"-NAK") :].strip()
+    return json.loads(body)["delay"] / 1e9 if body else 0.0
 
 
 class _Acks:
@@ -240,7 +245,13 @@ class MemoryConsumer:
     limits on the stream, reconnects. Checked every `tick_s` seconds.
     """
 
-    def __init__(self, transport: MemoryTransport, config, capacity: int, tick_s: float = 0.01):
+    def __init__(
+        self,
+        transport: MemoryTransport,
+        config: ConsumerConfig,
+        capacity: int,
+        tick_s: float = 0.01,
+    ) -> None:
         self.transport = transport
         self.config = config
         self.capacity = capacity
@@ -301,8 +312,7 @@ class MemoryConsumer:
             return
         now = time.monotonic()
         if payload.startswith(b"-NAK"):
-            body = payload[len(b"-NAK") :].strip()
-            unacked.due = now + (json.loads(body)["delay"] / 1e9 if body else 0.0)
+            unacked.due = now + _nak_delay(payload)
         elif payload.startswith(b"+WPI"):
             unacked.due = now + self.config.ack_wait
         else:  # ack or term
