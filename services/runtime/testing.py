@@ -234,6 +234,7 @@ class _Unacked:
     due: float  # monotonic time of the redelivery (ack_wait, or a nak's delay)
 
 
+@dataclass
 class MemoryConsumer:
     """A durable pull consumer over a `MemoryTransport`'s log, as JetStream keeps one.
 
@@ -245,23 +246,16 @@ class MemoryConsumer:
     limits on the stream, reconnects. Checked every `tick_s` seconds.
     """
 
-    def __init__(
-        self,
-        transport: MemoryTransport,
-        config: ConsumerConfig,
-        capacity: int,
-        tick_s: float = 0.01,
-    ) -> None:
-        self.transport = transport
-        self.config = config
-        self.capacity = capacity
-        self.tick_s = tick_s
-        self.next_seq = 1  # the next message of the log not yet looked at
-        self.unacked: dict[int, _Unacked] = {}  # stream sequence ->
-        self.in_hand = 0
-        self.on_message: Callable[[Msg], None] | None = None
-        self._deliveries = 0  # the consumer sequence
-        self._replies: dict[str, int] = {}  # ack subject of a delivery -> stream sequence
+    transport: MemoryTransport
+    config: ConsumerConfig
+    capacity: int
+    tick_s: float = 0.01
+    next_seq: int = 1  # the next message of the log not yet looked at
+    unacked: dict[int, _Unacked] = field(default_factory=dict)  # by stream sequence
+    in_hand: int = 0
+    on_message: Callable[[Msg], None] | None = None
+    _deliveries: int = 0  # the consumer sequence
+    _replies: dict[str, int] = field(default_factory=dict)  # ack subject -> stream sequence
 
     async def start(self, on_message: Callable[[Msg], None]) -> None:
         self.on_message = on_message
