@@ -16,6 +16,7 @@ from services.core.config import Config, NatsSettings, Roots, StageSettings
 from services.local.natsserver import EmbeddedServer
 from services.runtime.runner import StageRunner
 from services.runtime.stage import Stage
+from services.runtime.transport import Transport
 from tests.s3server import MotoServer
 
 
@@ -131,11 +132,12 @@ def make_stage(cls: type[Stage], config: Config, options: dict | None = None, **
 
 @contextlib.asynccontextmanager
 async def running_stage(
-    stage: Stage, config: Config, timeout: float = 30
+    stage: Stage, config: Config, timeout: float = 30, transport: Transport | None = None
 ) -> AsyncIterator[StageRunner]:
-    """`stage` under the real runner, consuming from `config`'s server, until the block ends
-    (then stopped, waiting at most `timeout` seconds for its deliveries to finish)."""
-    runner = StageRunner(stage, config)
+    """`stage` under the real runner, consuming from `config`'s server (or from `transport`),
+    until the block ends (then stopped, waiting at most `timeout` seconds for its deliveries
+    to finish)."""
+    runner = StageRunner(stage, config, transport=transport)
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     await wait_for(lambda: runner.ready.is_set() or task.done(), timeout=30)

@@ -341,7 +341,7 @@ async def test_a_stage_user_cannot_pass_a_forged_event_off_as_another_stages(
     roots = Roots(raw=tmp_path / "raw", work=tmp_path / "work", output=tmp_path / "output")
     manifest = small_manifest("victim", slices=1, rows=2, cols=2)
     write_manifest(manifest, roots.raw / "victim")
-    await record_acquisition(admin_js, manifest, "victim/manifest.toml", "acquiring")
+    await record_acquisition(NatsTransport(admin_js), manifest, "victim/manifest.toml", "acquiring")
     config = Config(nats=auth.settings("stitch"), roots=roots)
     labels = {"stage": "stitch", "reason": "subject_mismatch"}
     before = REGISTRY.get_sample_value("tilepipe_events_invalid_total", labels) or 0.0

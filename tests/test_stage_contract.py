@@ -25,8 +25,7 @@ from services.runtime.testing import MemoryTransport, context
 from services.stages.convert import Convert
 from services.stages.process import Process
 from services.stages.stitch import Stitch
-from services.state.acquisitions import ACQ_BUCKET
-from services.state.buckets import put_json
+from services.state.acquisitions import lookup_acquisition, record_acquisition
 from services.state.lattice import LATTICE_BUCKET, MosaicBook
 
 pytestmark = pytest.mark.unit
@@ -44,8 +43,11 @@ async def test_convert_process_and_stitch_through_their_handlers(config: Config)
     path = write_manifest(manifest, config.roots.raw / "u")
     await asyncio.to_thread(simulate, path, manifest, 0, params=PhantomParams(scatterers=8))
     transport = MemoryTransport()
-    record = {"manifest": "u/manifest.toml", "state": "acquiring"}
-    await put_json(await transport.kv(ACQ_BUCKET), "u", record)
+    await record_acquisition(transport, manifest, "u/manifest.toml", "acquiring")  # the watcher's
+    assert await lookup_acquisition(transport, "u") == {
+        "manifest": "u/manifest.toml",
+        "state": "acquiring",
+    }
     ctx = context(config, store=transport)
     convert, process = Convert(config, StageSettings()), Process(config, StageSettings())
     stitch = Stitch(config, StageSettings())

@@ -26,11 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import nats.errors
-from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from messages.codec import InvalidEvent, decode_event
 from messages.events import (
@@ -66,25 +62,17 @@ from services.core.metrics import (
     STREAM_MAX,
     STREAM_USED,
 )
-from services.runtime.bus import MSG_ID, REPLAY_HEADER, connect, delivery_count, event_msg_id
+from services.runtime.bus import MSG_ID, REPLAY_HEADER, delivery_count, event_msg_id
 from services.runtime.monitor import StageMonitor
-from services.runtime.provision import ensure_consumer
-from services.runtime.pullfeed import PullFeed
 from services.runtime.stage import HOSTNAME, Context, Result, Stage
-from services.runtime.transport import NatsTransport, Transport
-from services.state.buckets import HOLD_BUCKET
-
-TRANSIENT_NATS_ERRORS = (
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.NoServersError,
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.StaleConnectionError,
-    nats.errors.Error,
-    asyncio.TimeoutError,
-    OSError,
+from services.runtime.transport import (
+    TRANSIENT_NATS_ERRORS,
+    Consumer,
+    NatsTransport,
+    Transport,
+    sleep_or_stop,
 )
+from services.state.buckets import HOLD_BUCKET
 
 
 def arrival_time(event: Event):
@@ -156,11 +144,11 @@ class Delivery:
 
 
 class StageRunner:
-    """Runs one stage until `stop` is set: consumes from NATS, and delivers through its
-    transport (`transport`; default: a `NatsTransport` over the connection `run` makes).
+    """Runs one stage until `stop` is set: consumes and delivers through its transport
+    (`transport`; default: a `NatsTransport` over the connection `run` makes and closes).
 
-    `deliver` alone works with any transport: with `services.runtime.testing.MemoryTransport`
-    a test drives the delivery logic without a server."""
+    With `services.runtime.testing.MemoryTransport` a test runs the stage, or drives single
+    deliveries through `deliver`, without a server."""
 
     def __init__(
         self, stage: Stage, config: Config, worker: str = "", transport: Transport | None = None
@@ -189,88 +177,66 @@ class StageRunner:
         self.held: set[str] = set()  # acquisitions on hold (`tilepipe pause --acq`)
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.nc: Client | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then drain in-flight work and close."""
         self.stopping = stop
-        nc = await connect(self.config.nats, name=f"tilepipe-{self.worker}")
-        self.nc = nc
-        js = nc.jetstream()
-        if not self._injected:
-            self.transport = NatsTransport(js, self.config.nats.stream)
+        if self.transport is None:
+            self.transport = await NatsTransport.connect(
+                self.config.nats, name=f"tilepipe-{self.worker}"
+            )
+        transport = self.transport
         tasks: set[asyncio.Task] = set()
         background: list[asyncio.Task] = []
-        feed: PullFeed | None = None
+        consumer: Consumer | None = None
         try:
-            await self._bind_consumer(js, stop)
-            if stop.is_set():
-                return
-            await self.stage.setup(self.transport)
-            feed = PullFeed(
-                nc,
-                self.config.nats.stream,
-                self.name,
-                self.settings.concurrency,
-                on_message=lambda msg: self._spawn(msg, feed, tasks),
-                log=self.log,
+            consumer = await transport.bind(
+                self.name, type(self.stage), self.settings, stop, self.log
             )
-            await feed.start()
+            if consumer is None:
+                return
+            await self.stage.setup(transport)
+            await consumer.start(lambda msg: self._spawn(msg, consumer, tasks))
             background = [
                 asyncio.create_task(job)
                 for job in (
-                    self._poll_backlog(js, stop),
+                    self._poll_backlog(consumer, stop),
                     self._heartbeats(stop),
-                    self._watch_holds(js, stop),
+                    transport.watch(HOLD_BUCKET, self._on_hold, stop, self.log),
                 )
             ]
             self.ready.set()
             self.log.info("stage_started", concurrency=self.settings.concurrency)
-            await feed.watch(stop)
+            await consumer.watch(stop)
         finally:
-            if feed is not None:
-                await feed.stop()  # no new deliveries; one still arriving is handed back
+            if consumer is not None:
+                await consumer.stop()  # no new deliveries
             await self._drain(tasks)
             for job in background:
                 job.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            # In-flight work is finished (acks and publishes sent): flush and close. A full
-            # `drain()` would wait on the idle pull request until its own timeout.
-            with contextlib.suppress(Exception):
-                await nc.flush(timeout=5)
-            with contextlib.suppress(Exception):
-                await nc.close()
+            if not self._injected:
+                await transport.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
             self.log.info("stage_stopped")
 
-    async def _bind_consumer(self, js: JetStreamContext, stop: asyncio.Event) -> None:
-        """Create or update this stage's durable consumer, waiting for the stream to exist."""
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                await ensure_consumer(
-                    js, self.config.nats.stream, self.name, type(self.stage), self.settings
-                )
-                return
-            except NotFoundError:
-                self.log.warning(
-                    "stream_missing", stream=self.config.nats.stream, hint="run `tilepipe init`"
-                )
-            except TRANSIENT_NATS_ERRORS as exc:
-                self.log.warning("consumer_setup_retry", error=str(exc) or type(exc).__name__)
-            await _sleep_or_stop(stop, delay)
-            delay = min(delay * 2, 5.0)
+    def _on_hold(self, acq: str, held: bool) -> None:
+        """Keep `held` in step with the keys of the holds bucket."""
+        if held:
+            self.held.add(acq)
+        else:
+            self.held.discard(acq)
 
-    def _spawn(self, msg: Msg, feed: PullFeed, tasks: set) -> None:
-        task = asyncio.create_task(self._deliver_and_release(msg, feed))
+    def _spawn(self, msg: Msg, consumer: Consumer, tasks: set) -> None:
+        task = asyncio.create_task(self._deliver_and_release(msg, consumer))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def _deliver_and_release(self, msg: Msg, feed: PullFeed) -> None:
+    async def _deliver_and_release(self, msg: Msg, consumer: Consumer) -> None:
         try:
             await self.deliver(msg)
         finally:
-            await feed.release()
+            await consumer.release()
 
     async def _drain(self, tasks: set[asyncio.Task]) -> None:
         """Let in-flight work finish (bounded); what is cut off is redelivered later."""
@@ -409,7 +375,7 @@ class StageRunner:
             delay = retry_delay(self.settings, waits)
             NO_SPACE_WAITS.labels(self.name).inc()
             d.log.warning("no_space_waiting", error=str(exc), waits=waits, retry_in_s=delay)
-            await _sleep_or_stop(self.stopping, delay)
+            await sleep_or_stop(self.stopping, delay)
             try:
                 return await self._call_handler(d)
             except Exception as again:
@@ -542,26 +508,6 @@ class StageRunner:
         with contextlib.suppress(Exception):
             await self.transport.send(record.subject(), record.to_json(), record.msg_id())
 
-    async def _watch_holds(self, js: JetStreamContext, stop: asyncio.Event) -> None:
-        """Keep `held` in step with the keys of the holds bucket (pushed by the server)."""
-        while not stop.is_set():
-            try:
-                kv = await js.key_value(HOLD_BUCKET)
-                watcher = await kv.watch(">")
-                async for entry in watcher:
-                    if entry is None:
-                        continue
-                    acq = entry.key
-                    if entry.operation in ("DEL", "PURGE"):
-                        self.held.discard(acq)
-                    else:
-                        self.held.add(acq)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # reconnecting: watch again
-                self.log.debug("hold_watch_retry", error=str(exc) or type(exc).__name__)
-                await _sleep_or_stop(stop, 1.0)
-
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         """Tell the server which messages are still being worked on (resets `ack_wait`).
 
@@ -570,7 +516,7 @@ class StageRunner:
         """
         interval = max(self.settings.ack_wait_s / 3.0, 0.05)
         while not stop.is_set():
-            await _sleep_or_stop(stop, interval / 2)
+            await sleep_or_stop(stop, interval / 2)
             now = time.monotonic()
             for key, (msg, last) in list(self._in_flight.items()):
                 if now - last >= interval and key in self._in_flight:
@@ -578,7 +524,7 @@ class StageRunner:
                     await _quietly(msg.in_progress())
 
     async def _poll_backlog(
-        self, js: JetStreamContext, stop: asyncio.Event, interval: float = 5.0
+        self, consumer: Consumer, stop: asyncio.Event, interval: float = 5.0
     ) -> None:
         """Export the consumer's backlog gauges, and how full the streams it uses are (the
         event stream, the holds bucket, its bookkeeping buckets)."""
@@ -586,18 +532,18 @@ class StageRunner:
         streams = [self.config.nats.stream, *(f"KV_{bucket}" for bucket in buckets)]
         while not stop.is_set():
             with contextlib.suppress(Exception):
-                info = await js.consumer_info(self.config.nats.stream, self.name, timeout=2.0)
-                CONSUMER_PENDING.labels(self.name).set(info.num_pending or 0)
-                CONSUMER_ACK_PENDING.labels(self.name).set(info.num_ack_pending or 0)
-                CONSUMER_REDELIVERED.labels(self.name).set(info.num_redelivered or 0)
-                CONSUMER_PAUSED.labels(self.name).set(1 if getattr(info, "paused", False) else 0)
+                state = await consumer.state()
+                CONSUMER_PENDING.labels(self.name).set(state.pending)
+                CONSUMER_ACK_PENDING.labels(self.name).set(state.ack_pending)
+                CONSUMER_REDELIVERED.labels(self.name).set(state.redelivered)
+                CONSUMER_PAUSED.labels(self.name).set(1 if state.paused else 0)
             for stream in streams:
                 with contextlib.suppress(Exception):
-                    info = await asyncio.wait_for(js.stream_info(stream), 2.0)
-                    STREAM_USED.labels(stream).set(info.state.bytes or 0)
-                    if (info.config.max_bytes or 0) > 0:  # unlimited: nothing to compare to
-                        STREAM_MAX.labels(stream).set(info.config.max_bytes)
-            await _sleep_or_stop(stop, interval)
+                    used, limit = await self.transport.usage(stream)
+                    STREAM_USED.labels(stream).set(used)
+                    if limit > 0:  # unlimited: nothing to compare to
+                        STREAM_MAX.labels(stream).set(limit)
+            await sleep_or_stop(stop, interval)
 
 
 class _StageMetrics:
@@ -629,8 +575,3 @@ async def _quietly(awaitable) -> None:
         await awaitable
     except Exception as exc:
         get_logger().debug("ack_failed", error=str(exc) or type(exc).__name__)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -3,7 +3,6 @@ follow, and their record in KV."""
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +15,7 @@ from messages.paths import check_relative, resolve_in_root
 from messages.subjects import event_filter, parse_subject
 from services.core.errors import InvalidManifest
 from services.core.manifest import Manifest, load_manifest
-from services.state.buckets import Buckets, get_json
+from services.state.buckets import Buckets, get_json, put_json
 from services.state.eventlog import subjects_seen
 
 MANIFEST_NAME = "manifest.toml"
@@ -148,11 +147,11 @@ def acquisition_dir(manifest_rel: str) -> str:
 
 
 async def record_acquisition(
-    js: JetStreamContext, manifest: Manifest, manifest_rel: str, state: str
+    buckets: Buckets, manifest: Manifest, manifest_rel: str, state: str
 ) -> None:
     """Remember where an acquisition's manifest is (for stages and operator commands)."""
-    kv = await js.key_value(ACQ_BUCKET)
-    await kv.put(manifest.id, json.dumps({"manifest": manifest_rel, "state": state}).encode())
+    record = {"manifest": manifest_rel, "state": state}
+    await put_json(await buckets.kv(ACQ_BUCKET), manifest.id, record)
 
 
 async def lookup_acquisition(buckets: Buckets, acq: str) -> dict | None:

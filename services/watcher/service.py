@@ -44,6 +44,7 @@ from services.core.metrics import (
 )
 from services.core.regular_files import file_kind
 from services.runtime.bus import connect, publish_event
+from services.runtime.transport import NatsTransport
 from services.state.acquisitions import (
     MANIFEST_NAME,
     acquisition_dir,
@@ -150,6 +151,7 @@ class Watcher:
     def __init__(self, config: Config, js: JetStreamContext) -> None:
         self.config = config
         self.js = js
+        self.buckets = NatsTransport(js, config.nats.stream)
         self.root = Path(config.roots.raw).resolve()
         self.stream = config.nats.stream
         self.acqs: dict[str, Acquisition] = {}  # base -> registered acquisition
@@ -228,7 +230,7 @@ class Watcher:
         if not seen:
             await publish_event(self.js, started)
         await record_acquisition(
-            self.js, manifest, manifest_rel, "finished" if acq.finished else "acquiring"
+            self.buckets, manifest, manifest_rel, "finished" if acq.finished else "acquiring"
         )
         ACQ_TILES_EXPECTED.labels(manifest.id).set(manifest.tiles)
         ACQ_TILES_ARRIVED.labels(manifest.id).set(len(acq.emitted))
@@ -472,7 +474,7 @@ class Watcher:
         )
         acq.finished = True
         ACQ_FINISHED.labels(acq.manifest.id).set(1)
-        await record_acquisition(self.js, acq.manifest, acq.manifest_rel, "finished")
+        await record_acquisition(self.buckets, acq.manifest, acq.manifest_rel, "finished")
         self.log.info(
             "acquisition_finished", acq=acq.manifest.id, missing=len(missing), reason=reason
         )
