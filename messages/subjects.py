@@ -165,17 +165,13 @@ def acq_filter(
     part left out takes every subject below it (`>`). With a tile, `stage` picks the
     stage-named subjects of that tile (`*`: those of any stage). Tokens are checked, so an
     operator's acquisition id cannot widen the filter."""
-    tokens = [kind, acq] + [str(t) for t in (slice_token, tile_token) if t is not None]
+    if stage is not None and tile_token is None:
+        raise ValueError("a stage narrows a tile's subjects; give the tile")
+    tokens = [kind, acq] + [str(t) for t in (slice_token, tile_token, stage) if t is not None]
     for token in tokens:
         if token != "*" and not TOKEN_RE.fullmatch(token):
             raise ValueError(f"invalid subject token {token!r}")
-    if tile_token is None:
-        if slice_token is not None and tile_token is None and stage is not None:
-            raise ValueError("a stage narrows a tile's subjects; give the tile")
-        return ".".join([PREFIX, *tokens, ">"])
-    if stage is not None and stage != "*" and not TOKEN_RE.fullmatch(stage):
-        raise ValueError(f"invalid subject token {stage!r}")
-    return ".".join([PREFIX, *tokens, *([stage] if stage is not None else [])])
+    return ".".join([PREFIX, *tokens, *([">"] if tile_token is None else [])])
 
 
 def filter_matches(subject_filter: str, text: str) -> bool:

@@ -314,3 +314,7 @@ def test_acquisition_filters_select_what_they_say_and_refuse_wildcard_ids():
     for bad in ("a.b", ">", "a*", "", "a b"):
         with pytest.raises(ValueError):
             acq_filter(bad)
+    with pytest.raises(ValueError, match="give the tile"):
+        acq_filter("a1", "stage_failed", 3, stage="stitch")
+    with pytest.raises(ValueError):
+        acq_filter("a1", "*", 3, "m0-r1-c2", "a.b")
